@@ -1,0 +1,120 @@
+"""DKMConfig and per-layer rules.
+
+Rules map a module name to a :class:`DKMConfig` (compress with it) or ``None`` (skip). A key is either an
+exact module name (``"features.0"``) or a regex prefixed with ``"re:"`` that must match the whole name
+(``re.fullmatch``). Precedence, highest first:
+
+1. an exact-name rule;
+2. the first ``re:`` rule, in the mapping's order, that matches;
+3. the global config, for supported layers with at least ``min_numel`` weights.
+
+A layer named by a rule (1 or 2) is compressed whatever its size.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Mapping, Optional, Union
+
+from .errors import ConfigError
+
+TauSpec = Union[float, str]
+
+
+@dataclass(frozen=True)
+class DKMConfig:
+    """How one layer is clustered.
+
+    bits:      index width b; k = 2**bits centroids (1..8).
+    dim:       cluster dimension d: weights are clustered as d-vectors (b/d bits per weight).
+    tau:       softmax temperature. ``"auto"`` (default) is scale-free:
+               tau = tau_scale * median_j min_{l != j} ||c_j - c_l||^2 over the layer's current centroids,
+               recomputed every step, so one setting fits layers of any weight scale.
+               A positive float is used as is.
+    tau_scale: the factor of the ``"auto"`` rule.
+    iters:     maximum k-means iterations per forward pass (warm-started from the last step).
+    eps:       stop early when max|C_new - C| <= eps (0 runs exactly ``iters`` iterations).
+    min_numel: layers with fewer weights are left alone unless a rule names them.
+    seed:      seed of the k-means initialisation.
+    chunk_rows: rows per chunk in the memory-lean backward (None = chosen from sizes).
+    """
+
+    bits: int = 4
+    dim: int = 1
+    tau: TauSpec = "auto"
+    tau_scale: float = 0.05
+    iters: int = 3
+    eps: float = 1e-5
+    min_numel: int = 4096
+    seed: int = 0
+    chunk_rows: Optional[int] = None
+
+    def __post_init__(self):
+        _check_int("bits", self.bits, 1, 8)
+        _check_int("dim", self.dim, 1, None)
+        _check_int("iters", self.iters, 1, None)
+        _check_int("min_numel", self.min_numel, 0, None)
+        _check_int("seed", self.seed, 0, None)
+        if self.chunk_rows is not None:
+            _check_int("chunk_rows", self.chunk_rows, 1, None)
+        if isinstance(self.tau, str):
+            if self.tau != "auto":
+                raise ConfigError(f"DKMConfig.tau={self.tau!r} is not allowed: give a float > 0 or 'auto'")
+        elif not _is_number(self.tau) or not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ConfigError(f"DKMConfig.tau={self.tau!r} is not allowed: give a finite float > 0 or 'auto'")
+        if not _is_number(self.tau_scale) or not (self.tau_scale > 0 and math.isfinite(self.tau_scale)):
+            raise ConfigError(f"DKMConfig.tau_scale={self.tau_scale!r} is not allowed: give a finite float > 0")
+        if not _is_number(self.eps) or not (self.eps >= 0 and math.isfinite(self.eps)):
+            raise ConfigError(f"DKMConfig.eps={self.eps!r} is not allowed: give a finite float >= 0")
+
+    @property
+    def k(self) -> int:
+        return 2 ** self.bits
+
+    def replace(self, **changes) -> "DKMConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_int(name, value, lo, hi):
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        allowed = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+        raise ConfigError(f"DKMConfig.{name}={value!r} is not allowed: give {allowed}")
+
+
+Rules = Mapping[str, Optional[DKMConfig]]
+
+
+def check_rules(rules: Optional[Rules]) -> dict:
+    """Validate a rules mapping; returns a plain dict. Regexes are compiled here to fail early."""
+    if rules is None:
+        return {}
+    if not isinstance(rules, Mapping):
+        raise ConfigError(f"rules must be a mapping of module name -> DKMConfig or None, got {type(rules).__name__}")
+    for key, cfg in rules.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"rule key {key!r} is not allowed: give a module name or 're:<regex>'")
+        if cfg is not None and not isinstance(cfg, DKMConfig):
+            raise ConfigError(f"rule {key!r} maps to {type(cfg).__name__}: allowed are a DKMConfig or None (skip)")
+        if key.startswith("re:"):
+            try:
+                re.compile(key[3:])
+            except re.error as e:
+                raise ConfigError(f"rule {key!r} is not a valid regex: {e}") from None
+    return dict(rules)
+
+
+def match_rule(name: str, rules: dict):
+    """(matched, rule_key, config_or_None) for one module name, by the documented precedence."""
+    if name in rules:
+        return True, name, rules[name]
+    for key, cfg in rules.items():
+        if key.startswith("re:") and re.fullmatch(key[3:], name):
+            return True, key, cfg
+    return False, None, None

@@ -1,0 +1,109 @@
+"""Which modules torchdkm compresses, and the record a finalized layer keeps."""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import DKMConfig, check_rules, match_rule
+from .errors import ConfigError
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+SUPPORTED_NAMES = "Linear, Conv1d, Conv2d, Conv3d, Embedding, transformers Conv1D"
+
+
+def is_supported(module: nn.Module) -> bool:
+    if isinstance(module, SUPPORTED):
+        return True
+    # transformers' GPT-2 style Conv1D, without importing transformers (slow) when the model doesn't use it.
+    hf = sys.modules.get("transformers.pytorch_utils")
+    return hf is not None and isinstance(module, getattr(hf, "Conv1D", ()))
+
+
+@dataclass
+class FinalizedLayer:
+    """Left on a module by ``finalize`` as ``module._torchdkm``: what will be stored.
+
+    lut: k × d centroids in the weight's dtype (the exact values the weight now holds).
+    pad: zero entries appended so d divides the weight's numel.
+    """
+
+    bits: int
+    dim: int
+    pad: int
+    lut: Tensor
+
+
+def select_layers(model: nn.Module, config: DKMConfig, rules=None) -> List[Tuple[str, nn.Module, DKMConfig]]:
+    """(name, module, config) of every layer to compress, by the precedence documented in config.py."""
+    rules = check_rules(rules)
+    used, shadowed = set(), set()
+    chosen = []
+    for name, module in model.named_modules():
+        matched, key, cfg = match_rule(name, rules)
+        supported = is_supported(module)
+        if matched and not supported:
+            if key == name:
+                raise ConfigError(
+                    f"rule {key!r} names layer {name!r} of type {type(module).__name__}, which torchdkm cannot "
+                    f"compress; supported types: {SUPPORTED_NAMES}"
+                )
+            matched = False  # a regex rule only applies to supported layers
+        if matched:
+            used.add(key)
+            shadowed.update(k for k in rules if k.startswith("re:") and k != key and re.fullmatch(k[3:], name))
+            if cfg is not None:
+                chosen.append((name, module, cfg))
+        elif supported and module.weight.numel() >= config.min_numel:
+            chosen.append((name, module, config))
+    unused = [k for k in rules if k not in used]
+    hidden = [k for k in unused if k in shadowed]
+    if hidden:
+        raise ConfigError(
+            f"rule(s) {hidden} never apply: every layer they match is taken by an exact-name rule or an earlier "
+            f"regex rule (exact name first, then regex rules in order); reorder or remove them"
+        )
+    if unused:
+        names = [n for n, m in model.named_modules() if is_supported(m)]
+        shown = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ConfigError(f"rule(s) {unused} match no supported layer of this model; its supported layers are: {shown}")
+    _check_chosen(chosen)
+    return chosen
+
+
+def _check_chosen(chosen) -> None:
+    owner: Dict[int, str] = {}
+    for name, module, _ in chosen:
+        w = module.weight
+        if id(w) in owner:
+            raise ConfigError(
+                f"layers {owner[id(w)]!r} and {name!r} share one weight tensor (tied weights); torchdkm "
+                f"clusters each layer's own weight: skip one of them with rules={{{name!r}: None}} or untie them"
+            )
+        owner[id(w)] = name
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise ConfigError(
+                f"layer {name!r} has {bad} non-finite weight(s) (NaN/inf) out of {w.numel()}: "
+                f"DKM needs finite weights; fix or skip this layer"
+            )
+
+
+def dkm_parametrization(module: nn.Module) -> Optional[nn.Module]:
+    """The DKMWeight on ``module.weight``, or None."""
+    from .parametrize import DKMWeight
+
+    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+    if plist is None:
+        return None
+    return next((p for p in plist if isinstance(p, DKMWeight)), None)
+
+
+def original_weight(module: nn.Module) -> Tensor:
+    """The trained Parameter under a parametrization, or the plain weight."""
+    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+    return plist.original if plist is not None else module.weight

@@ -1,0 +1,131 @@
+"""Size accounting: what a compressed model costs to store, as the DKM paper counts it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+from torch import nn
+
+from .layers import dkm_parametrization, original_weight
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class LayerRow:
+    """One compressed layer. ``stored_bits`` = index bits (ceil(numel/dim) × bits) + LUT bits (k × dim × lut_bits)."""
+
+    name: str
+    kind: str
+    shape: tuple
+    bits: int
+    dim: int
+    numel: int
+    index_bits: int
+    lut_bits: int
+
+    @property
+    def stored_bits(self) -> int:
+        return self.index_bits + self.lut_bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.stored_bits / self.numel
+
+
+@dataclass
+class Report:
+    """Per-layer rows and totals. Sizes count parameters (buffers such as BatchNorm statistics are listed
+    apart in ``buffer_bytes``): fp32 = every parameter at 4 bytes; compressed = compressed layers at their
+    stored bits + every other parameter at its dtype; factor = fp32 / compressed."""
+
+    layers: List[LayerRow]
+    fp32_bytes: int
+    compressed_bytes: float
+    other_param_bytes: int
+    buffer_bytes: int
+    lut_dtype_bits: int = 32
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def fp32_mib(self) -> float:
+        return self.fp32_bytes / MIB
+
+    @property
+    def compressed_mib(self) -> float:
+        return self.compressed_bytes / MIB
+
+    @property
+    def factor(self) -> float:
+        return self.fp32_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [dict(asdict(r), shape=list(r.shape), stored_bits=r.stored_bits) for r in self.layers],
+            "fp32_mib": self.fp32_mib,
+            "compressed_mib": self.compressed_mib,
+            "factor": self.factor,
+            "other_param_bytes": self.other_param_bytes,
+            "buffer_bytes": self.buffer_bytes,
+            "lut_dtype_bits": self.lut_dtype_bits,
+        }
+
+    def table(self) -> str:
+        head = f"{'layer':<40} {'kind':<10} {'shape':<20} {'bits':>4} {'dim':>3} {'weights':>10} {'bits/w':>7} {'KiB':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            lines.append(
+                f"{r.name[-40:]:<40} {r.kind[:10]:<10} {str(list(r.shape))[:20]:<20} {r.bits:>4} {r.dim:>3} "
+                f"{r.numel:>10} {r.bits_per_weight:>7.3f} {r.stored_bits / 8 / 1024:>9.2f}"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"{len(self.layers)} compressed layers; other parameters {self.other_param_bytes / MIB:.3f} MiB; "
+            f"fp32 {self.fp32_mib:.3f} MiB -> compressed {self.compressed_mib:.3f} MiB = {self.factor:.1f}x smaller"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = True) -> Report:
+    """Size report of a prepared or finalized model. Returns a :class:`Report`; prints its table by default.
+
+    Example: a Linear(256, 128) at bits=2, dim=1 stores 32768 × 2 index bits + 4 × 32 LUT bits.
+    """
+    if lut_dtype_bits not in (16, 32):
+        raise ValueError(f"lut_dtype_bits={lut_dtype_bits!r} is not allowed: give 16 or 32")
+    rows, compressed_ids = [], set()
+    for name, module in model.named_modules():
+        spec = _spec(module)
+        if spec is None:
+            continue
+        bits, dim = spec
+        w = original_weight(module)
+        compressed_ids.add(id(w))
+        n_vec = -(-w.numel() // dim)
+        rows.append(
+            LayerRow(name, type(module).__name__, tuple(w.shape), bits, dim, w.numel(), n_vec * bits,
+                     (2 ** bits) * dim * lut_dtype_bits)
+        )
+    params = {id(p): p for p in model.parameters()}
+    fp32 = sum(p.numel() for p in params.values()) * 4
+    other = sum(p.numel() * p.element_size() for i, p in params.items() if i not in compressed_ids)
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not _is_dkm_state(n))
+    out = Report(rows, fp32, sum(r.stored_bits for r in rows) / 8 + other, other, buffers, lut_dtype_bits)
+    if print_table:
+        print(out.table())
+    return out
+
+
+def _spec(module: nn.Module) -> Optional[tuple]:
+    p = dkm_parametrization(module)
+    if p is not None:
+        return p.config.bits, p.config.dim
+    fin = getattr(module, "_torchdkm", None)
+    return (fin.bits, fin.dim) if fin is not None else None
+
+
+def _is_dkm_state(buffer_name: str) -> bool:
+    return ".parametrizations.weight." in f".{buffer_name}"

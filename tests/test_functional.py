@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from torchdkm import dkm_cluster, dkm_cluster_reference, hard_cluster, kmeans_init, nearest_centroid
+from torchdkm.functional import auto_tau, from_vectors, to_vectors
+
+
+def _problem(n, d, k, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, d, generator=g, dtype=dtype)
+    c0 = w[torch.randperm(n, generator=g)[:k]] + 0.05 * torch.randn(k, d, generator=g, dtype=dtype)
+    return w.requires_grad_(), c0
+
+
+CASES = [(1, 2, 1, None), (1, 8, 3, 7), (2, 4, 2, None), (3, 16, 4, 5), (4, 4, 1, 11)]
+
+
+@pytest.mark.parametrize("d,k,iters,rows", CASES)
+def test_forward_and_gradients_match_direct_reference(d, k, iters, rows):
+    w, c0 = _problem(60, d, k)
+    tau = 0.5
+    a, ca = dkm_cluster(w, c0, tau, iters, chunk_rows=rows)
+    b, cb = dkm_cluster_reference(w, c0, tau, iters)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ca, cb, rtol=1e-12, atol=1e-12)
+    g, gc = torch.randn_like(a), torch.randn_like(ca)
+    ga = torch.autograd.grad((a * g).sum() + (ca * gc).sum(), w)[0]
+    gb = torch.autograd.grad((b * g).sum() + (cb * gc).sum(), w)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("d,k,iters,rows", CASES)
+def test_gradcheck_float64(d, k, iters, rows):
+    w, c0 = _problem(24, d, k, seed=1)
+    assert torch.autograd.gradcheck(lambda x: dkm_cluster(x, c0, 0.7, iters, chunk_rows=rows), (w,))
+
+
+def test_gradients_match_reference_on_realistic_size_float32():
+    g = torch.Generator().manual_seed(3)
+    w = (0.02 * torch.randn(20000, 1, generator=g)).requires_grad_()
+    c0 = kmeans_init(w, 16)
+    tau = auto_tau(c0, 0.05)
+    a, ca = dkm_cluster(w, c0, tau, 3, chunk_rows=3000)
+    b, cb = dkm_cluster_reference(w, c0, tau, 3)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    up = torch.randn_like(a, generator=None)
+    ga = torch.autograd.grad((a * up).sum(), w)[0]
+    gb = torch.autograd.grad((b * up).sum(), w)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-3 * gb.abs().max().item())
+
+
+def test_early_stop_on_convergence_and_eps_zero_runs_all_iterations():
+    w, c0 = _problem(200, 1, 4)
+    c_conv = dkm_cluster(w, c0, 0.01, 200)[1]  # converged centroids
+    out_eps = dkm_cluster(w, c_conv, 0.01, 50, eps=1e-9)
+    out_one = dkm_cluster(w, c_conv, 0.01, 1)
+    torch.testing.assert_close(out_eps[1], out_one[1], rtol=0, atol=1e-9)
+    # eps=0 iterates exactly `iters` times: equal to applying one iteration twice
+    two = dkm_cluster(w, c0, 0.3, 2)[1]
+    once = dkm_cluster(w, dkm_cluster(w, c0, 0.3, 1)[1], 0.3, 1)[1]
+    torch.testing.assert_close(two, once)
+
+
+def test_tiny_tau_equals_hard_kmeans_lloyd():
+    w, c0 = _problem(300, 2, 6, seed=4)
+    w = w.detach()
+    c = c0.clone()
+    for _ in range(30):  # Lloyd from the same start
+        idx = nearest_centroid(w, c)
+        c = torch.stack([w[idx == j].mean(0) if (idx == j).any() else c[j] for j in range(6)])
+    wt, cd = dkm_cluster(w, c0, 1e-6, 30)
+    torch.testing.assert_close(cd, c, rtol=0, atol=1e-9)
+    torch.testing.assert_close(wt, hard_cluster(w, c), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("tau", [1e-30, 1e-8, 1.0, 1e8, 1e30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_for_any_tau_and_empty_clusters(tau, dtype):
+    w = torch.randn(100, 1, dtype=dtype).requires_grad_()
+    c0 = torch.tensor([[0.0], [0.1], [50.0], [-80.0]], dtype=dtype)  # two far-away (empty) clusters
+    wt, c = dkm_cluster(w, c0, tau, 3)
+    wt.sum().backward()
+    assert torch.isfinite(wt).all() and torch.isfinite(c).all() and torch.isfinite(w.grad).all()
+    if tau <= 1e-8:
+        assert c[2, 0] == 50.0 and c[3, 0] == -80.0  # empty clusters keep their centroid
+
+
+def test_half_precision_weights_supported():
+    w = torch.randn(500, 1).to(torch.bfloat16).requires_grad_()
+    c0 = kmeans_init(w, 4)
+    wt, c = dkm_cluster(w, c0, 0.1, 2)
+    assert wt.dtype == torch.bfloat16 and c.dtype == torch.float32
+    wt.float().sum().backward()
+    assert w.grad.dtype == torch.bfloat16 and torch.isfinite(w.grad.float()).all()
+
+
+def test_bad_arguments_raise_with_shapes():
+    w, c0 = _problem(10, 2, 4)
+    with pytest.raises(ValueError, match=r"\(10, 2\).*\(4, 3\)"):
+        dkm_cluster(w, torch.zeros(4, 3, dtype=w.dtype), 1.0, 1)
+    for tau in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="tau"):
+            dkm_cluster(w, c0, tau, 1)
+    with pytest.raises(ValueError, match="iters"):
+        dkm_cluster(w, c0, 1.0, 0)
+
+
+def test_vectors_round_trip_with_padding():
+    x = torch.arange(10.0).view(2, 5)
+    v, pad = to_vectors(x, 4)
+    assert v.shape == (3, 4) and pad == 2 and v[-1, -2:].eq(0).all()
+    assert torch.equal(from_vectors(v, x.shape, pad), x)
+
+
+def test_auto_tau_is_scale_free():
+    c = torch.tensor([[-1.0], [0.0], [0.5], [2.0]])
+    assert auto_tau(1000 * c, 0.05) == pytest.approx(1e6 * auto_tau(c, 0.05))

@@ -51,12 +51,18 @@ def initialize(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def finalize(model: nn.Module) -> nn.Module:
+def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
     """Snap every prepared layer's weight to its nearest centroid and remove the DKM machinery, in place.
 
     Afterwards each such layer is a plain module whose weight holds at most 2**bits distinct d-vectors;
     ``module._torchdkm`` records bits, dim, padding and the LUT (k × d). Calling it twice changes nothing.
+    ``coreml=True`` also registers the ``_COREML_`` LUT buffers that ``coremltools.convert`` turns into
+    ``constexpr_lut_to_dense`` (see torchdkm.export.coreml; dim must divide each weight's last axis of size > 1).
     """
+    if coreml:
+        from .export.coreml import check_coreml_layers
+
+        check_coreml_layers(model)  # before changing anything
     for module in model.modules():
         p = dkm_parametrization(module)
         if p is None:
@@ -70,4 +76,8 @@ def finalize(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.weight.copy_(hard)
         module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut)
+    if coreml:
+        from .export.coreml import attach_coreml_metadata
+
+        attach_coreml_metadata(model)
     return model

@@ -6,8 +6,9 @@ stream bit p is bit ``p % 8`` (value ``1 << (p % 8)``) of byte ``p // 8``. N ind
 
 Example: bits=3, idx=[1, 2, 7] -> stream 1 | 2<<3 | 7<<6 = 0b1_1101_0001 -> bytes [0xD1, 0x01].
 
-Vectorised by groups: ``lcm(b, 8)`` bits hold G = lcm(b, 8)/b indices in B = lcm(b, 8)/8 bytes (B <= 7), so
-one group fits an int64 word. The same code runs in torch and exports to ONNX (int64 Mul/ReduceSum/shift/And).
+Vectorised by groups: ``lcm(b, 8)`` bits hold G = lcm(b, 8)/b indices in B = lcm(b, 8)/8 bytes (B <= 7), and
+every group has the same layout, so packing and unpacking are a few whole-tensor ops on an M × B (or M × G)
+view. :func:`unpack_groups` is also what compact layers and the ONNX export rebuild weights with.
 """
 from __future__ import annotations
 
@@ -80,19 +81,23 @@ def pad_to_groups(packed: Tensor, bits: int) -> Tensor:
 def unpack_groups(data: Tensor, bits: int) -> Tensor:
     """uint8[groups*B] -> int64[groups*G]: every index of whole groups (trailing ones past n are zero).
 
-    Written with Mul/ReduceSum/integer Div/BitwiseAnd, not shifts, so that the ONNX graph it exports to
-    is short; all values are non-negative, so truncating division is floor division.
+    Index g of a group starts at bit s = g*bits, inside byte s//8; as bits <= 8 it ends by the next byte, so
+    it is (lo + 256*hi) // 2**(s%8) & (2**bits - 1) with lo, hi those two bytes. Written with Gather, Mul,
+    integer Div and BitwiseAnd on values < 2**16 (not shifts, not a 56-bit word: onnxruntime loses bits of
+    int64 values above 2**53) so that the ONNX graph it exports to is short and exact.
     """
     per_group, group_bytes = _group(bits)
     x = data.to(torch.int64)
     if per_group == 1:  # bits == 8
         return x
     x = x.reshape(-1, group_bytes)
+    starts = [g * bits for g in range(per_group)]
     if group_bytes > 1:
-        x = (x * _powers(256, group_bytes, x.device)).sum(1, keepdim=True)
-    x = torch.div(x, _powers(2**bits, per_group, x.device), rounding_mode="trunc") & (2**bits - 1)
+        # hi clamped to the group's last byte: only an index that ends inside lo reaches past it, and then
+        # hi's bits are masked off anyway.
+        lo = torch.tensor([s // 8 for s in starts], device=x.device)
+        hi = torch.tensor([min(s // 8 + 1, group_bytes - 1) for s in starts], device=x.device)
+        x = x.index_select(1, lo) + x.index_select(1, hi) * 256
+    shift = torch.tensor([2 ** (s % 8) for s in starts], device=x.device)
+    x = torch.div(x, shift, rounding_mode="trunc") & (2**bits - 1)
     return x.reshape(-1)
-
-
-def _powers(base: int, n: int, device) -> Tensor:
-    return torch.tensor([base**i for i in range(n)], dtype=torch.int64, device=device)

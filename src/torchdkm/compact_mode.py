@@ -1,0 +1,91 @@
+"""Compact inference mode: finalized layers keep only packed indices + LUT and rebuild the weight per forward.
+
+``compact(model)`` replaces each finalized layer's dense ``weight`` Parameter by a uint8 buffer of packed
+indices (ceil(N*bits/8) bytes) under a ``torch.nn.utils.parametrize`` parametrization holding the LUT
+(k × d): reading ``module.weight`` unpacks and gathers, so every layer type that reads ``self.weight``
+(Linear, Conv1d/2d/3d, Embedding, transformers Conv1D) works unchanged and resident memory reflects the
+compression. Outputs equal the dense model's exactly (the same values, rebuilt). Costs one rebuild of the
+weight per forward; meant for inference (no weight gradients).
+
+Call ``torchdkm.report`` / ``torchdkm.save`` on the dense model, before ``compact``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import ConfigError
+from .layers import dkm_parametrization
+from .lut import finalized_layers, indices_to_weight, weight_to_indices
+from .packing import pack_bits, pad_to_groups, unpack_groups
+
+
+class LUTWeight(nn.Module):
+    """Parametrization: packed indices -> dense weight of ``shape`` = lut[idx], entries past numel dropped.
+
+    The packed indices (the parametrized tensor) are padded to whole packing groups (at most 6 extra bytes,
+    see torchdkm.packing) so that the rebuild is a few plain ops. Buffer ``lut``: k × d in the weight's dtype.
+    """
+
+    def __init__(self, lut: Tensor, bits: int, shape: Sequence[int]):
+        super().__init__()
+        self.register_buffer("lut", lut)
+        self.bits, self.shape = bits, tuple(shape)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, lut={tuple(self.lut.shape)}, shape={self.shape}"
+
+
+def is_compact(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is rebuilt from packed indices by :class:`LUTWeight`."""
+    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+    return plist is not None and any(isinstance(p, LUTWeight) for p in plist)
+
+
+def compact_layer(module: nn.Module, packed: Tensor, lut: Tensor, bits: int, shape) -> None:
+    """Make ``module.weight`` the packed indices (uint8, as pack_bits gives) + LUT (k × d, in the weight's
+    dtype), rebuilt on read."""
+    if "weight" in module._parameters:
+        del module._parameters["weight"]
+    module.register_buffer("weight", pad_to_groups(packed, bits))
+    # unsafe: the parametrization changes dtype and shape (uint8 bytes -> float weight) on purpose.
+    parametrize.register_parametrization(module, "weight", LUTWeight(lut, bits, shape), unsafe=True)
+
+
+@torch.no_grad()
+def compact(model: nn.Module) -> nn.Module:
+    """Switch every finalized layer of ``model`` to compact mode, in place; returns ``model``.
+
+    Example: a finalized Linear(512, 256) at bits=4 keeps 65,536 bytes of packed indices + a 16 × 1 LUT
+    instead of a 524,288-byte float32 weight. Layers already compact are left alone.
+    """
+    for name, module in model.named_modules():
+        if dkm_parametrization(module) is not None:
+            raise ConfigError(f"layer {name!r} is still prepared for DKM: call torchdkm.finalize(model) before compact")
+    layers = finalized_layers(model)
+    owners = {id(module.weight): module for _, module, _ in layers}
+    # Modules tied to a compressed weight (e.g. an LM head sharing the embedding) must switch too, or
+    # they would keep the dense Parameter alive.
+    tied = [(m, owners[id(m._parameters["weight"])]) for _, m in model.named_modules()
+            if isinstance(m._parameters.get("weight"), nn.Parameter) and id(m._parameters["weight"]) in owners
+            and getattr(m, "_torchdkm", None) is None]
+    for name, module, fin in layers:
+        w = module.weight
+        try:
+            idx = weight_to_indices(w, fin.lut, fin.pad)
+        except ValueError as e:
+            raise ConfigError(f"layer {name!r}: {e}") from None
+        compact_layer(module, pack_bits(idx, fin.bits), fin.lut.to(w.dtype).clone(), fin.bits, w.shape)
+        del module._torchdkm  # its record now lives in the parametrization; report() counts dense layers only
+    for module, owner in tied:
+        rebuild = owner.parametrizations.weight
+        del module._parameters["weight"]
+        module.register_buffer("weight", rebuild.original)  # the same tensors, shared
+        parametrize.register_parametrization(module, "weight", rebuild[0], unsafe=True)
+    return model

@@ -1,0 +1,73 @@
+"""Core ML: the per-layer LUT metadata coremltools (>= 8) reads during ``ct.convert``.
+
+coremltools' own palettizer leaves, on each palettized module, buffers named ``_COREML_/weight/<key>``
+(coremltools.optimize.torch._utils.metadata_utils.CompressionMetadata) and on the root module
+``_COREML_/metadata_version``. The torch frontend (converters/mil/frontend/torch/converter.py,
+``_construct_compression_info`` / ``_construct_palettization_op``) reads them for iOS16+ targets and emits
+``constexpr_lut_to_dense(indices, lut)`` instead of a dense const. We register the same buffers:
+
+    compression_type = [2]                 (palettization)
+    lut              = [1]*rank + [k, d]    one LUT for the whole tensor
+    vector_axis      = a                    (d > 1 only: the last axis of size > 1, along which our row-major
+                                            d-vectors run, e.g. 1 = input channels of a 1x1 conv)
+
+Core ML has no 5- or 7-bit indices (uint1/2/3/4/6/8 only), so such layers get their LUT padded with copies
+of row 0 to 64 / 256 rows (6 / 8-bit indices; same weights). A d-vector must lie along one axis, so d must
+divide the size of that axis. No coremltools import is needed to attach the metadata.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers import dkm_parametrization, original_weight
+from ..lut import finalized_layers
+
+PREFIX = "_COREML_/weight/"
+PALETTIZATION = 2
+COREML_BITS = (1, 2, 3, 4, 6, 8)
+
+
+def vector_axis(shape) -> int:
+    """The axis our row-major d-vectors run along: the last one of size > 1 (trailing size-1 axes add
+    nothing to the layout)."""
+    return max([i for i, s in enumerate(shape) if s > 1], default=len(shape) - 1)
+
+
+def check_coreml_layers(model: nn.Module) -> None:
+    """Raise ConfigError naming every prepared or finalized layer whose dim does not divide its vector axis
+    (Core ML cannot lay such vectors out)."""
+    bad: List[str] = []
+    for name, module in model.named_modules():
+        p = dkm_parametrization(module)
+        fin = getattr(module, "_torchdkm", None)
+        dim = p.config.dim if p is not None else (fin.dim if fin is not None else None)
+        if dim is None:
+            continue
+        shape = tuple(original_weight(module).shape)
+        if dim > 1 and shape[vector_axis(shape)] % dim:
+            bad.append(f"{name!r} (weight {shape}, dim={dim})")
+    if bad:
+        raise ConfigError(f"Core ML vector palettization needs dim to divide the weight's last axis of size > 1; not so for "
+                          f"{', '.join(bad)}: use a dim that divides it, or finalize without coreml=True")
+
+
+@torch.no_grad()
+def attach_coreml_metadata(model: nn.Module) -> nn.Module:
+    """Register the ``_COREML_`` buffers on every finalized layer of ``model`` (in place); returns ``model``."""
+    check_coreml_layers(model)
+    for _, module, fin in finalized_layers(model):
+        rank = module.weight.dim()
+        lut = fin.lut.detach().float()
+        bits = next(b for b in COREML_BITS if b >= fin.bits)
+        if bits != fin.bits:  # padding rows are never indexed
+            lut = torch.cat([lut, lut[:1].expand(2**bits - lut.shape[0], -1)])
+        module.register_buffer(PREFIX + "compression_type", torch.tensor([PALETTIZATION]))
+        module.register_buffer(PREFIX + "lut", lut.reshape([1] * rank + list(lut.shape)).clone())
+        if fin.dim > 1:
+            module.register_buffer(PREFIX + "vector_axis", torch.tensor(vector_axis(module.weight.shape)))
+    model.register_buffer("_COREML_/metadata_version", torch.tensor(1))
+    return model

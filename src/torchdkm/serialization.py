@@ -1,0 +1,365 @@
+"""The compact artifact: ``save`` / ``load`` / ``inspect_file``.
+
+One safetensors file. Each compressed layer's weight ``<key>`` (e.g. ``fc.weight``) is stored as
+``<key>.lut`` (k × d, float32 or float16) and ``<key>.indices`` (uint8, its N indices bit-packed at exactly
+``bits`` bits, see torchdkm.packing); every other state_dict entry is stored as it is (tied entries once).
+``__metadata__["torchdkm"]`` holds JSON::
+
+    {"format": "torchdkm", "format_version": 1, "torchdkm_version": "0.1.0", "lut_dtype": "float32",
+     "layers":  {"fc.weight": {"module": "fc", "kind": "Linear", "shape": [256, 512], "dtype": "float32",
+                               "bits": 4, "dim": 1, "pad": 0, "n_vectors": 131072}},
+     "aliases": {"head.weight": "embed.weight"},          # tied state_dict entries, stored once
+     "buffers": ["bn.running_mean", ...],                 # entries that are buffers, not parameters
+     "tensors": {"fc.bias": ["F32", [256], 1234567], ...}} # dtype, shape, crc32 of every stored tensor
+
+and ``__metadata__["torchdkm_crc32"]`` the crc32 of that JSON text, so any flipped byte in the metadata
+or the payload is detected. File size = report(model).compressed_bytes + buffer_bytes + header (8-byte
+length + header JSON, a few KB) + < 1 byte per layer (each layer's indices round up to whole bytes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .compact_mode import is_compact
+from .errors import ConfigError, FormatError
+from .layers import FinalizedLayer, dkm_parametrization
+from .lut import finalized_layers, indices_to_weight, weight_key, weight_to_indices
+from .packing import pack_bits, packed_size, unpack_bits
+from .safetensors_io import crc32, dtype_code, parse_json, read_header, read_tensor, write_safetensors
+
+FORMAT_VERSION = 1
+LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+COREML_PREFIX = "_COREML_/"  # Core ML metadata buffers (finalize(coreml=True)) are not part of the artifact
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def save(model: nn.Module, path, *, lut_dtype: torch.dtype = torch.float32) -> None:
+    """Write a finalized ``model`` to ``path`` as one safetensors file (atomically: temp file + rename).
+
+    lut_dtype: float32 (default; reload is bit-identical for float32/16/bf16 weights) or float16 (half the
+    LUT bytes; weights are then rounded to float16 LUT values). Example::
+
+        torchdkm.finalize(model); torchdkm.save(model, "model.safetensors")
+    """
+    lut_name = next((n for n, dt in LUT_DTYPES.items() if dt == lut_dtype), None)
+    if lut_name is None:
+        raise ConfigError(f"save got lut_dtype={lut_dtype!r}: allowed are torch.float32 and torch.float16")
+    for name, module in model.named_modules():
+        if dkm_parametrization(module) is not None:
+            raise ConfigError(f"layer {name!r} is still prepared for DKM (training form): call torchdkm.finalize(model) "
+                              f"before torchdkm.save")
+        if is_compact(module):
+            raise ConfigError(f"layer {name!r} is in compact mode: save the finalized model before torchdkm.compact")
+    state = {k: v for k, v in model.state_dict().items() if COREML_PREFIX not in k}
+    layers = {weight_key(name): (name, module, fin) for name, module, fin in finalized_layers(model)}
+    param_keys = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    # Compressed weights first, so an entry tied to one of them becomes its alias (not a dense copy).
+    order = [k for k in state if k in layers] + [k for k in state if k not in layers]
+    tensors: Dict[str, Tensor] = {}
+    meta_layers, aliases, seen = {}, {}, {}
+    for key in order:
+        t = state[key]
+        if not isinstance(t, Tensor):
+            raise ConfigError(f"state_dict entry {key!r} is a {type(t).__name__}, not a tensor: save stores tensors only")
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        if key in layers:
+            name, module, fin = layers[key]
+            tensors[f"{key}.lut"], tensors[f"{key}.indices"], meta_layers[key] = _encode(key, name, module, fin, lut_dtype)
+        else:
+            tensors[key] = t
+    clash = sorted(set(state) & {n for k in layers for n in (f"{k}.lut", f"{k}.indices")})
+    if clash:
+        raise ConfigError(f"state_dict entries {clash} clash with the names torchdkm stores compressed weights under")
+    meta = {
+        "format": "torchdkm", "format_version": FORMAT_VERSION, "torchdkm_version": _version(),
+        "lut_dtype": lut_name, "layers": meta_layers, "aliases": aliases,
+        "buffers": [k for k in state if k not in param_keys],
+        "tensors": {n: [dtype_code(t, n), list(t.shape), crc32(t)] for n, t in tensors.items()},
+    }
+    text = json.dumps(meta, separators=(",", ":"))
+    write_safetensors(path, tensors, {"torchdkm": text, "torchdkm_crc32": str(zlib.crc32(text.encode()))})
+
+
+def _encode(key: str, name: str, module: nn.Module, fin: FinalizedLayer, lut_dtype: torch.dtype):
+    w = module.weight
+    if w.dtype not in WEIGHT_DTYPES.values():
+        raise ConfigError(f"layer {name!r} has weight dtype {w.dtype}; allowed: {', '.join(WEIGHT_DTYPES)}")
+    if tuple(fin.lut.shape) != (2**fin.bits, fin.dim):
+        raise ConfigError(f"layer {name!r}: its LUT has shape {tuple(fin.lut.shape)}, expected {(2**fin.bits, fin.dim)}")
+    try:
+        idx = weight_to_indices(w, fin.lut, fin.pad)
+    except ValueError as e:
+        raise ConfigError(f"layer {name!r}: {e}; finalize again before saving") from None
+    info = {"module": name, "kind": type(module).__name__, "shape": list(w.shape), "dtype": str(w.dtype)[6:],
+            "bits": fin.bits, "dim": fin.dim, "pad": fin.pad, "n_vectors": idx.numel()}
+    return fin.lut.detach().to(lut_dtype).contiguous(), pack_bits(idx, fin.bits), info
+
+
+def _version() -> str:
+    from . import __version__  # at call time: torchdkm/__init__ imports this module
+
+    return __version__
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+@dataclass
+class Artifact:
+    """A validated artifact: its torchdkm metadata, stored tensors and sizes."""
+
+    meta: dict
+    tensors: Dict[str, Tensor]
+    header_bytes: int
+    file_bytes: int
+
+
+def read_artifact(path) -> Artifact:
+    """Read and fully validate a torchdkm file (structure, metadata, checksums, index ranges)."""
+    where = repr(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            buf = bytearray(f.read())
+    except OSError as e:
+        raise FormatError(f"cannot read {where}: {e}") from None
+    header, metadata, start = read_header(memoryview(buf), where)
+    if "torchdkm" not in metadata:
+        raise FormatError(f"{where} is a safetensors file but not a torchdkm file (no 'torchdkm' metadata; "
+                          f"metadata keys: {sorted(metadata)})")
+    text = metadata["torchdkm"]
+    crc = metadata.get("torchdkm_crc32")
+    if crc is not None and crc != str(zlib.crc32(text.encode())):
+        raise FormatError(f"{where} is corrupted: its torchdkm metadata does not match its checksum")
+    meta = parse_json(text.encode(), f"the torchdkm metadata of {where}")
+    _check_version(meta, where)
+    if crc is None:
+        raise FormatError(f"{where} is corrupted: the torchdkm_crc32 metadata entry is missing")
+    _check_meta(meta, header, where)
+    tensors = {}
+    for name, entry in header.items():
+        t = read_tensor(buf, start, entry)
+        if crc32(t) != meta["tensors"][name][2]:
+            raise FormatError(f"{where} is corrupted: tensor {name!r} does not match its checksum")
+        tensors[name] = t
+    _check_layers(meta, tensors, where)
+    return Artifact(meta, tensors, start, len(buf))
+
+
+def _check_version(meta, where: str) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != "torchdkm":
+        raise FormatError(f"{where} is not a torchdkm file: its metadata lacks format='torchdkm'")
+    v = meta.get("format_version")
+    if type(v) is not int or v < 1:
+        raise FormatError(f"{where} has format_version={v!r}: this torchdkm reads format version 1..{FORMAT_VERSION}")
+    if v > FORMAT_VERSION:
+        raise FormatError(f"{where} has format version {v} (written by torchdkm {meta.get('torchdkm_version')!r}); "
+                          f"this torchdkm {_version()} reads format versions up to {FORMAT_VERSION}: upgrade torchdkm")
+
+
+def _check_meta(meta: dict, header: dict, where: str) -> None:
+    need = {"torchdkm_version": str, "lut_dtype": str, "layers": dict, "aliases": dict, "buffers": list,
+            "tensors": dict}
+    for key, typ in need.items():
+        if not isinstance(meta.get(key), typ):
+            raise FormatError(f"{where}: torchdkm metadata field {key!r} is missing or not a {typ.__name__}")
+    if meta["lut_dtype"] not in LUT_DTYPES:
+        raise FormatError(f"{where}: lut_dtype {meta['lut_dtype']!r} is not one of {list(LUT_DTYPES)}")
+    table = meta["tensors"]
+    if set(table) != set(header):
+        diff = sorted(set(table) ^ set(header))[:10]
+        raise FormatError(f"{where} is corrupted: the tensors in the file and in its metadata differ: {diff}")
+    for name, row in table.items():
+        entry = header[name]
+        ok = isinstance(row, list) and len(row) == 3 and type(row[2]) is int
+        if not ok or row[0] != entry["dtype"] or row[1] != entry["shape"]:
+            raise FormatError(f"{where} is corrupted: tensor {name!r} is {entry['dtype']} {entry['shape']} in the "
+                              f"header but {row!r} in the metadata")
+
+
+def _check_layers(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:
+    lut_dt = LUT_DTYPES[meta["lut_dtype"]]
+    parts = set()
+    for key, info in meta["layers"].items():
+        bad = _layer_problem(info)
+        if bad is None and weight_key(info["module"]) != key:
+            bad = f"module {info['module']!r} does not own weight {key!r}"
+        if bad:
+            raise FormatError(f"{where}: layer {key!r} has invalid metadata: {bad}")
+        lut, packed = tensors.get(f"{key}.lut"), tensors.get(f"{key}.indices")
+        if lut is None or packed is None:
+            raise FormatError(f"{where}: layer {key!r} lacks its tensor {key}.lut or {key}.indices")
+        k, bits, n = 2 ** info["bits"], info["bits"], info["n_vectors"]
+        if tuple(lut.shape) != (k, info["dim"]) or lut.dtype != lut_dt:
+            raise FormatError(f"{where}: layer {key!r} has a LUT {lut.dtype} {tuple(lut.shape)}, expected {lut_dt} {(k, info['dim'])}")
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (packed_size(n, bits),):
+            raise FormatError(f"{where}: layer {key!r} has indices {packed.dtype} {tuple(packed.shape)}, expected "
+                              f"uint8 ({packed_size(n, bits)},) for {n} indices of {bits} bits")
+        # Every b-bit value is < k = 2**b, so indices are in range by construction; the unused high bits of
+        # the last byte must be zero (pack_bits writes them so).
+        used = n * bits - 8 * (packed.numel() - 1)
+        if packed.numel() and int(packed[-1]) >> used:
+            raise FormatError(f"{where}: layer {key!r} has non-zero padding bits after its last index")
+        parts.update((f"{key}.lut", f"{key}.indices"))
+        if key in tensors:
+            raise FormatError(f"{where}: {key!r} is stored both compressed and dense")
+    dense = set(tensors) - parts
+    names = dense | set(meta["layers"])
+    for alias, target in meta["aliases"].items():
+        if not isinstance(target, str) or target not in names or alias in names:
+            raise FormatError(f"{where}: alias {alias!r} -> {target!r} is invalid")
+    if not all(isinstance(b, str) and (b in dense or b in meta["aliases"]) for b in meta["buffers"]):
+        raise FormatError(f"{where}: the buffers list names entries that are not stored")
+
+
+def _layer_problem(info) -> Optional[str]:
+    """What is wrong with one layer's metadata, or None."""
+    if not isinstance(info, dict):
+        return "not an object"
+    fields = {"module": str, "kind": str, "shape": list, "dtype": str, "bits": int, "dim": int, "pad": int,
+              "n_vectors": int}
+    for f, typ in fields.items():
+        if type(info.get(f)) is not typ:
+            return f"field {f!r} is missing or not a {typ.__name__}"
+    shape, bits, dim, pad = info["shape"], info["bits"], info["dim"], info["pad"]
+    if not all(type(s) is int and s >= 0 for s in shape):
+        return f"shape {shape!r} is not a list of integers >= 0"
+    if info["dtype"] not in WEIGHT_DTYPES:
+        return f"dtype {info['dtype']!r} is not one of {list(WEIGHT_DTYPES)}"
+    if not (1 <= bits <= 8 and dim >= 1):
+        return f"bits={bits}, dim={dim}: allowed bits 1..8, dim >= 1"
+    numel = 1
+    for s in shape:
+        numel *= s
+    if pad != (-numel) % dim or info["n_vectors"] != (numel + pad) // dim:
+        return f"pad={pad}, n_vectors={info['n_vectors']} do not fit shape {shape} with dim={dim}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def decode(art: Artifact) -> Dict[str, Tensor]:
+    """The dense state_dict an artifact stores (tied entries share one tensor)."""
+    state = {}
+    for key, info in art.meta["layers"].items():
+        idx = unpack_bits(art.tensors[f"{key}.indices"], info["bits"], info["n_vectors"])
+        lut = art.tensors[f"{key}.lut"]
+        state[key] = indices_to_weight(idx, lut, info["shape"], WEIGHT_DTYPES[info["dtype"]])
+    parts = {n for key in art.meta["layers"] for n in (f"{key}.lut", f"{key}.indices")}
+    for name, t in art.tensors.items():
+        if name not in parts:
+            state[name] = t
+    for alias, target in art.meta["aliases"].items():
+        state[alias] = state[target]
+    return state
+
+
+def load(path, model: Optional[nn.Module] = None):
+    """Load a torchdkm file. With ``model`` (a plain, unprepared model of the same architecture): restore its
+    weights exactly (outputs bit-identical to the saved model), re-attach the per-layer records so
+    ``torchdkm.report(model)`` works, and return ``model``. Without: return the decoded state_dict.
+
+    Raises FormatError for anything wrong with the file or a model that does not match it.
+    """
+    art = read_artifact(path)
+    state = decode(art)
+    if model is None:
+        return state
+    for name, module in model.named_modules():
+        if dkm_parametrization(module) is not None or is_compact(module):
+            raise ConfigError(f"load wants a plain model, but layer {name!r} is prepared for DKM or compact")
+    target = {k: v for k, v in model.state_dict().items() if COREML_PREFIX not in k}
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    if missing or unexpected:
+        raise FormatError(f"the model does not match {os.fspath(path)!r}: entries only in the model: {missing[:10]}; "
+                          f"only in the file: {unexpected[:10]}")
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in target.items()
+             if tuple(v.shape) != tuple(state[k].shape)]
+    if wrong:
+        raise FormatError(f"the model does not match {os.fspath(path)!r}: shapes differ: {wrong[:10]}")
+    model.load_state_dict(state, strict=False)
+    for key, info in art.meta["layers"].items():
+        module = model.get_submodule(info["module"]) if info["module"] else model
+        lut = art.tensors[f"{key}.lut"].to(module.weight.dtype)
+        module._torchdkm = FinalizedLayer(info["bits"], info["dim"], info["pad"], lut)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def inspect_file(path) -> dict:
+    """Per-layer sizes and totals of a torchdkm file, as a JSON-ready dict (validates the file fully).
+
+    totals: fp32_bytes (every parameter at 4 bytes), compressed_bytes (as torchdkm.report counts),
+    buffer_bytes, header_bytes, file_bytes, their MiB, factor = fp32 / compressed, file_factor = fp32 / file.
+    """
+    art = read_artifact(path)
+    meta, lut_bytes_per = art.meta, LUT_DTYPES[art.meta["lut_dtype"]].itemsize
+    rows, fp32, compressed_bits = [], 0, 0
+    for key, info in meta["layers"].items():
+        numel = info["n_vectors"] * info["dim"] - info["pad"]
+        k = 2 ** info["bits"]
+        index_bits, lut_bytes = info["n_vectors"] * info["bits"], k * info["dim"] * lut_bytes_per
+        stored = art.tensors[f"{key}.indices"].numel() + lut_bytes
+        rows.append({"name": key, "module": info["module"], "kind": info["kind"], "shape": info["shape"],
+                     "dtype": info["dtype"], "bits": info["bits"], "dim": info["dim"], "pad": info["pad"],
+                     "lut_shape": [k, info["dim"]], "index_bytes": stored - lut_bytes, "lut_bytes": lut_bytes,
+                     "stored_bytes": stored, "bits_per_weight": (index_bits + 8 * lut_bytes) / max(numel, 1)})
+        fp32 += 4 * numel
+        compressed_bits += index_bits + 8 * lut_bytes
+    layer_parts = {n for key in meta["layers"] for n in (f"{key}.lut", f"{key}.indices")}
+    buffers = set(meta["buffers"])
+    other = buf_bytes = 0
+    for name, t in art.tensors.items():
+        if name in layer_parts:
+            continue
+        size = t.numel() * t.element_size()
+        if name in buffers:
+            buf_bytes += size
+        else:
+            other += size
+            fp32 += 4 * t.numel()
+    compressed = compressed_bits / 8 + other
+    mib = 1024 * 1024
+    totals = {"layers": len(rows), "fp32_bytes": fp32, "compressed_bytes": compressed, "other_param_bytes": other,
+              "buffer_bytes": buf_bytes, "header_bytes": art.header_bytes, "file_bytes": art.file_bytes,
+              "fp32_mib": fp32 / mib, "compressed_mib": compressed / mib, "file_mib": art.file_bytes / mib,
+              "factor": fp32 / compressed if compressed else float("inf"),
+              "file_factor": fp32 / art.file_bytes}
+    return {"path": os.fspath(path), "format_version": meta["format_version"],
+            "torchdkm_version": meta["torchdkm_version"], "lut_dtype": meta["lut_dtype"], "layers": rows,
+            "totals": totals}
+
+
+def format_inspect(info: dict) -> str:
+    """The table ``torchdkm inspect FILE`` prints, from :func:`inspect_file`'s dict."""
+    head = f"{'layer':<40} {'shape':<20} {'bits':>4} {'dim':>3} {'LUT':>9} {'bits/w':>7} {'stored KiB':>10}"
+    lines = [f"{info['path']}: torchdkm format {info['format_version']} (written by torchdkm "
+             f"{info['torchdkm_version']}), LUTs in {info['lut_dtype']}", head, "-" * len(head)]
+    for r in info["layers"]:
+        lut = f"{r['lut_shape'][0]}x{r['lut_shape'][1]}"
+        lines.append(f"{r['name'][-40:]:<40} {str(r['shape'])[:20]:<20} {r['bits']:>4} {r['dim']:>3} {lut:>9} "
+                     f"{r['bits_per_weight']:>7.3f} {r['stored_bytes'] / 1024:>10.2f}")
+    t = info["totals"]
+    lines.append("-" * len(head))
+    lines.append(f"{t['layers']} compressed layers; other parameters {t['other_param_bytes'] / 1024:.1f} KiB; "
+                 f"buffers {t['buffer_bytes'] / 1024:.1f} KiB; header {t['header_bytes'] / 1024:.1f} KiB")
+    lines.append(f"fp32 {t['fp32_mib']:.3f} MiB -> compressed {t['compressed_mib']:.3f} MiB ({t['factor']:.1f}x); "
+                 f"file {t['file_mib']:.3f} MiB ({t['file_factor']:.1f}x)")
+    return "\n".join(lines)

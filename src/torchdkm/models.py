@@ -70,8 +70,9 @@ class ResNetSmall(nn.Module):
 
     Stem 3x3 conv (width) then 3 stages of 2 BasicBlocks with widths
     (w, 2w, 4w) at resolutions 28, 14, 7; global average pool; Linear head.
-    width=16: 0.175 M params; one Fashion-MNIST epoch (60k, batch 128, 2 CPU
-    threads) took ~108 s and reached ~89% test accuracy.
+    width=16: 174,970 params. Measured on 2 CPU threads: one Fashion-MNIST
+    epoch (60k images, batch 128, SGD one-cycle) takes ~66 s and reaches
+    89.4% test accuracy.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
@@ -95,8 +96,9 @@ class MobileNetSmall(nn.Module):
     Stem 3x3 conv (width) then depthwise-separable blocks with channels
     w, 2w (stride 2 -> 14), 2w, 4w (stride 2 -> 7), 4w, 8w, 8w, 8w; global
     average pool; Linear head.
-    width=32: 0.23 M params; one Fashion-MNIST epoch (60k, batch 128, 2 CPU
-    threads) took ~100 s and reached ~88% test accuracy.
+    width=32: 211,434 params. Measured on 2 CPU threads: ~0.16 s per batch of
+    128, i.e. ~75 s per Fashion-MNIST epoch (60k images; 158 s on a busy
+    machine), reaching 90.0% test accuracy after one epoch (SGD one-cycle).
     """
 
     # (out_channels as a multiple of width, stride)

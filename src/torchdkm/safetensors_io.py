@@ -90,18 +90,19 @@ def write_atomic(path: str, write: Callable) -> None:
         pass
 
 
-def write_safetensors(path: str, tensors: Dict[str, Tensor], metadata: Dict[str, str]) -> int:
-    """Write ``tensors`` with ``metadata`` atomically; returns the header size in bytes (8 + JSON)."""
+def write_safetensors(path: str, tensors: Dict[str, Tensor], make_metadata: Callable[[dict], Dict[str, str]]) -> int:
+    """Write ``tensors`` atomically; ``make_metadata(entries)`` gives ``__metadata__`` from the header entries
+    ({name: {dtype, shape, data_offsets}}), so it can checksum them. Returns the header size (8 + JSON)."""
     # Widest dtypes first: with an 8-byte aligned header every tensor is then aligned to its itemsize.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: Dict[str, object] = {"__metadata__": metadata}
+    entries: Dict[str, dict] = {}
     offset = 0
     for name in names:
         t = tensors[name]
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype_code(t, name), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        entries[name] = {"dtype": dtype_code(t, name), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob = json.dumps({"__metadata__": make_metadata(entries), **entries}, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
 
     def write(f):
@@ -112,6 +113,12 @@ def write_safetensors(path: str, tensors: Dict[str, Tensor], metadata: Dict[str,
 
     write_atomic(path, write)
     return 8 + len(blob)
+
+
+def entries_checksum(entries: dict) -> int:
+    """crc32 of the header's tensor entries (names, dtypes, shapes, offsets) in a canonical form."""
+    rows = sorted([name, e["dtype"], e["shape"], e["data_offsets"]] for name, e in entries.items())
+    return zlib.crc32(json.dumps(rows, separators=(",", ":")).encode("utf-8"))
 
 
 def _no_duplicates(pairs):

@@ -10,10 +10,11 @@ One safetensors file. Each compressed layer's weight ``<key>`` (e.g. ``fc.weight
                                "bits": 4, "dim": 1, "pad": 0, "n_vectors": 131072}},
      "aliases": {"head.weight": "embed.weight"},          # tied state_dict entries, stored once
      "buffers": ["bn.running_mean", ...],                 # entries that are buffers, not parameters
-     "tensors": {"fc.bias": ["F32", [256], 1234567], ...}} # dtype, shape, crc32 of every stored tensor
+     "crc32": [1234567, ...],       # crc32 of every stored tensor's bytes, tensors in sorted-name order
+     "header_crc32": 89101112}      # crc32 of the header's tensor entries (names, dtypes, shapes, offsets)
 
-and ``__metadata__["torchdkm_crc32"]`` the crc32 of that JSON text, so any flipped byte in the metadata
-or the payload is detected. File size = report(model).compressed_bytes + buffer_bytes + header (8-byte
+and ``__metadata__["torchdkm_crc32"]`` the crc32 of that JSON text, so any flipped byte in the header or the
+payload is detected. File size = report(model).compressed_bytes + buffer_bytes + header (8-byte
 length + header JSON, a few KB) + < 1 byte per layer (each layer's indices round up to whole bytes).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .errors import ConfigError, FormatError
 from .layers import FinalizedLayer, dkm_parametrization
 from .lut import finalized_layers, indices_to_weight, weight_key, weight_to_indices
 from .packing import pack_bits, packed_size, unpack_bits
-from .safetensors_io import crc32, dtype_code, parse_json, read_header, read_tensor, write_safetensors
+from .safetensors_io import crc32, entries_checksum, parse_json, read_header, read_tensor, write_safetensors
 
 FORMAT_VERSION = 1
 LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -89,10 +90,14 @@ def save(model: nn.Module, path, *, lut_dtype: torch.dtype = torch.float32) -> N
         "format": "torchdkm", "format_version": FORMAT_VERSION, "torchdkm_version": _version(),
         "lut_dtype": lut_name, "layers": meta_layers, "aliases": aliases,
         "buffers": [k for k in state if k not in param_keys],
-        "tensors": {n: [dtype_code(t, n), list(t.shape), crc32(t)] for n, t in tensors.items()},
+        "crc32": [crc32(tensors[n]) for n in sorted(tensors)],
     }
-    text = json.dumps(meta, separators=(",", ":"))
-    write_safetensors(path, tensors, {"torchdkm": text, "torchdkm_crc32": str(zlib.crc32(text.encode()))})
+
+    def metadata(entries):
+        text = json.dumps(dict(meta, header_crc32=entries_checksum(entries)), separators=(",", ":"))
+        return {"torchdkm": text, "torchdkm_crc32": str(zlib.crc32(text.encode()))}
+
+    write_safetensors(path, tensors, metadata)
 
 
 def _encode(key: str, name: str, module: nn.Module, fin: FinalizedLayer, lut_dtype: torch.dtype):
@@ -151,9 +156,9 @@ def read_artifact(path) -> Artifact:
         raise FormatError(f"{where} is corrupted: the torchdkm_crc32 metadata entry is missing")
     _check_meta(meta, header, where)
     tensors = {}
-    for name, entry in header.items():
-        t = read_tensor(buf, start, entry)
-        if crc32(t) != meta["tensors"][name][2]:
+    for name, crc in zip(sorted(header), meta["crc32"]):
+        t = read_tensor(buf, start, header[name])
+        if crc32(t) != crc:
             raise FormatError(f"{where} is corrupted: tensor {name!r} does not match its checksum")
         tensors[name] = t
     _check_layers(meta, tensors, where)
@@ -173,22 +178,17 @@ def _check_version(meta, where: str) -> None:
 
 def _check_meta(meta: dict, header: dict, where: str) -> None:
     need = {"torchdkm_version": str, "lut_dtype": str, "layers": dict, "aliases": dict, "buffers": list,
-            "tensors": dict}
+            "crc32": list, "header_crc32": int}
     for key, typ in need.items():
-        if not isinstance(meta.get(key), typ):
+        if type(meta.get(key)) is not typ:
             raise FormatError(f"{where}: torchdkm metadata field {key!r} is missing or not a {typ.__name__}")
     if meta["lut_dtype"] not in LUT_DTYPES:
         raise FormatError(f"{where}: lut_dtype {meta['lut_dtype']!r} is not one of {list(LUT_DTYPES)}")
-    table = meta["tensors"]
-    if set(table) != set(header):
-        diff = sorted(set(table) ^ set(header))[:10]
-        raise FormatError(f"{where} is corrupted: the tensors in the file and in its metadata differ: {diff}")
-    for name, row in table.items():
-        entry = header[name]
-        ok = isinstance(row, list) and len(row) == 3 and type(row[2]) is int
-        if not ok or row[0] != entry["dtype"] or row[1] != entry["shape"]:
-            raise FormatError(f"{where} is corrupted: tensor {name!r} is {entry['dtype']} {entry['shape']} in the "
-                              f"header but {row!r} in the metadata")
+    if meta["header_crc32"] != entries_checksum(header):
+        raise FormatError(f"{where} is corrupted: its tensor names, dtypes, shapes or offsets do not match their checksum")
+    if len(meta["crc32"]) != len(header) or not all(type(c) is int for c in meta["crc32"]):
+        raise FormatError(f"{where} is corrupted: it holds {len(header)} tensors but its metadata lists "
+                          f"{len(meta['crc32'])} checksums")
 
 
 def _check_layers(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:

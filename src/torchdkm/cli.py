@@ -1,8 +1,39 @@
-"""The torchdkm command line."""
+"""The torchdkm command line: ``compress``, ``inspect``, ``demo``.
+
+    torchdkm compress recipes/digits_mlp.yaml --out runs/digits
+    torchrun --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml
+    torchdkm inspect runs/digits/model.safetensors
+    torchdkm demo
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from .errors import TorchDKMError
+
+
+def _compress(args) -> int:
+    from .compress import compress
+
+    try:
+        compress(args.recipe, out_dir=args.out, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130  # the job already printed where the checkpoint is and how to resume
+    return 0
+
+
+def _inspect(args) -> int:
+    try:
+        from .serialization import format_inspect, inspect_file
+    except ImportError:
+        print("torchdkm inspect: this installation has no torchdkm.serialization module (artifact support); "
+              "update torchdkm", file=sys.stderr)
+        return 2
+    info = inspect_file(args.file)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
+    return 0
 
 
 def _demo(args) -> int:
@@ -12,13 +43,36 @@ def _demo(args) -> int:
     return 0
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default, keeps the examples' line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchdkm", description="Train-time weight clustering (DKM) for PyTorch.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="compress a small model end to end and print the table",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--out", default="out/demo", help="output folder")
+                                epilog=__doc__.split("\n", 1)[1], formatter_class=_Formatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compress", formatter_class=_Formatter,
+                       help="train (optionally fp32 first), DKM-compress, evaluate and write a model + report",
+                       description="Run a YAML recipe end to end: fp32 epochs, DKM fine-tuning, finalize; writes the "
+                                   "artifact, report.md/json, metrics.jsonl, plots and a checkpoint per epoch. "
+                                   "Under torchrun each rank trains on batch_size/world_size samples per step.",
+                       epilog="examples:\n  torchdkm compress recipes/digits_mlp.yaml --out runs/digits\n"
+                              "  torchrun --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml")
+    c.add_argument("recipe", metavar="RECIPE", help="YAML recipe file (see recipes/)")
+    c.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<recipe file name>)")
+    c.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    c.set_defaults(func=_compress)
+
+    i = sub.add_parser("inspect", formatter_class=_Formatter, help="describe a torchdkm artifact file",
+                       description="Print what a torchdkm artifact holds: format version, layers, bits, sizes.")
+    i.add_argument("file", metavar="FILE", help="artifact written by torchdkm.save / torchdkm compress")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    i.set_defaults(func=_inspect)
+
+    d = sub.add_parser("demo", formatter_class=_Formatter, help="the built-in demo: compress a small model, print the table",
+                       description="Compress a small model end to end and print the comparison table.")
+    d.add_argument("--out", metavar="DIR", default="out/demo", help="output folder")
     d.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
     d.set_defaults(func=_demo)
     return p
@@ -26,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except TorchDKMError as e:  # our own errors already say what was given and what is allowed
+        print(f"torchdkm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

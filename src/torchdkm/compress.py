@@ -1,0 +1,253 @@
+"""``torchdkm compress``: the end-to-end job a recipe describes.
+
+    fp32 epochs (optional) -> prepare -> k-means init -> DKM epochs -> finalize -> artifact, report, plots
+
+Every epoch ends with an atomic checkpoint (model incl. DKM centroids, optimizer, schedule, RNG states,
+metrics so far). Data order depends only on (seed, epoch), so ``resume=True`` continues a killed run and
+ends with the same weights as an uninterrupted one.
+
+Under ``torchrun`` each rank takes ``batch_size / world_size`` samples of every global batch (the same
+global batches as one process), gradients are averaged by DistributedDataParallel, and only rank 0
+evaluates, writes files and shows progress.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import distributed as D
+from .api import finalize, initialize, prepare
+from .build import build_data, build_model, build_optimizer, build_scheduler
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .dkm_stats import dkm_layer_stats, weights_and_centroids
+from .errors import ConfigError
+from .outputs import write_metrics, write_outputs
+from .recipe import Recipe, load_recipe
+
+RESULT_FILES = ("report.json", CHECKPOINT_NAME)
+
+
+class Job:
+    """One run of a recipe into ``out_dir``; :meth:`run` does everything and returns the report dict."""
+
+    def __init__(self, recipe: Recipe, out_dir, resume: bool = False, recipe_path: Optional[str] = None):
+        self.recipe, self.t = recipe, recipe.training
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.recipe_path = recipe_path or "RECIPE"
+        self.ckpt_path = self.out / CHECKPOINT_NAME
+        self.metrics: list = []
+        self.summary: dict = {}
+        self.saved_at: Optional[str] = None  # "phase epoch" of the last checkpoint written, for Ctrl-C
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.ctx = D.setup(self.t.device)
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            if self.ctx.is_main:
+                where = f"after {self.saved_at}" if self.saved_at else "none written in this run"
+                cmd = f"torchdkm compress {self.recipe_path} --out {self.out} --resume"
+                print(f"\ninterrupted. Last checkpoint: {self.ckpt_path} ({where}); it is intact.\n"
+                      f"Resume with:  {cmd}" + ("  (with the same torchrun prefix)" if self.ctx.distributed else ""),
+                      file=sys.stderr, flush=True)
+            raise
+        finally:
+            D.teardown(self.ctx)
+
+    def _run(self) -> dict:
+        t0 = time.perf_counter()
+        ckpt = self._check_out_dir()
+        D.barrier(self.ctx)  # every rank has checked the folder before rank 0 writes into it
+        _seed_everything(self.t.seed)
+        train, test = build_data(self.recipe.data)
+        self.train_set, self.test_set = train, test
+        model = build_model(self.recipe.model).to(self.ctx.device)
+        if self.t.batch_size % self.ctx.world_size:
+            raise ConfigError(f"training.batch_size={self.t.batch_size} is the global batch and must split evenly "
+                              f"across {self.ctx.world_size} ranks; give a multiple of {self.ctx.world_size}")
+        if len(train) < self.t.batch_size:
+            raise ConfigError(f"training.batch_size={self.t.batch_size} is larger than the training set "
+                              f"({len(train)} samples); give a smaller batch")
+        if ckpt is not None:
+            self.metrics, self.summary = ckpt["metrics"], ckpt["summary"]
+
+        # phase 1: plain training
+        fp32_ckpt = ckpt if ckpt is not None and ckpt["phase"] == "fp32" else None
+        if fp32_ckpt is not None:
+            model.load_state_dict(fp32_ckpt["model"])
+        if ckpt is None or fp32_ckpt is not None:
+            self._train_phase(model, "fp32", self.t.fp32_epochs, self.t.fp32_lr or self.t.lr, fp32_ckpt)
+            self.summary["acc_fp32"] = self._evaluate(model)[1]
+
+        # phase 2: DKM fine-tuning
+        comp = self.recipe.compression
+        prepare(model, comp.config, comp.rules)
+        dkm_ckpt = ckpt if ckpt is not None and ckpt["phase"] == "dkm" else None
+        if dkm_ckpt is not None:
+            model.load_state_dict(dkm_ckpt["model"])
+        else:
+            initialize(model)  # k-means now, deterministically on every rank, before DDP sees the model
+            self.summary["acc_kmeans_init"] = self._evaluate(model)[1]
+        self._train_phase(model, "dkm", self.t.epochs, self.t.lr, dkm_ckpt)
+
+        # finish: snap to centroids, check ranks agree, write everything
+        snapshot = weights_and_centroids(model) if self.ctx.is_main else {}
+        mismatch = D.rank_disagreement(model, self.ctx)
+        finalize(model)
+        mismatch += D.rank_disagreement(model, self.ctx)
+        test_loss, acc = self._evaluate(model)
+        self.summary.update(acc_final=acc, test_loss_final=test_loss, wall_time_s=time.perf_counter() - t0)
+        result = {}
+        if self.ctx.is_main:
+            dist_info = {"world_size": self.ctx.world_size, "ranks_identical": not mismatch,
+                         "mismatched": sorted(set(mismatch))}
+            result = write_outputs(self.out, model, self.recipe, self.metrics, self.summary, snapshot, dist_info)
+        D.barrier(self.ctx)
+        return result
+
+    # ------------------------------------------------------------------------------------------------
+    def _check_out_dir(self) -> Optional[dict]:
+        """The checkpoint to resume from (or None); refuses to overwrite a previous run's results."""
+        if self.resume:
+            if not self.ckpt_path.is_file():
+                raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}; run without --resume to start")
+            ckpt = load_checkpoint(self.ckpt_path)
+            if ckpt["recipe"] != self.recipe.raw:
+                diff = sorted(_diff_keys(ckpt["recipe"], self.recipe.raw))
+                raise ConfigError(f"--resume: the recipe differs from the one {self.ckpt_path} was trained with "
+                                  f"(changed: {', '.join(diff)}); restore it or start a new --out folder")
+            if ckpt["world_size"] != self.ctx.world_size and self.ctx.is_main:
+                print(f"note: resuming a {ckpt['world_size']}-process run with {self.ctx.world_size} process(es); "
+                      f"the global batches are the same", file=sys.stderr)
+            self.saved_at = f"{ckpt['phase']} epoch {ckpt['epoch']}"
+            return ckpt
+        existing = [n for n in RESULT_FILES if (self.out / n).exists()]
+        if existing:
+            raise ConfigError(f"{self.out} already holds a run ({', '.join(existing)}); pass --resume to continue "
+                              f"it, or choose another --out folder (nothing was overwritten)")
+        return None
+
+    def _train_phase(self, model: nn.Module, phase: str, epochs: int, lr: float, ckpt: Optional[dict]) -> None:
+        if epochs == 0:
+            return
+        ctx, t = self.ctx, self.t
+        # The same global batches for any world size: DistributedSampler deals every rank a strided slice of
+        # one (seed + epoch) permutation; with drop_last and a batch that is a multiple of the world size,
+        # step s of all ranks together covers exactly samples [s*B, (s+1)*B) of that permutation.
+        sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=t.seed, drop_last=True)
+        loader = DataLoader(self.train_set, batch_size=t.batch_size // ctx.world_size, sampler=sampler,
+                            drop_last=True)
+        steps = len(loader)
+        opt = build_optimizer(model.parameters(), t, lr)
+        sched = build_scheduler(opt, t, epochs * steps)
+        start = 0
+        if ckpt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            start = ckpt["epoch"]
+        net = D.wrap(model, ctx)
+        epoch_offset = 0 if phase == "fp32" else t.fp32_epochs  # data order keyed by the run's global epoch
+        show = ctx.is_main and sys.stdout.isatty()
+        label = "fp32" if phase == "fp32" else "DKM"
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(start, epochs), desc=f"{label} epochs", initial=start, total=epochs, disable=not show)
+        for epoch in bar:
+            sampler.set_epoch(epoch_offset + epoch)
+            net.train()
+            t_epoch = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show):
+                x, y = x.to(ctx.device), y.to(ctx.device)
+                opt.zero_grad(set_to_none=True)
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach()
+                correct += (logits.detach().argmax(1) == y).sum()
+            train_loss = D.mean_over_ranks(float(loss_sum) / steps, ctx)
+            train_acc = D.mean_over_ranks(float(correct) / (steps * x.shape[0]), ctx)
+            row = {"phase": phase, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                   "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_epoch, 3)}
+            if ctx.is_main:
+                row["test_loss"], row["test_acc"] = self._evaluate(model)
+                if phase == "dkm":
+                    stats = dkm_layer_stats(model)
+                    row["dkm"] = stats
+                    row["mean_entropy"] = sum(s["entropy"] for s in stats.values()) / max(len(stats), 1)
+                self.metrics.append(row)
+                self._save(phase, epoch + 1, model, opt, sched)
+                tqdm.write(_epoch_line(label, epoch + 1, epochs, row))
+            model.train()
+
+    def _save(self, phase, epoch, model, opt, sched) -> None:
+        state = {"phase": phase, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": rng_state(), "metrics": self.metrics,
+                 "summary": self.summary, "recipe": self.recipe.raw, "world_size": self.ctx.world_size}
+        save_checkpoint(self.ckpt_path, state)
+        write_metrics(self.out, self.metrics)
+        self.saved_at = f"{phase} epoch {epoch}"
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module):
+        """(mean test loss, test accuracy) in eval mode (DKM layers use hard clusters); rank 0 only."""
+        if not self.ctx.is_main:
+            return math.nan, math.nan
+        was_training = model.training
+        model.eval()
+        loss, correct, n = 0.0, 0, 0
+        for x, y in DataLoader(self.test_set, batch_size=self.t.eval_batch_size):
+            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+            logits = model(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        model.train(was_training)
+        return loss / n, correct / n
+
+
+def compress(recipe_path, out_dir=None, resume: bool = False) -> dict:
+    """Run a recipe file; ``out_dir`` defaults to ``runs/<recipe file name>``. Returns the report dict
+    (empty on ranks other than 0)."""
+    recipe = load_recipe(recipe_path)
+    out = out_dir if out_dir is not None else Path("runs") / Path(recipe_path).stem
+    return Job(recipe, out, resume, recipe_path=str(recipe_path)).run()
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _epoch_line(label: str, epoch: int, epochs: int, row: dict) -> str:
+    line = (f"{label} epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, "
+            f"test acc {100 * row['test_acc']:.2f}%, {row['epoch_s']:.1f} s")
+    if "mean_entropy" in row:
+        line += f", attention entropy {row['mean_entropy']:.3f}"
+    return line
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".") or "(whole recipe)"

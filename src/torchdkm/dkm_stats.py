@@ -1,0 +1,54 @@
+"""Cheap per-layer DKM statistics for the metrics log: how soft the assignment still is, how many clusters live.
+
+- ``entropy``: mean over weights of the attention entropy, divided by log k (0 = every weight sits on one
+  centroid, 1 = spread uniformly over all k). It falls during DKM training as weights settle on centroids.
+- ``used``: centroids that are the nearest one of at least one weight (out of ``k``); a low count means
+  wasted index bits.
+
+Entropy is estimated on an evenly spaced sample of at most ``max_rows`` weight vectors, so it costs a small
+fraction of one DKM forward; ``used`` counts every vector.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .functional import attention, nearest_centroid, to_vectors
+from .layers import dkm_parametrization, original_weight
+
+
+@torch.no_grad()
+def dkm_layer_stats(model: nn.Module, max_rows: int = 16384) -> Dict[str, dict]:
+    """{layer name: {"entropy", "used", "k", "tau"}} for every prepared, initialised layer."""
+    out = {}
+    for name, module in model.named_modules():
+        p = dkm_parametrization(module)
+        if p is None or not bool(p.initialized):
+            continue
+        vecs, _ = to_vectors(original_weight(module).detach().to(p.centroids.dtype), p.config.dim)
+        c = p.centroids
+        k = c.shape[0]
+        step = max(1, vecs.shape[0] // max_rows)
+        a = attention(vecs[::step], c, p.tau())
+        ent = -(a * a.clamp_min(1e-30).log()).sum(1).mean().item() / math.log(k)
+        used = int(torch.bincount(nearest_centroid(vecs, c), minlength=k).gt(0).sum())
+        out[name] = {"entropy": round(ent, 5), "used": used, "k": k, "tau": float(p.tau())}
+    return out
+
+
+@torch.no_grad()
+def weights_and_centroids(model: nn.Module, max_values: int = 200_000) -> Dict[str, dict]:
+    """{layer: {"weights": 1-D sample of the trained (soft) weights, "centroids": k × d}} for the histograms."""
+    out = {}
+    for name, module in model.named_modules():
+        p = dkm_parametrization(module)
+        if p is None:
+            continue
+        w = original_weight(module).detach().float().reshape(-1).cpu()
+        step = max(1, w.numel() // max_values)
+        out[name] = {"weights": w[::step].clone(), "centroids": p.centroids.detach().float().cpu().clone(),
+                     "bits": p.config.bits, "dim": p.config.dim}
+    return out

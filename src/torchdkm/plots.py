@@ -1,0 +1,76 @@
+"""PNG plots for ``torchdkm compress`` (matplotlib, imported lazily with the Agg backend: no display needed)."""
+from __future__ import annotations
+
+import io
+import math
+from typing import Dict, List
+
+from .checkpoint import atomic_write
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_curves(metrics: List[dict], path) -> bool:
+    """Train loss and test accuracy per epoch; the fp32 and DKM phases in two colours. False without matplotlib."""
+    plt = _pyplot()
+    if plt is None or not metrics:
+        return False
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = list(range(1, len(metrics) + 1))
+    for phase, color in (("fp32", "tab:blue"), ("dkm", "tab:orange")):
+        idx = [i for i, m in enumerate(metrics) if m["phase"] == phase]
+        if not idx:
+            continue
+        label = "fp32 training" if phase == "fp32" else "DKM fine-tuning (eval = hard clusters)"
+        ax_loss.plot([x[i] for i in idx], [metrics[i]["train_loss"] for i in idx], "o-", color=color, label=label)
+        ax_acc.plot([x[i] for i in idx], [100 * metrics[i]["test_acc"] for i in idx], "o-", color=color, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_histograms(layers: Dict[str, dict], path, max_layers: int = 12) -> bool:
+    """One panel per compressed layer (the largest ``max_layers``): histogram of the trained weights before
+    the final snap, with the centroid values marked (for d > 1, every coordinate of every centroid)."""
+    plt = _pyplot()
+    if plt is None or not layers:
+        return False
+    names = sorted(layers, key=lambda n: -layers[n]["weights"].numel())[:max_layers]
+    names.sort(key=list(layers).index)  # keep model order among the chosen ones
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        info = layers[name]
+        ax.hist(info["weights"].numpy(), bins=120, color="tab:gray", alpha=0.8)
+        for c in info["centroids"].reshape(-1).unique().tolist():
+            ax.axvline(c, color="tab:red", lw=0.8, alpha=0.8)
+        ax.set_title(f"{name}  ({2 ** info['bits']} centroids, d={info['dim']})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("trained weights before the final snap (histogram) and centroids (red)", fontsize=10, y=1.02)
+    _save(fig, path)
+    plt.close(fig)
+    return True

@@ -117,3 +117,49 @@ def test_vectors_round_trip_with_padding():
 def test_auto_tau_is_scale_free():
     c = torch.tensor([[-1.0], [0.0], [0.5], [2.0]])
     assert auto_tau(1000 * c, 0.05) == pytest.approx(1e6 * auto_tau(c, 0.05))
+
+
+def _realistic(n=30000, k=64, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    w = (0.03 * torch.randn(n, 1, generator=g)).requires_grad_()
+    c0 = kmeans_init(w, k)
+    return w, c0, auto_tau(c0, 0.05)
+
+
+@pytest.mark.parametrize("k", [32, 64, 256])
+def test_windowed_path_matches_dense_path(k):
+    from torchdkm.attention import _Attention
+
+    w, c0, tau = _realistic(k=k)
+    assert _Attention(c0, tau, 1e-7)(w.detach()[:4096]).lo is not None  # the window path is really taken
+    # float64, so that the differences measure the window's approximation, not float32 rounding
+    w, c0 = w.detach().double().requires_grad_(), c0.double()
+    up = torch.randn(w.shape[0], 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = []
+    for tol in (0.0, 1e-7):
+        wt, c = dkm_cluster(w, c0, tau, 2, chunk_rows=7000, window_tol=tol)
+        g = torch.autograd.grad((wt * up).sum() + c.sum(), w)[0]
+        outs.append((wt, c, g))
+    (a, ca, ga), (b, cb, gb) = outs
+    # window_tol=1e-7 bounds the left-out attention mass per weight at 1e-7
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(cb, ca, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6 * ga.abs().max().item())
+
+
+def test_windowed_path_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 1, generator=g, dtype=torch.float64).requires_grad_()
+    c0 = torch.linspace(-3, 3, 32, dtype=torch.float64)[:, None]
+    assert torch.autograd.gradcheck(lambda x: dkm_cluster(x, c0, 0.002, 2, chunk_rows=16, window_tol=1e-12), (w,))
+
+
+def test_window_falls_back_to_dense_when_bound_fails():
+    from torchdkm.attention import _Attention
+
+    w, c0, _ = _realistic(k=64)
+    big_tau = 10 * float(c0.var())  # soft attention: the neglected mass is not small
+    assert _Attention(c0, big_tau, 1e-7)(w.detach()).lo is None
+    a = dkm_cluster(w, c0, big_tau, 1, window_tol=1e-7)[0]
+    b = dkm_cluster(w, c0, big_tau, 1, window_tol=0.0)[0]
+    assert torch.equal(a, b)

@@ -22,36 +22,17 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .attention import _Attention, attention
+
 # A cluster whose total attention mass is below this (in units of "weights") counts as empty: it keeps
 # its previous centroid, since dividing by a vanishing mass would blow gradients up.
 EMPTY_MASS = 1e-6
 
 Tau = Union[float, Tensor]
-_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
 # ----------------------------------------------------------------------------------------------------
 # shared pieces
-
-
-def _logits_(w: Tensor, c: Tensor, tau: float) -> Tensor:
-    """(2 w·c - ||c||^2) / tau, N × k. Equals -||w - c||^2 / tau up to a per-row constant (||w||^2),
-    which softmax ignores; dropping it avoids cancellation when ||w|| >> ||w - c||."""
-    cc = (c * c).sum(1)
-    return torch.addmm(cc.div(-tau), w, c.t(), alpha=2.0 / tau)
-
-
-def _softmax_(x: Tensor) -> Tensor:
-    """Row softmax in place (max-subtracted, so finite for any tau > 0). Logits more than _FLOOR below the
-    row max are clamped: their exp would be subnormal, which is exact to < 1e-34 relative but makes CPU
-    arithmetic ~10x slower."""
-    x.sub_(x.amax(1, keepdim=True)).clamp_(min=_FLOOR[x.dtype]).exp_()
-    return x.div_(x.sum(1, keepdim=True))
-
-
-def attention(w: Tensor, c: Tensor, tau: Tau) -> Tensor:
-    """Soft assignment A = softmax(-||w_i - c_j||^2 / tau), N × k."""
-    return _softmax_(_logits_(w, c, float(tau)))
 
 
 def _update(mass: Tensor, moment: Tensor, c_prev: Tensor) -> Tensor:
@@ -78,34 +59,33 @@ def auto_chunk_rows(n: int, k: int, d: int) -> int:
 
 class _DKMLean(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w: Tensor, c0: Tensor, tau: float, iters: int, eps: float, rows: int):
-        n = w.shape[0]
+    def forward(ctx, w: Tensor, c0: Tensor, tau: float, iters: int, eps: float, rows: int, window_tol: float):
+        n, k = w.shape[0], c0.shape[0]
         single = rows >= n  # one chunk: keep the last attention instead of recomputing it
         cs, masses = [c0], []
-        a = None
+        blk = None
         for _ in range(iters):
             c_prev = cs[-1]
-            mass = torch.zeros(c0.shape[0], dtype=w.dtype, device=w.device)
+            att = _Attention(c_prev, tau, window_tol)
+            mass = torch.zeros(k, dtype=w.dtype, device=w.device)
             moment = torch.zeros_like(c0)
             for s in _row_chunks(n, rows):
-                a = attention(w[s], c_prev, tau)
-                mass += a.sum(0)
-                moment.addmm_(a.t(), w[s])
+                blk = att(w[s])
+                mass += blk.colsum()
+                moment += blk.colsum(w[s])
             c = _update(mass, moment, c_prev)
             cs.append(c)
             masses.append(mass)
             if eps > 0 and (c - c_prev).abs().max() <= eps:
                 break
         if single:
-            w_tilde = a @ cs[-1]
+            w_tilde = blk.mix(cs[-1])
         else:
-            w_tilde = torch.empty_like(w)
-            for s in _row_chunks(n, rows):
-                torch.mm(attention(w[s], cs[-2], tau), cs[-1], out=w_tilde[s])
+            att = _Attention(cs[-2], tau, window_tol)
+            w_tilde = torch.cat([att(w[s]).mix(cs[-1]) for s in _row_chunks(n, rows)])
         ctx.save_for_backward(w, *cs, *masses)
-        ctx.tau, ctx.rows, ctx.iters_run = tau, rows, len(masses)
-        c_out = cs[-1].clone()
-        return w_tilde, c_out
+        ctx.tau, ctx.rows, ctx.iters_run, ctx.window_tol = tau, rows, len(masses), window_tol
+        return w_tilde, cs[-1].clone()
 
     @staticmethod
     def backward(ctx, g_wt: Optional[Tensor], g_c: Optional[Tensor]):
@@ -115,22 +95,20 @@ class _DKMLean(torch.autograd.Function):
         n = w.shape[0]
         g_w = torch.zeros_like(w)
         g_c = torch.zeros_like(cs[-1]) if g_c is None else g_c.clone()
-        two_tau = 2.0 / tau
 
         # Output pass: W~ = A_T C_T (A_T from C_{T-1}). Its part of dL/dC_T is a reduction over all
         # rows, needed before the last iteration's pass, hence a pass of its own.
+        g_prev = None
         if g_wt is not None:
             c_prev, c_last = cs[-2], cs[-1]
+            att = _Attention(c_prev, tau, ctx.window_tol)
             g_prev = torch.zeros_like(c_prev)
             for s in _row_chunks(n, rows):
-                a = attention(w[s], c_prev, tau)
-                g_c.addmm_(a.t(), g_wt[s])
-                g_a = g_wt[s] @ c_last.t()
-                g_l = _softmax_backward_(a, g_a)
-                g_w[s].addmm_(g_l, c_prev, alpha=two_tau)
-                g_prev.addmm_(g_l.t(), w[s], alpha=two_tau).sub_(c_prev * g_l.sum(0)[:, None], alpha=two_tau)
-        else:
-            g_prev = None
+                blk = att(w[s])
+                g_c += blk.colsum(g_wt[s])
+                g_l = blk.softmax_backward_(blk.rowdot(g_wt[s], c_last))
+                g_w[s] += blk.logit_grad_w(g_l, c_prev)
+                g_prev += blk.logit_grad_c(g_l, w[s], c_prev)
 
         # Iterations in reverse: C_t = M_t / S_t with M_t = A_t^T W, S_t = A_t^T 1.
         for t in range(t_run, 0, -1):
@@ -142,21 +120,14 @@ class _DKMLean(torch.autograd.Function):
             g_c_prev = torch.where(full[:, None], 0.0, g_c)  # empty clusters pass C_{t-1} through
             if t == t_run and g_prev is not None:
                 g_c_prev += g_prev
+            att = _Attention(c_prev, tau, ctx.window_tol)
             for s in _row_chunks(n, rows):
-                a = attention(w[s], c_prev, tau)
-                g_w[s].addmm_(a, g_m)
-                g_a = torch.addmm(g_s, w[s], g_m.t())
-                g_l = _softmax_backward_(a, g_a)
-                g_w[s].addmm_(g_l, c_prev, alpha=two_tau)
-                g_c_prev.addmm_(g_l.t(), w[s], alpha=two_tau).sub_(c_prev * g_l.sum(0)[:, None], alpha=two_tau)
+                blk = att(w[s])
+                g_l = blk.softmax_backward_(blk.rowdot(w[s], g_m).add_(blk.cols(g_s)))
+                g_w[s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
+                g_c_prev += blk.logit_grad_c(g_l, w[s], c_prev)
             g_c = g_c_prev
-        return g_w, None, None, None, None, None
-
-
-def _softmax_backward_(a: Tensor, g_a: Tensor) -> Tensor:
-    """dL/dlogits = A ⊙ (gA - rowsum(A ⊙ gA)), computed into g_a."""
-    dot = (a * g_a).sum(1, keepdim=True)
-    return g_a.sub_(dot).mul_(a)
+        return g_w, None, None, None, None, None, None
 
 
 def _check_inputs(w: Tensor, c0: Tensor, tau, iters: int, eps: float):
@@ -179,19 +150,28 @@ def _compute_dtype(w: Tensor) -> torch.dtype:
 
 
 def dkm_cluster(
-    w: Tensor, c0: Tensor, tau: Tau, iters: int, eps: float = 0.0, *, chunk_rows: Optional[int] = None
+    w: Tensor,
+    c0: Tensor,
+    tau: Tau,
+    iters: int,
+    eps: float = 0.0,
+    *,
+    chunk_rows: Optional[int] = None,
+    window_tol: float = 1e-7,
 ) -> Tuple[Tensor, Tensor]:
     """Differentiable k-means: (W~, C) from w (N × d) and warm-start centroids c0 (k × d, no gradient).
 
     Example: w (1000 × 1), c0 (16 × 1) -> W~ (1000 × 1) clustered weights, C (16 × 1).
     Gradients reach ``w`` through every iteration; half-precision inputs are computed in float32.
+    ``window_tol``: for d = 1, attention is restricted to each weight's nearest few centroids where the
+    left-out mass is provably below this fraction (see torchdkm.attention); 0 forces the dense path.
     """
     t = _check_inputs(w, c0, tau, iters, eps)
     dt = _compute_dtype(w)
     wc = w.to(dt)
     c = c0.detach().to(dt, copy=True)  # saved for backward: must not alias the caller's (mutable) buffer
     rows = chunk_rows or auto_chunk_rows(*wc.shape[:1], c.shape[0], wc.shape[1])
-    w_tilde, c = _DKMLean.apply(wc, c, t, iters, float(eps), int(rows))
+    w_tilde, c = _DKMLean.apply(wc, c, t, iters, float(eps), int(rows), float(window_tol))
     return w_tilde.to(w.dtype), c
 
 

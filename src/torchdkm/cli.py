@@ -1,7 +1,7 @@
 """The torchdkm command line: ``compress``, ``inspect``, ``demo``.
 
     torchdkm compress recipes/digits_mlp.yaml --out runs/digits
-    torchrun --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml
+    torchrun --standalone --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml
     torchdkm inspect runs/digits/model.safetensors
     torchdkm demo
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import TorchDKMError
@@ -44,12 +45,16 @@ def _demo(args) -> int:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default, keeps the examples' line breaks."""
+    """Shows every option's default, keeps the examples' line breaks. A default of None is left to the help
+    text, which says what it means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchdkm", description="Train-time weight clustering (DKM) for PyTorch.",
-                                epilog=__doc__.split("\n", 1)[1], formatter_class=_Formatter)
+                                epilog="examples:" + __doc__.split("\n", 1)[1], formatter_class=_Formatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compress", formatter_class=_Formatter,
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "artifact, report.md/json, metrics.jsonl, plots and a checkpoint per epoch. "
                                    "Under torchrun each rank trains on batch_size/world_size samples per step.",
                        epilog="examples:\n  torchdkm compress recipes/digits_mlp.yaml --out runs/digits\n"
-                              "  torchrun --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml")
+                              "  torchrun --standalone --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml")
     c.add_argument("recipe", metavar="RECIPE", help="YAML recipe file (see recipes/)")
     c.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<recipe file name>)")
     c.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
@@ -85,6 +90,9 @@ def main(argv=None) -> int:
     except TorchDKMError as e:  # our own errors already say what was given and what is allowed
         print(f"torchdkm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

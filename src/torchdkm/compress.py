@@ -66,8 +66,12 @@ class Job:
         finally:
             D.teardown(self.ctx)
 
+    def _elapsed(self) -> float:
+        """Seconds of work so far, over every session of this run (a resumed run adds its own)."""
+        return self.prior_s + time.perf_counter() - self.t0
+
     def _run(self) -> dict:
-        t0 = time.perf_counter()
+        self.t0, self.prior_s = time.perf_counter(), 0.0
         ckpt = self._check_out_dir()
         D.barrier(self.ctx)  # every rank has checked the folder before rank 0 writes into it
         _seed_everything(self.t.seed)
@@ -82,6 +86,7 @@ class Job:
                               f"({len(train)} samples); give a smaller batch")
         if ckpt is not None:
             self.metrics, self.summary = ckpt["metrics"], ckpt["summary"]
+            self.prior_s = self.summary.get("elapsed_s", 0.0)
 
         # phase 1: plain training
         fp32_ckpt = ckpt if ckpt is not None and ckpt["phase"] == "fp32" else None
@@ -108,7 +113,7 @@ class Job:
         finalize(model)
         mismatch += D.rank_disagreement(model, self.ctx)
         test_loss, acc = self._evaluate(model)
-        self.summary.update(acc_final=acc, test_loss_final=test_loss, wall_time_s=time.perf_counter() - t0)
+        self.summary.update(acc_final=acc, test_loss_final=test_loss, wall_time_s=self._elapsed())
         result = {}
         if self.ctx.is_main:
             dist_info = {"world_size": self.ctx.world_size, "ranks_identical": not mismatch,
@@ -195,9 +200,11 @@ class Job:
                 self.metrics.append(row)
                 self._save(phase, epoch + 1, model, opt, sched)
                 tqdm.write(_epoch_line(label, epoch + 1, epochs, row))
+                sys.stdout.flush()  # one line per epoch, visible at once when stdout is a log file
             model.train()
 
     def _save(self, phase, epoch, model, opt, sched) -> None:
+        self.summary["elapsed_s"] = self._elapsed()
         state = {"phase": phase, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "rng": rng_state(), "metrics": self.metrics,
                  "summary": self.summary, "recipe": self.recipe.raw, "world_size": self.ctx.world_size}

@@ -39,7 +39,7 @@ def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: d
     artifact = _save_artifact(model, out / ARTIFACT_NAME)
     size = size_report(model, print_table=False)
     plots = []
-    if plot_curves(metrics, out / "curves.png"):
+    if plot_curves(metrics, out / "curves.png", summary.get("acc_kmeans_init")):
         plots.append("curves.png")
     if plot_histograms(snapshot, out / "weights.png"):
         plots.append("weights.png")

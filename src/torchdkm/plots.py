@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .checkpoint import atomic_write
 
@@ -25,12 +25,15 @@ def _save(fig, path) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def plot_curves(metrics: List[dict], path) -> bool:
-    """Train loss and test accuracy per epoch; the fp32 and DKM phases in two colours. False without matplotlib."""
+def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = None) -> bool:
+    """Train loss and test accuracy per epoch, the fp32 and DKM phases in two colours, and the accuracy right
+    after the k-means initialisation (before any DKM step). False without matplotlib."""
     plt = _pyplot()
     if plt is None or not metrics:
         return False
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     x = list(range(1, len(metrics) + 1))
     for phase, color in (("fp32", "tab:blue"), ("dkm", "tab:orange")):
         idx = [i for i, m in enumerate(metrics) if m["phase"] == phase]
@@ -39,9 +42,14 @@ def plot_curves(metrics: List[dict], path) -> bool:
         label = "fp32 training" if phase == "fp32" else "DKM fine-tuning (eval = hard clusters)"
         ax_loss.plot([x[i] for i in idx], [metrics[i]["train_loss"] for i in idx], "o-", color=color, label=label)
         ax_acc.plot([x[i] for i in idx], [100 * metrics[i]["test_acc"] for i in idx], "o-", color=color, label=label)
+    n_fp32 = sum(m["phase"] == "fp32" for m in metrics)
+    if kmeans_init_acc is not None and any(m["phase"] == "dkm" for m in metrics):
+        ax_acc.plot([n_fp32 + 0.5], [100 * kmeans_init_acc], "x", color="tab:red", ms=9,
+                    label="k-means init, before DKM training")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save(fig, path)
@@ -59,7 +67,7 @@ def plot_histograms(layers: Dict[str, dict], path, max_layers: int = 12) -> bool
     names.sort(key=list(layers).index)  # keep model order among the chosen ones
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False, layout="constrained")
     for ax, name in zip(axes.flat, names):
         info = layers[name]
         ax.hist(info["weights"].numpy(), bins=120, color="tab:gray", alpha=0.8)
@@ -70,7 +78,7 @@ def plot_histograms(layers: Dict[str, dict], path, max_layers: int = 12) -> bool
         ax.set_yticks([])
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("trained weights before the final snap (histogram) and centroids (red)", fontsize=10, y=1.02)
+    fig.suptitle("trained weights before the final snap (histogram) and centroids (red)", fontsize=10)
     _save(fig, path)
     plt.close(fig)
     return True

@@ -1,0 +1,87 @@
+"""The benchmark scripts and the demo run end to end (tiny settings: seconds, not minutes)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+
+
+def test_paper_sizes_match_the_paper_within_a_few_percent(tmp_path):
+    paper_sizes = pytest.importorskip("paper_sizes")
+    models = ["ResNet-50", "MobileNet-v1"]
+    try:
+        import transformers  # noqa: F401
+
+        models.append("DistilBERT")
+    except ImportError:
+        pass
+    rows = {r["model"]: r for r in paper_sizes.main(["--quick", "--models", *models, "--out", str(tmp_path)])}
+    assert set(rows) == set(models)
+    for r in rows.values():
+        assert abs(r["factor"] / r["paper_factor"] - 1) < 0.03, r
+    assert abs(rows["ResNet-50"]["fp32_mib"] - 97.49) < 0.01  # 25,557,032 params
+    assert abs(rows["ResNet-50"]["compressed_mib"] - 3.3) / 3.3 < 0.03
+    assert 0.72 * 0.97 < rows["MobileNet-v1"]["compressed_mib"] < 0.74 * 1.03
+
+
+@pytest.mark.skipif(not FASHION, reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+def test_vision_benchmark_smoke(tmp_path, monkeypatch):
+    import common
+    import vision
+
+    monkeypatch.setattr(common, "CACHE", tmp_path / "cache")
+    vision.main(["--models", "resnet_small", "--budgets", "1bit", "--methods", "ptq_kmeans", "st_kmeans", "qat_lsq",
+                 "dkm", "--train-subset", "256", "--test-subset", "128", "--fp32-epochs", "1", "--steps", "2",
+                 "--seeds", "1", "--out", str(tmp_path), "--tag", "t", "--no-progress"])
+    res = json.loads((tmp_path / "t_resnet_small.json").read_text())
+    methods = {r["method"]: r for r in res["runs"]}
+    assert set(methods) == {"ptq_kmeans", "st_kmeans", "qat_lsq", "dkm"}
+    # the clustering methods store exactly the same thing; uniform QAT adds per-channel scale and offset
+    assert methods["dkm"]["kib"] == methods["st_kmeans"]["kib"] == methods["ptq_kmeans"]["kib"]
+    assert methods["dkm"]["factor"] > 20
+    assert abs(methods["dkm"]["bits_per_weight"] - 1.0) < 0.25
+    assert methods["qat_lsq"]["bits_per_weight"] > 1.0
+    assert all(0 <= r["top1"] <= 1 for r in res["runs"])
+    md = (tmp_path / "t.md").read_text()
+    assert "DKM (torchdkm)" in md and "k-means + STE fine-tuning" in md
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_demo_tiny_writes_table_plot_artifact_and_caches_fp32(tmp_path):
+    from torchdkm.demo import run_demo
+
+    logs = []
+    kw = dict(fp32_steps=2, steps=1, train_subset=256, test_subset=128, cache_dir=tmp_path / "cache", progress=False,
+              log=logs.append)
+    rows = run_demo(str(tmp_path / "out"), quick=True, **kw)
+    assert [r["model"] for r in rows][0] == "fp32" and len(rows) == 3
+    assert rows[1]["factor"] > 10 and rows[2]["factor"] > rows[1]["factor"]
+    out = tmp_path / "out"
+    assert (out / "table.md").read_text().count("\n|") >= 4
+    assert (out / "accuracy_vs_size.png").is_file()
+    assert list(out.glob("model_1bit.*"))
+    logs.clear()
+    run_demo(str(tmp_path / "out2"), quick=True, **kw)
+    assert any("loaded from the cache" in line for line in logs)
+
+
+def test_demo_falls_back_to_digits_and_says_how_to_install(tmp_path, monkeypatch):
+    import torchdkm.data
+
+    def missing(*a, **k):
+        raise FileNotFoundError("no Fashion-MNIST here")
+
+    monkeypatch.setattr(torchdkm.data, "load_fashion_mnist", missing)
+    from torchdkm.demo import run_demo
+
+    logs = []
+    rows = run_demo(str(tmp_path), quick=True, fp32_steps=2, steps=1, cache_dir=tmp_path / "c", progress=False,
+                    log=logs.append)
+    text = "\n".join(logs)
+    assert "apt-get install -y dataset-fashion-mnist" in text and "digits" in text
+    assert len(rows) == 3

@@ -47,10 +47,11 @@ def _row_chunks(n: int, rows: int):
 
 
 def auto_chunk_rows(n: int, k: int, d: int) -> int:
-    """Rows per chunk so one chunk's N_c × k attention stays within ~half the weight tensor's size, but at
-    least 2^18 elements: smaller chunks are dominated by per-op overhead (measured ~3x slower at 2^16)."""
-    budget = max(n * d // 2, 1 << 18)
-    return max(256, min(n, budget // k))
+    """Rows per chunk. A backward chunk holds ~3 N_c × k temporaries, so N_c × k ≤ N·d/4 keeps them within
+    ~0.75× the weight tensor; the 2^16-element floor only matters for small tensors, where per-op overhead
+    would dominate (chunks of 2^16 elements measured ~3x slower than 2^18)."""
+    budget = max(n * d // 4, 1 << 16)
+    return max(64, min(n, budget // k))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,7 +83,9 @@ class _DKMLean(torch.autograd.Function):
             w_tilde = blk.mix(cs[-1])
         else:
             att = _Attention(cs[-2], tau, window_tol)
-            w_tilde = torch.cat([att(w[s]).mix(cs[-1]) for s in _row_chunks(n, rows)])
+            w_tilde = torch.empty_like(w)
+            for s in _row_chunks(n, rows):
+                w_tilde[s] = att(w[s]).mix(cs[-1])
         ctx.save_for_backward(w, *cs, *masses)
         ctx.tau, ctx.rows, ctx.iters_run, ctx.window_tol = tau, rows, len(masses), window_tol
         return w_tilde, cs[-1].clone()

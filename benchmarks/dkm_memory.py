@@ -1,0 +1,131 @@
+"""Peak extra memory of one dkm_cluster forward + backward: direct autograd vs torchdkm's lean backward.
+
+Each configuration runs in a fresh process. On CPU, "extra" is the rise of the peak RSS (VmHWM, reset
+through /proc/self/clear_refs just before the call) over the RSS at that moment, measured on a second
+call after a same-size warm-up, with glibc told to return freed memory at once, with the weights, centroids and upstream gradient already allocated; on CUDA
+it is torch.cuda.max_memory_allocated over the same baseline. The output W~ and the gradient dL/dW
+(each the size of the weight tensor) exist in any training step; the table shows the extra memory as a
+multiple of the weight tensor, and the same beyond those two.
+
+    python benchmarks/dkm_memory.py --out benchmarks/results/dkm_memory.md
+    python benchmarks/dkm_memory.py --device cuda --out benchmarks/results/dkm_memory_cuda.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+NUMEL = 1 << 20  # weights per tensor (4 MiB in float32), the same for every d
+KS = (4, 16, 64, 256)
+DIRECT_LIMIT_GIB = 6.0  # skip direct runs estimated above this (the machine is shared)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; returns the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def run_one(impl: str, d: int, k: int, iters: int, device: str) -> dict:
+    import torch
+
+    from torchdkm import dkm_cluster, dkm_cluster_reference, kmeans_init
+    from torchdkm.functional import auto_tau
+
+    torch.manual_seed(0)
+    w = (0.05 * torch.randn(NUMEL // d, d, device=device)).requires_grad_()
+    c0 = kmeans_init(w, k)
+    tau = auto_tau(c0, 0.05)
+    up = torch.randn_like(w)
+    fn = dkm_cluster if impl == "lean" else dkm_cluster_reference
+    # Warm-up with the same sizes: the first backward of a process allocates ~40 MiB of one-time state
+    # (autograd engine, thread pools) that later steps reuse; training measures the steady state.
+    wt, c = fn(w, c0, tau, iters)
+    wt.backward(up)
+    del wt, c
+    w.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_peak_rss()
+    wt, c = fn(w, c0, tau, iters)  # eps = 0: exactly `iters` iterations
+    wt.backward(up)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kib("VmHWM") * 1024
+    weight = w.numel() * w.element_size()
+    return {"impl": impl, "d": d, "k": k, "iters": iters, "extra_bytes": peak - base, "weight_bytes": weight}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dims", default="1,4")
+    p.add_argument("--iters", default="1,3,5")
+    p.add_argument("--out")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        impl, d, k, it = a.child.split(",")
+        print(json.dumps(run_one(impl, int(d), int(k), int(it), a.device)))
+        return
+    rows = []
+    for d in map(int, a.dims.split(",")):
+        for it in map(int, a.iters.split(",")):
+            for k in KS:
+                for impl in ("direct", "lean"):
+                    est = 4 * NUMEL * k * it * 4 / 2**30  # ~4 float32 N·k·d tensors kept per iteration
+                    if impl == "direct" and est > DIRECT_LIMIT_GIB:
+                        rows.append({"impl": impl, "d": d, "k": k, "iters": it, "skipped": est})
+                        continue
+                    cmd = [sys.executable, __file__, "--device", a.device, "--child", f"{impl},{d},{k},{it}"]
+                    # Fixed mmap threshold and immediate trimming: RSS then follows live allocations.
+                    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if out.returncode != 0:
+                        raise SystemExit(out.stderr[-2000:])
+                    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(rows[-1], file=sys.stderr)
+    lines = [f"One dkm_cluster forward+backward, {NUMEL} weights (float32, {NUMEL * 4 / 2**20:.0f} MiB), "
+             f"device {a.device}. Extra memory in MiB and as a multiple of the weight tensor.", "",
+             "| d | iters | k | direct MiB | lean MiB | direct × weight | lean × weight | lean × weight beyond output+grad |",
+             "|---|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    for d in map(int, a.dims.split(",")):
+        for it in map(int, a.iters.split(",")):
+            for k in KS:
+                dr = next(r for r in rows if (r["impl"], r["d"], r["k"], r["iters"]) == ("direct", d, k, it))
+                ln = next(r for r in rows if (r["impl"], r["d"], r["k"], r["iters"]) == ("lean", d, k, it))
+                wb = ln["weight_bytes"]
+                lean_x = ln["extra_bytes"] / wb
+                worst = max(worst, lean_x - 2)
+                if "skipped" in dr:
+                    dmib, dx = f"skipped (~{dr['skipped']:.0f} GiB est.)", "-"
+                else:
+                    dmib, dx = f"{dr['extra_bytes'] / 2**20:.1f}", f"{dr['extra_bytes'] / wb:.1f}"
+                lines.append(f"| {d} | {it} | {k} | {dmib} | {ln['extra_bytes'] / 2**20:.1f} | {dx} | "
+                             f"{lean_x:.2f} | {lean_x - 2:.2f} |")
+    lines += ["", f"lean path, worst case over the grid: {worst:.2f}× the weight tensor beyond output and gradient"]
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

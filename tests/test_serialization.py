@@ -136,15 +136,34 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.safetensors"]
     good = path.read_bytes()
 
-    import torchdkm.safetensors_io as io
+    import torchdkm.serialization as ser
 
-    def broken(t):
+    def broken(tensors, filename, metadata=None):  # fails half-way through writing the temp file
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "tensor_bytes", broken)
+    monkeypatch.setattr(ser, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         torchdkm.save(finalized_cnn(seed=1), path)
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_save_gives_the_file_the_umask_permissions(tmp_path):
+    path = tmp_path / "m.safetensors"
+    torchdkm.save(finalized_cnn(), path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not the 0600 of a temp file
+
+
+def test_entries_sharing_memory_are_saved(tmp_path):
+    model = finalized_cnn()
+    model.register_buffer("bias_head", model.fc.bias[:4])  # overlaps fc.bias: safetensors refuses such pairs
+    path = tmp_path / "m.safetensors"
+    torchdkm.save(model, path)
+    state = torchdkm.load(path)
+    assert torch.equal(state["bias_head"], model.fc.bias[:4]) and torch.equal(state["fc.bias"], model.fc.bias)
 
 
 # ------------------------------------------------------------------------------------------- save errors
@@ -225,6 +244,15 @@ def test_flipped_payload_byte_is_caught_by_checksum(tmp_path, cnn_file):
     (tmp_path / "c").write_bytes(bytes(data))
     with pytest.raises(FormatError, match="corrupted: tensor .* checksum"):
         torchdkm.load(tmp_path / "c")
+
+
+def test_retyped_tensor_is_caught_by_header_checksum(tmp_path, cnn_file):
+    data = cnn_file[2]
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].replace(b'"F32"', b'"I32"', 1)  # same size: safetensors itself accepts it
+    (tmp_path / "r").write_bytes(data[:8] + header + data[8 + n :])
+    with pytest.raises(FormatError, match="names, dtypes or shapes do not match their checksum"):
+        torchdkm.load(tmp_path / "r")
 
 
 def test_skeleton_mismatch_names_the_layers(cnn_file):

@@ -11,21 +11,25 @@ One safetensors file. Each compressed layer's weight ``<key>`` (e.g. ``fc.weight
      "aliases": {"head.weight": "embed.weight"},          # tied state_dict entries, stored once
      "buffers": ["bn.running_mean", ...],                 # entries that are buffers, not parameters
      "crc32": [1234567, ...],       # crc32 of every stored tensor's bytes, tensors in sorted-name order
-     "header_crc32": 89101112}      # crc32 of the header's tensor entries (names, dtypes, shapes, offsets)
+     "header_crc32": 89101112}      # crc32 of the stored tensors' names, dtypes and shapes (header_checksum)
 
 and ``__metadata__["torchdkm_crc32"]`` the crc32 of that JSON text, so any flipped byte in the header or the
-payload is detected. File size = report(model).compressed_bytes + buffer_bytes + header (8-byte
-length + header JSON, a few KB) + < 1 byte per layer (each layer's indices round up to whole bytes).
+payload is detected (the safetensors package, which writes and parses the file, checks its structure and
+offsets, not its bytes). File size = report(model).compressed_bytes + buffer_bytes + header (8-byte length +
+header JSON, a few KB) + < 1 byte per layer (each layer's indices round up to whole bytes).
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .compact_mode import is_compact
@@ -33,13 +37,20 @@ from .errors import ConfigError, FormatError
 from .layers import FinalizedLayer, dkm_parametrization
 from .lut import finalized_layers, indices_to_weight, weight_key, weight_to_indices
 from .packing import pack_bits, packed_size, unpack_bits
-from .safetensors_io import crc32, entries_checksum, parse_json, read_header, read_tensor, write_safetensors
 
 FORMAT_VERSION = 1
 LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 COREML_PREFIX = "_COREML_/"  # Core ML metadata buffers (finalize(coreml=True)) are not part of the artifact
+# safetensors' names of the dtypes torchdkm stores; header_checksum covers them (as format 1 always has)
+CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+         torch.bool: "BOOL"}
+for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _name):
+        CODES[getattr(torch, _name)] = _code
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -86,18 +97,92 @@ def save(model: nn.Module, path, *, lut_dtype: torch.dtype = torch.float32) -> N
     clash = sorted(set(state) & {n for k in layers for n in (f"{k}.lut", f"{k}.indices")})
     if clash:
         raise ConfigError(f"state_dict entries {clash} clash with the names torchdkm stores compressed weights under")
+    tensors = _for_safetensors(tensors)
     meta = {
         "format": "torchdkm", "format_version": FORMAT_VERSION, "torchdkm_version": _version(),
         "lut_dtype": lut_name, "layers": meta_layers, "aliases": aliases,
         "buffers": [k for k in state if k not in param_keys],
-        "crc32": [crc32(tensors[n]) for n in sorted(tensors)],
+        "crc32": [crc32(tensors[n]) for n in sorted(tensors)], "header_crc32": header_checksum(tensors),
     }
+    text = json.dumps(meta, separators=(",", ":"))
+    metadata = {"torchdkm": text, "torchdkm_crc32": str(zlib.crc32(text.encode()))}
+    write_atomic(path, lambda f: save_file(tensors, f.name, metadata=metadata))
 
-    def metadata(entries):
-        text = json.dumps(dict(meta, header_crc32=entries_checksum(entries)), separators=(",", ":"))
-        return {"torchdkm": text, "torchdkm_crc32": str(zlib.crc32(text.encode()))}
 
-    write_safetensors(path, tensors, metadata)
+def _for_safetensors(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The tensors as safetensors.save_file takes them: contiguous, on the CPU, of a dtype it stores, no two
+    sharing memory (it refuses those; tied entries are already aliases, what is left is rare, so copy it)."""
+    out, storages = {}, set()
+    for name, t in tensors.items():
+        if t.dtype not in CODES:
+            raise ConfigError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store; allowed: "
+                              f"{', '.join(str(d) for d in CODES)}")
+        t = t.detach().cpu().contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in storages:
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def write_atomic(path, write: Callable) -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``: a
+    crash leaves either the old file or the new one, never half of one.
+
+    ``f`` is open for binary writing; a writer that wants a file name may write to ``f.name`` instead
+    (safetensors.save_file does; recent versions even rename their own temporary file onto that name), so
+    the file is chmodded and fsynced by name afterwards, not through ``f``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp and safetensors make 0600; give what a plain open() would
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def crc32(t: Tensor) -> int:
+    """crc32 of a tensor's bytes in C order (on a little-endian machine: its bytes in the file)."""
+    return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def header_checksum(tensors: Dict[str, Tensor]) -> int:
+    """crc32 of the tensors' names, dtypes and shapes: a flipped header byte can change these without
+    safetensors noticing (F32 -> I32, a renamed tensor). The rows also hold [begin, end] offsets of a
+    widest-dtype-first layout, as format 1 always has: they add nothing (they follow from the rest, and
+    safetensors validates the file's real offsets), but dropping them would change every file's checksum."""
+    rows, offset = [], 0
+    for name in sorted(tensors, key=lambda n: (-tensors[n].element_size(), n)):
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        rows.append([name, CODES[t.dtype], list(t.shape), [offset, offset + size]])
+        offset += size
+    return zlib.crc32(json.dumps(sorted(rows), separators=(",", ":")).encode("utf-8"))
 
 
 def _encode(key: str, name: str, module: nn.Module, fin: FinalizedLayer, lut_dtype: torch.dtype):
@@ -137,12 +222,33 @@ class Artifact:
 def read_artifact(path) -> Artifact:
     """Read and fully validate a torchdkm file (structure, metadata, checksums, index ranges)."""
     where = repr(os.fspath(path))
+    f = _library(where, safe_open, os.fspath(path), framework="pt")  # parses and checks the header and offsets
+    with f:
+        meta = _read_meta(_library(where, f.metadata) or {}, where)  # before reading a foreign file's tensors
+        tensors = {name: _library(where, f.get_tensor, name) for name in _library(where, f.keys)}
+    file_bytes = _library(where, os.path.getsize, path)
+    _check_meta(meta, tensors, where)
+    for (name, t), crc in zip(sorted(tensors.items()), meta["crc32"]):
+        if crc32(t) != crc:
+            raise FormatError(f"{where} is corrupted: tensor {name!r} does not match its checksum")
+    _check_layers(meta, tensors, where)
+    data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return Artifact(meta, tensors, file_bytes - data_bytes, file_bytes)
+
+
+def _library(where: str, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, a call into safetensors (or the OS): what it raises on a malformed or unreadable
+    file becomes a FormatError. Broad on purpose: what the library raises on hostile bytes is no documented set."""
     try:
-        with open(path, "rb") as f:
-            buf = bytearray(f.read())
+        return call(*args, **kwargs)
     except OSError as e:
         raise FormatError(f"cannot read {where}: {e}") from None
-    header, metadata, start = read_header(memoryview(buf), where)
+    except Exception as e:  # SafetensorError above all
+        raise FormatError(f"{where} is truncated, corrupted or not a safetensors file: {e}") from None
+
+
+def _read_meta(metadata: Dict[str, str], where: str) -> dict:
+    """The torchdkm metadata of a safetensors file's ``__metadata__``, its checksum and version checked."""
     if "torchdkm" not in metadata:
         raise FormatError(f"{where} is a safetensors file but not a torchdkm file (no 'torchdkm' metadata; "
                           f"metadata keys: {sorted(metadata)})")
@@ -154,15 +260,24 @@ def read_artifact(path) -> Artifact:
     _check_version(meta, where)
     if crc is None:
         raise FormatError(f"{where} is corrupted: the torchdkm_crc32 metadata entry is missing")
-    _check_meta(meta, header, where)
-    tensors = {}
-    for name, crc in zip(sorted(header), meta["crc32"]):
-        t = read_tensor(buf, start, header[name])
-        if crc32(t) != crc:
-            raise FormatError(f"{where} is corrupted: tensor {name!r} does not match its checksum")
-        tensors[name] = t
-    _check_layers(meta, tensors, where)
-    return Artifact(meta, tensors, start, len(buf))
+    return meta
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_json(text: bytes, what: str):
+    """JSON with duplicate keys rejected; any problem is a FormatError naming ``what``."""
+    try:
+        return json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FormatError(f"{what} is not valid JSON: {e}") from None
 
 
 def _check_version(meta, where: str) -> None:
@@ -176,7 +291,7 @@ def _check_version(meta, where: str) -> None:
                           f"this torchdkm {_version()} reads format versions up to {FORMAT_VERSION}: upgrade torchdkm")
 
 
-def _check_meta(meta: dict, header: dict, where: str) -> None:
+def _check_meta(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:
     need = {"torchdkm_version": str, "lut_dtype": str, "layers": dict, "aliases": dict, "buffers": list,
             "crc32": list, "header_crc32": int}
     for key, typ in need.items():
@@ -184,10 +299,13 @@ def _check_meta(meta: dict, header: dict, where: str) -> None:
             raise FormatError(f"{where}: torchdkm metadata field {key!r} is missing or not a {typ.__name__}")
     if meta["lut_dtype"] not in LUT_DTYPES:
         raise FormatError(f"{where}: lut_dtype {meta['lut_dtype']!r} is not one of {list(LUT_DTYPES)}")
-    if meta["header_crc32"] != entries_checksum(header):
-        raise FormatError(f"{where} is corrupted: its tensor names, dtypes, shapes or offsets do not match their checksum")
-    if len(meta["crc32"]) != len(header) or not all(type(c) is int for c in meta["crc32"]):
-        raise FormatError(f"{where} is corrupted: it holds {len(header)} tensors but its metadata lists "
+    for name, t in tensors.items():
+        if t.dtype not in CODES:
+            raise FormatError(f"{where}: tensor {name!r} has dtype {t.dtype}; allowed: {', '.join(CODES.values())}")
+    if meta["header_crc32"] != header_checksum(tensors):
+        raise FormatError(f"{where} is corrupted: its tensor names, dtypes or shapes do not match their checksum")
+    if len(meta["crc32"]) != len(tensors) or not all(type(c) is int for c in meta["crc32"]):
+        raise FormatError(f"{where} is corrupted: it holds {len(tensors)} tensors but its metadata lists "
                           f"{len(meta['crc32'])} checksums")
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..compact_mode import compact
 from ..errors import ConfigError, TorchDKMError
 from ..layers import dkm_parametrization
-from ..safetensors_io import write_atomic
+from ..serialization import write_atomic
 
 MIN_OPSET = 18  # BitwiseAnd
 

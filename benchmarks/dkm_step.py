@@ -81,7 +81,9 @@ def run_one(method: str, steps: int, bits: int) -> dict:
             DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig)
 
         cfg = ModuleDKMPalettizerConfig(n_bits=bits, weight_threshold=0)
-        config = DKMPalettizerConfig().set_module_name({n: cfg for n in _linear_names(model)})
+        config = DKMPalettizerConfig()
+        for n in _linear_names(model):
+            config.set_module_name(n, cfg)
         pal = DKMPalettizer(model, config)
         model = pal.prepare()
         hook = pal.step

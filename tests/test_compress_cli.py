@@ -95,10 +95,11 @@ def _slow_recipe(tmp_path):
 
 
 def _start_slow(recipe, out, after_epochs):
-    """Start a run whose data slows to ~1.3 s per epoch after ``after_epochs`` full epochs."""
+    """Start a run whose data slows to ~13 s per epoch after ``after_epochs`` full epochs, so that a loaded
+    machine still interrupts it mid-run (at 1.3 s per epoch a busy CI box once let it finish first)."""
     after = after_epochs * 1344  # 1347 digits training samples, 21 full batches of 64 per epoch
     return subprocess.Popen([sys.executable, "-m", "torchdkm", "compress", str(recipe), "--out", str(out)],
-                            env=_env(SLOW_DATA_SLEEP="0.001", SLOW_DATA_AFTER=str(after)), cwd=ROOT,
+                            env=_env(SLOW_DATA_SLEEP="0.01", SLOW_DATA_AFTER=str(after)), cwd=ROOT,
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -118,6 +118,8 @@ def main():
     p.add_argument("--coreml-steps", type=int, default=3, help="steps for coremltools (0 skips it)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--out", help="also write the table to this markdown file")
+    p.add_argument("--coreml-result", help="JSON line of an earlier `--child coremltools` run on this machine "
+                                           "(its first step takes minutes); labelled as such in the table")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -132,6 +134,10 @@ def main():
     except ImportError:
         print("coremltools not installed: skipping its column", file=sys.stderr)
     res = {}
+    if a.coreml_result:
+        with open(a.coreml_result) as f:
+            res["coremltools"] = dict(json.loads(f.read().strip().splitlines()[-1]), separate_run=True)
+        methods = [(m, s) for m, s in methods if m != "coremltools"]
     for m, steps in methods:
         res[m] = _child(m, steps, a.bits)
         print(f"{m}: {json.dumps(res[m])}", file=sys.stderr)
@@ -142,8 +148,8 @@ def main():
         "| method | median step s | first step s | peak RSS GiB | steps |",
         "|---|---|---|---|---|",
     ]
-    for m, r in res.items():
-        lines.append(f"| {m} | {r['median_s']:.2f} | {r['first_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['steps']} |")
+    for m, r in sorted(res.items(), key=lambda kv: ["plain", "torchdkm", "coremltools"].index(kv[0])):
+        lines.append(f"| {m}{' (separate run)' if r.get('separate_run') else ''} | {r['median_s']:.2f} | {r['first_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['steps']} |")
     pl, td = res["plain"], res["torchdkm"]
     lines += ["", f"torchdkm / plain: step {td['median_s'] / pl['median_s']:.2f}x, "
                   f"RSS {td['peak_rss_gib'] / pl['peak_rss_gib']:.2f}x, "

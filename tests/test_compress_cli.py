@@ -165,8 +165,9 @@ def test_torchrun_two_processes_agree_with_each_other_and_with_one_process(basel
     assert _losses(out)[:n_fp32] == pytest.approx(_losses(base_out)[:n_fp32], rel=1e-5)
     # ...while DKM fine-tuning, whose sharp soft assignment amplifies the all-reduce's rounding differences
     # (~1e-8 after one step, roughly doubling every few steps; measured max 7e-3 on single weights of the
-    # 4-bit layer after 84 steps, mean 3e-4), stays close: same losses to 3 digits, same accuracy.
-    assert _losses(out)[n_fp32:] == pytest.approx(_losses(base_out)[n_fp32:], rel=1e-3)
+    # 4-bit layer after 84 steps, mean 3e-4), stays close: epoch losses within 0.5 % (measured 0.14 % after the
+    # engine's k×N layout change reordered float sums), same accuracy.
+    assert _losses(out)[n_fp32:] == pytest.approx(_losses(base_out)[n_fp32:], rel=5e-3)
     a, b = _state(out)["model"], _state(base_out)["model"]
     for k in a:
         diff = (a[k].double() - b[k].double()).abs()

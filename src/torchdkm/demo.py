@@ -105,7 +105,7 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, *, fp32_steps: Opti
     name, x, y, xt, yt, build = _data(train_subset, test_subset, log)
     per_epoch = max(1, len(y) // 128)
     fp32_steps = fp32_steps or (per_epoch // 2 if quick else per_epoch)  # 1 epoch (Fashion-MNIST: 468 steps)
-    steps = steps or (40 if quick else 200)
+    steps = steps or (40 if quick else 150)
     log(f"torchdkm demo: {name}; train {len(y)}, test {len(yt)} examples; torch threads {torch.get_num_threads()}")
 
     cache = _cache_dir(cache_dir)

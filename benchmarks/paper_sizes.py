@@ -56,13 +56,19 @@ CONFIGS = [
 
 
 def check_distinct(model) -> int:
-    """Max over finalized layers of (distinct d-vectors) - k; must be <= 0."""
+    """Max over finalized layers of (distinct d-vectors) - k; must be <= 0. When d does not divide a layer's
+    size, the last vector is partial: it must equal the prefix of one LUT row (its padding is not stored)."""
     worst = -10 ** 9
     for mod in model.modules():
         fin = getattr(mod, "_torchdkm", None)
         if fin is None:
             continue
-        vecs, _ = torchdkm.functional.to_vectors(mod.weight.detach(), fin.dim)
+        vecs, pad = torchdkm.functional.to_vectors(mod.weight.detach(), fin.dim)
+        if pad:
+            tail, vecs = vecs[-1, : fin.dim - pad], vecs[:-1]
+            lut = fin.lut.to(tail.dtype)[:, : fin.dim - pad]
+            if not (lut == tail).all(1).any():
+                return 10 ** 9
         worst = max(worst, torch.unique(vecs, dim=0).shape[0] - 2 ** fin.bits)
     return worst
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -202,14 +203,23 @@ def main(argv=None):
     base = metrics(fp32, xt, yt)
     fp32_mib = sum(p.numel() for p in fp32.parameters()) * 4 / 2 ** 20
     print(f"fp32: acc {100 * base['acc']:.2f}%, macro-F1 {100 * base['macro_f1']:.2f}% ({fp32_mib:.2f} MiB)")
-    runs = []
+    # Runs of an earlier invocation with the same settings are kept (e.g. add --methods coreml_dkm later).
+    same = ("max_len", "fp32_epochs", "steps", "lr", "tau_scale", "iters", "seed", "train_subset", "test_subset")
+    old_path = a.out / f"{a.tag}.json"
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    keep = all(old.get("settings", {}).get(k, object()) == getattr(a, k) for k in same)
+    todo = {(m, b) for b in a.budgets for m in a.methods}
+    runs = [r for r in old.get("runs", []) if keep and (r["method"], r["budget"]) not in todo]
+    wall_before = old.get("wall_s", 0.0) if runs else 0.0
     for budget in a.budgets:
         for method in a.methods:
             r = run(method, fp32, budget, data, a, print)
             runs.append(r)
             print(f"{method:<11} {budget:<6} acc {100 * r['acc']:.2f}%  F1 {100 * r['macro_f1']:.2f}%  "
                   f"{r['mib']:.2f} MiB ({r['factor']:.1f}x)  {r['wall_s']:.0f} s")
-    wall = time.perf_counter() - t_all
+    order = {m: i for i, m in enumerate(LABEL)}
+    runs.sort(key=lambda r: (list(BUDGETS).index(r["budget"]), order[r["method"]]))
+    wall = time.perf_counter() - t_all + wall_before
     rows = [["fp32", "-", f"{fp32_mib:.2f}", "1.0x", f"{100 * base['acc']:.2f}", "-",
              f"{100 * base['macro_f1']:.2f}", f"{info['train_s']:.0f} (train)"]]
     for r in runs:
@@ -221,8 +231,9 @@ def main(argv=None):
     print("\n" + table)
     a.out.mkdir(parents=True, exist_ok=True)
     md = [f"# Language benchmark: all-MiniLM-L6-v2 on BBC News ({'quick' if a.quick else 'full'} run)", "",
-          f"Command: `python benchmarks/nlp.py{' --quick' if a.quick else ''}`; {wall / 60:.1f} min wall "
-          f"(fp32 fine-tuning {'cached' if info['train_s'] and wall < info['train_s'] else 'included'}), torch "
+          f"Command: `python benchmarks/nlp.py{' --quick' if a.quick else ''}`"
+          f"{' (coremltools row: --methods coreml_dkm --budgets 11.8x)' if any(r['method'] == 'coreml_dkm' for r in runs) else ''}; "
+          f"{wall / 60:.1f} min wall in all (fp32 fine-tuning {info['train_s']:.0f} s of it when not cached), torch "
           f"{torch.__version__}, {torch.get_num_threads()} thread(s), shared 2-core CPU.", "",
           f"Split: stratified, seed 0, train {len(y)} / test {len(yt)} articles, {a.max_len} tokens. fp32: "
           f"{a.fp32_epochs} epoch(s) AdamW lr 1e-4 one-cycle, batch 16. Compression fine-tuning: {a.steps} steps "

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import torchdkm
-from torchdkm.models import ResNetSmall
+from torchdkm.app.zoo.models import ResNetSmall
 from torchdkm.serialization import read_artifact
 
 MIB = 1024 * 1024

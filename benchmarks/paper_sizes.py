@@ -1,6 +1,6 @@
 """Paper sizes: the DKM paper's compressed model sizes reproduced on the full architectures.
 
-Full-size ResNet-50 and MobileNet-v1 (ImageNet shapes, 1000 classes, defined in torchdkm.models - no torchvision)
+Full-size ResNet-50 and MobileNet-v1 (ImageNet shapes, 1000 classes, defined in torchdkm.app.zoo.models - no torchvision)
 and DistilBERT (``transformers.DistilBertModel(DistilBertConfig())``, random weights). Weights are random: size
 does not depend on their values. Each config is applied with ``torchdkm.prepare``, then (full mode) ``finalize``
 (k-means + hard assignment, and a check that every layer holds at most k distinct d-vectors), then
@@ -32,7 +32,8 @@ import common  # noqa: E402
 
 import torchdkm  # noqa: E402
 from torchdkm import DKMConfig as C  # noqa: E402
-from torchdkm.models import mobilenet_v1, resnet50  # noqa: E402
+from torchdkm.app.zoo.models import mobilenet_v1, resnet50  # noqa: E402
+from torchdkm.lut import finalized_layers  # noqa: E402
 
 
 def distilbert():
@@ -59,10 +60,7 @@ def check_distinct(model) -> int:
     """Max over finalized layers of (distinct d-vectors) - k; must be <= 0. When d does not divide a layer's
     size, the last vector is partial: it must equal the prefix of one LUT row (its padding is not stored)."""
     worst = -10 ** 9
-    for mod in model.modules():
-        fin = getattr(mod, "_torchdkm", None)
-        if fin is None:
-            continue
+    for _, mod, fin in finalized_layers(model):
         vecs, pad = torchdkm.functional.to_vectors(mod.weight.detach(), fin.dim)
         if pad:
             tail, vecs = vecs[-1, : fin.dim - pad], vecs[:-1]

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import torchdkm  # noqa: E402
-from torchdkm.models import build_model  # noqa: E402
+from torchdkm.app.zoo.models import build_model  # noqa: E402
 
 BUDGETS = {"4bit": (4, 1), "2bit": (2, 1), "1bit": (4, 4), "0.5bit": (4, 8)}
 METHODS = ["ptq_kmeans", "st_kmeans", "qat_lsq", "coreml_dkm", "dkm"]

@@ -4,6 +4,7 @@ from torch import nn
 
 import torchdkm
 from torchdkm import DKMConfig
+from torchdkm.export.coreml import attach_metadata
 from torchdkm.functional import from_vectors, nearest_centroid, to_vectors
 from torchdkm.layers import FinalizedLayer
 
@@ -90,4 +91,5 @@ def prepared_cnn(coreml=False):
     rules = {"conv": DKMConfig(bits=3), "dw": DKMConfig(bits=2), "pw": DKMConfig(bits=3, dim=2),
              "fc": DKMConfig(bits=2, dim=2 if coreml else 3)}  # 320 weights: dim 3 pads
     torchdkm.prepare(model, DKMConfig(bits=4), rules)
-    return torchdkm.finalize(model.eval(), coreml=coreml)
+    torchdkm.finalize(model.eval())
+    return attach_metadata(model) if coreml else model

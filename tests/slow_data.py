@@ -10,7 +10,7 @@ import time
 
 from torch.utils.data import Dataset
 
-from torchdkm.data import load_digits
+from torchdkm.app.zoo.data import load_digits
 
 
 class _Slow(Dataset):

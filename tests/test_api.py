@@ -196,7 +196,7 @@ def test_non_finite_weights_rejected_with_layer_name():
 
 def test_prepare_twice_and_tied_weights():
     net = prepare(_net(), DKMConfig(min_numel=0))
-    with pytest.raises(ConfigError, match="already prepared"):
+    with pytest.raises(ConfigError, match="still prepared"):
         prepare(net, DKMConfig(min_numel=0))
     tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     tied[1].weight = tied[0].weight

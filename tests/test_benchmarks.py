@@ -1,12 +1,8 @@
 """The benchmark scripts and the demo run end to end (tiny settings: seconds, not minutes)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
 
@@ -53,7 +49,7 @@ def test_vision_benchmark_smoke(tmp_path, monkeypatch):
 
 
 def test_demo_tiny_writes_table_plot_artifact_and_caches_fp32(tmp_path):
-    from torchdkm.demo import run_demo
+    from torchdkm.app.demo import run_demo
 
     logs = []
     kw = dict(fp32_steps=2, steps=1, train_subset=256, test_subset=128, cache_dir=tmp_path / "cache", progress=False,
@@ -71,13 +67,13 @@ def test_demo_tiny_writes_table_plot_artifact_and_caches_fp32(tmp_path):
 
 
 def test_demo_falls_back_to_digits_and_says_how_to_install(tmp_path, monkeypatch):
-    import torchdkm.data
+    from torchdkm.app.zoo import data
 
     def missing(*a, **k):
         raise FileNotFoundError("no Fashion-MNIST here")
 
-    monkeypatch.setattr(torchdkm.data, "load_fashion_mnist", missing)
-    from torchdkm.demo import run_demo
+    monkeypatch.setattr(data, "load_fashion_mnist", missing)
+    from torchdkm.app.demo import run_demo
 
     logs = []
     rows = run_demo(str(tmp_path), quick=True, fp32_steps=2, steps=1, cache_dir=tmp_path / "c", progress=False,

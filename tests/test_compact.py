@@ -6,7 +6,7 @@ from torch import nn
 
 import torchdkm
 from torchdkm import ConfigError
-from torchdkm.compact_mode import LUTWeight, is_compact
+from torchdkm.compact import LUTWeight, is_compact
 
 from artifact_models import SmallCNN, finalized_cnn, finalized_lm
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from torchdkm.cli import build_parser, main
+from torchdkm.app.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits_mlp.yaml"
@@ -69,7 +69,7 @@ def test_compress_writes_artifact_report_metrics_and_plots(baseline):
     assert not list(out.glob(".*.tmp"))
     # the artifact holds the finalized weights: at most 4 distinct values in a 2-bit layer
     import torchdkm
-    from torchdkm.models import MLP
+    from torchdkm.app.zoo.models import MLP
 
     model = torchdkm.load(out / "model.safetensors", MLP())
     assert torch.unique(model.net[2].weight).numel() <= 4
@@ -217,15 +217,15 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
-    from torchdkm.checkpoint import atomic_write, atomic_write_text
+    from torchdkm._fileio import write_atomic, write_text_atomic
 
     path = tmp_path / "f.txt"
-    atomic_write_text(path, "old")
+    write_text_atomic(path, "old")
 
     def write_then_fail(f):
         f.write(b"half of the new cont")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, write_then_fail)
+        write_atomic(path, write_then_fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]

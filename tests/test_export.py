@@ -6,6 +6,8 @@ import torch
 
 import torchdkm
 from torchdkm import ConfigError
+from torchdkm.export.coreml import attach_metadata, check_layers
+from torchdkm.parametrization import dkm_parametrization
 from torchdkm.serialization import read_artifact
 
 from artifact_models import SmallCNN, finalized_cnn, finalized_lm, prepared_cnn, quick_finalize
@@ -83,7 +85,7 @@ def test_onnx_export_refuses_prepared_models(tmp_path):
 # ----------------------------------------------------------------------------------------------- Core ML
 
 
-def test_finalize_coreml_attaches_palettization_metadata():
+def test_coreml_attach_metadata_registers_palettization_buffers():
     model = prepared_cnn(coreml=True)
     assert int(getattr(model, "_COREML_/metadata_version")) == 1
     pw = model.pw
@@ -93,11 +95,21 @@ def test_finalize_coreml_attaches_palettization_metadata():
     assert not hasattr(model.conv, "_COREML_/weight/vector_axis")
 
 
-def test_finalize_coreml_checks_vector_layout_before_changing_anything():
+def test_coreml_check_layers_refuses_a_vector_layout_before_training():
     model = torchdkm.prepare(SmallCNN(), torchdkm.DKMConfig(bits=2), rules={"fc": torchdkm.DKMConfig(bits=2, dim=3)})
     with pytest.raises(ConfigError, match=r"'fc' \(weight \(10, 32\), dim=3\)"):
+        check_layers(model)  # on the prepared model: nothing is trained for a layout Core ML cannot take
+    torchdkm.finalize(model)
+    with pytest.raises(ConfigError, match=r"'fc' \(weight \(10, 32\), dim=3\)"):
+        attach_metadata(model)
+    assert not hasattr(model, "_COREML_/metadata_version")
+
+
+def test_finalize_coreml_flag_says_where_it_moved():
+    model = torchdkm.prepare(SmallCNN(), torchdkm.DKMConfig(bits=2, min_numel=0))
+    with pytest.raises(ConfigError, match=r"torchdkm\.export\.coreml\.attach_metadata"):
         torchdkm.finalize(model, coreml=True)
-    assert torchdkm.layers.dkm_parametrization(model.fc) is not None  # still prepared
+    assert dkm_parametrization(model.fc) is not None  # nothing changed
 
 
 def test_coreml_convert_uses_constexpr_lut_to_dense():
@@ -107,9 +119,7 @@ def test_coreml_convert_uses_constexpr_lut_to_dense():
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     torch.manual_seed(0)
     model = quick_finalize(SmallCNN(), {"conv": (5, 1), "dw": (2, 1), "pw": (3, 2), "fc": (4, 2)})
-    from torchdkm.export.coreml import attach_coreml_metadata
-
-    attach_coreml_metadata(model)
+    attach_metadata(model)
     traced = torch.jit.trace(model, X_IMG)
     mlmodel = ct.convert(traced, inputs=[ct.TensorType(shape=X_IMG.shape)], convert_to="mlprogram",
                          minimum_deployment_target=ct.target.iOS18, skip_model_load=True)

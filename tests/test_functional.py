@@ -128,7 +128,7 @@ def _realistic(n=30000, k=64, seed=5):
 
 @pytest.mark.parametrize("k", [32, 64, 256])
 def test_windowed_path_matches_dense_path(k):
-    from torchdkm.attention import _Attention
+    from torchdkm._attention import _Attention
 
     w, c0, tau = _realistic(k=k)
     assert _Attention(c0, tau, 1e-7)(w.detach()[:4096]).lo is not None  # the window path is really taken
@@ -155,7 +155,7 @@ def test_windowed_path_gradcheck_float64():
 
 
 def test_window_falls_back_to_dense_when_bound_fails():
-    from torchdkm.attention import _Attention
+    from torchdkm._attention import _Attention
 
     w, c0, _ = _realistic(k=64)
     big_tau = 10 * float(c0.var())  # soft attention: the neglected mass is not small

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from torchdkm.models import MODEL_NAMES, MLP, MobileNetSmall, ResNetSmall, build_model
+from torchdkm.app.zoo.models import MODEL_NAMES, MLP, MobileNetSmall, ResNetSmall, build_model
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from torchdkm import ConfigError, DKMConfig
-from torchdkm.build import build_data, build_model
-from torchdkm.recipe import load_recipe, parse_recipe
+from torchdkm.app.build import build_data, build_model
+from torchdkm.app.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -83,12 +83,12 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_custom_functions_and_kwargs_are_checked():
-    r = parse_recipe(_raw(model={"name": "torchdkm.models:MLP", "kwargs": {"hidden": 16}}))
+    r = parse_recipe(_raw(model={"name": "torchdkm.app.zoo.models:MLP", "kwargs": {"hidden": 16}}))
     assert build_model(r.model).net[0].out_features == 16
     with pytest.raises(ConfigError, match="cannot import module 'no_such_pkg.models'"):
         build_model(parse_recipe(_raw(model={"name": "no_such_pkg.models:net"})).model)
     with pytest.raises(ConfigError, match="has no function 'nope'"):
-        build_model(parse_recipe(_raw(model={"name": "torchdkm.models:nope"})).model)
+        build_model(parse_recipe(_raw(model={"name": "torchdkm.app.zoo.models:nope"})).model)
     with pytest.raises(ConfigError, match="model.kwargs.*do not fit model 'mlp'"):
         build_model(parse_recipe(_raw(model={"name": "mlp", "kwargs": {"widht": 3}})).model)
     with pytest.raises(ConfigError, match="data.kwargs.*do not fit"):
@@ -100,7 +100,7 @@ def test_custom_functions_and_kwargs_are_checked():
 def test_model_checkpoint_is_loaded_and_checked(tmp_path):
     import torch
 
-    from torchdkm.models import MLP
+    from torchdkm.app.zoo.models import MLP
 
     torch.manual_seed(3)
     src = MLP(hidden=16)

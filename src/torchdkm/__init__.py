@@ -1,15 +1,17 @@
 """torchdkm: train-time weight clustering with a differentiable k-means layer (DKM)."""
+from importlib.metadata import version as _version
+
 from .api import finalize, initialize, prepare
-from .compact_mode import compact
+from .compact import compact
 from .config import DKMConfig
 from .errors import ConfigError, FormatError, TorchDKMError
+from .export import export_onnx
 from .functional import dkm_cluster, dkm_cluster_reference, hard_cluster, nearest_centroid
 from .kmeans import kmeans_init
 from .report import LayerRow, Report, report
-from .serialization import load, save
-from .export import export_onnx
+from .serialization import inspect_file, load, save
 
-__version__ = "0.1.0"
+__version__ = _version("torchdkm")
 
 __all__ = [
     "DKMConfig",
@@ -18,6 +20,7 @@ __all__ = [
     "TorchDKMError",
     "compact",
     "export_onnx",
+    "inspect_file",
     "load",
     "save",
     "LayerRow",

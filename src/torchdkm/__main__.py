@@ -1,5 +1,6 @@
+"""``python -m torchdkm``: the ``torchdkm`` command (torchrun ... -m torchdkm compress RECIPE works too)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""prepare / finalize: the model-level lifecycle (prepare -> train with your own loop -> finalize)."""
+"""prepare / initialize / finalize: the model-level lifecycle (prepare -> train with your own loop -> finalize)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,8 +10,8 @@ from torch.nn.utils import parametrize
 from .config import DKMConfig, Rules
 from .errors import ConfigError
 from .functional import from_vectors, hard_cluster, to_vectors
-from .layers import FinalizedLayer, dkm_parametrization, original_weight, select_layers
-from .parametrize import DKMWeight
+from .layers import FinalizedLayer, select_layers
+from .parametrization import DKMWeight, dkm_parametrization, original_weight, require_plain
 
 
 def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optional[Rules] = None) -> nn.Module:
@@ -30,9 +30,7 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
     config = DKMConfig() if config is None else config
     if not isinstance(config, DKMConfig):
         raise ConfigError(f"prepare's config must be a DKMConfig, got {type(config).__name__}")
-    for name, module in model.named_modules():
-        if dkm_parametrization(module) is not None:
-            raise ConfigError(f"layer {name!r} is already prepared for DKM; call finalize(model) before preparing again")
+    require_plain(model, "torchdkm.prepare")
     for _, module, cfg in select_layers(model, config, rules):
         # unsafe=True: the safe path evaluates the parametrization once, which would run k-means + a DKM
         # step at prepare time (shape and dtype are preserved by construction).
@@ -56,13 +54,12 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
 
     Afterwards each such layer is a plain module whose weight holds at most 2**bits distinct d-vectors;
     ``module._torchdkm`` records bits, dim, padding and the LUT (k × d). Calling it twice changes nothing.
-    ``coreml=True`` also registers the ``_COREML_`` LUT buffers that ``coremltools.convert`` turns into
-    ``constexpr_lut_to_dense`` (see torchdkm.export.coreml; dim must divide each weight's last axis of size > 1).
+    Core ML metadata is an export step: ``torchdkm.export.coreml.attach_metadata(model)`` after finalize
+    (``coreml=True`` is no longer accepted and says so).
     """
     if coreml:
-        from .export.coreml import check_coreml_layers
-
-        check_coreml_layers(model)  # before changing anything
+        raise ConfigError("finalize(model, coreml=True) moved to an export step: call torchdkm.finalize(model), "
+                          "then torchdkm.export.coreml.attach_metadata(model)")
     for module in model.modules():
         p = dkm_parametrization(module)
         if p is None:
@@ -76,8 +73,4 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.weight.copy_(hard)
         module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut)
-    if coreml:
-        from .export.coreml import attach_coreml_metadata
-
-        attach_coreml_metadata(model)
     return model

@@ -1,7 +1,8 @@
 """One exception hierarchy for torchdkm.
 
 Every error torchdkm raises on purpose is a :class:`TorchDKMError`; configuration mistakes are also
-``ValueError`` so generic handlers still catch them, and artifact problems are :class:`FormatError`.
+``ValueError`` so generic handlers still catch them, and artifact problems are :class:`FormatError`. A missing
+optional package is also an ``ImportError``, a missing data file also a ``FileNotFoundError``.
 """
 
 
@@ -14,4 +15,12 @@ class ConfigError(TorchDKMError, ValueError):
 
 
 class FormatError(TorchDKMError, ValueError):
-    """A torchdkm artifact is not readable: not a torchdkm file, a newer format, truncated or corrupted."""
+    """A torchdkm artifact (or a dataset file) is not readable: not a torchdkm file, a newer format, truncated or corrupted."""
+
+
+class MissingDependencyError(TorchDKMError, ImportError):
+    """An optional package is not installed; the message gives the pip command that installs it."""
+
+
+class DataNotFoundError(TorchDKMError, FileNotFoundError):
+    """A dataset's files are not where they were looked for; the message says where and how to install them."""

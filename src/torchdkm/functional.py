@@ -2,7 +2,7 @@
 
 Shapes: ``w`` is N × d (N vectors of dimension d), ``c`` is k × d (k centroids).
 
-The DKM loop (DESIGN.md §2), for t = 1..iters::
+The DKM loop, for t = 1..iters::
 
     A_t = softmax(-||w_i - c_j||^2 / tau)      N × k, from C_{t-1}
     C_t = (A_t^T W) / (A_t^T 1)                k × d (empty clusters keep C_{t-1})
@@ -22,7 +22,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .attention import _Attention, attention
+from ._attention import _Attention, attention
+from .errors import ConfigError
+
+__all__ = ["attention", "auto_chunk_rows", "auto_tau", "compute_dtype", "dkm_cluster", "dkm_cluster_reference",
+           "from_vectors", "hard_cluster", "nearest_centroid", "to_vectors"]
 
 # A cluster whose total attention mass is below this (in units of "weights") counts as empty: it keeps
 # its previous centroid, since dividing by a vanishing mass would blow gradients up.
@@ -135,20 +139,21 @@ class _DKMLean(torch.autograd.Function):
 
 def _check_inputs(w: Tensor, c0: Tensor, tau, iters: int, eps: float):
     if w.dim() != 2 or c0.dim() != 2 or w.shape[1] != c0.shape[1]:
-        raise ValueError(f"dkm_cluster wants w: N × d and c0: k × d, got w {tuple(w.shape)} and c0 {tuple(c0.shape)}")
+        raise ConfigError(f"dkm_cluster wants w: N × d and c0: k × d, got w {tuple(w.shape)} and c0 {tuple(c0.shape)}")
     if w.shape[0] == 0:
-        raise ValueError(f"dkm_cluster got w with 0 rows {tuple(w.shape)}: need at least one vector")
+        raise ConfigError(f"dkm_cluster got w with 0 rows {tuple(w.shape)}: need at least one vector")
     t = float(tau)
     if not (t > 0 and math.isfinite(t)):
-        raise ValueError(f"dkm_cluster got tau={t}: allowed is a finite float > 0")
+        raise ConfigError(f"dkm_cluster got tau={t}: allowed is a finite float > 0")
     if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"dkm_cluster got iters={iters!r}: allowed is an integer >= 1")
+        raise ConfigError(f"dkm_cluster got iters={iters!r}: allowed is an integer >= 1")
     if not (eps >= 0):
-        raise ValueError(f"dkm_cluster got eps={eps!r}: allowed is a float >= 0")
+        raise ConfigError(f"dkm_cluster got eps={eps!r}: allowed is a float >= 0")
     return t
 
 
-def _compute_dtype(w: Tensor) -> torch.dtype:
+def compute_dtype(w: Tensor) -> torch.dtype:
+    """The dtype DKM computes in for a tensor ``w``: float32 and float64 as they are, anything else float32."""
     return w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
 
 
@@ -167,10 +172,10 @@ def dkm_cluster(
     Example: w (1000 × 1), c0 (16 × 1) -> W~ (1000 × 1) clustered weights, C (16 × 1).
     Gradients reach ``w`` through every iteration; half-precision inputs are computed in float32.
     ``window_tol``: for d = 1, attention is restricted to each weight's nearest few centroids where the
-    left-out mass is provably below this fraction (see torchdkm.attention); 0 forces the dense path.
+    left-out mass is provably below this fraction (see torchdkm._attention); 0 forces the dense path.
     """
     t = _check_inputs(w, c0, tau, iters, eps)
-    dt = _compute_dtype(w)
+    dt = compute_dtype(w)
     wc = w.to(dt)
     c = c0.detach().to(dt, copy=True)  # saved for backward: must not alias the caller's (mutable) buffer
     rows = chunk_rows or auto_chunk_rows(*wc.shape[:1], c.shape[0], wc.shape[1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import nearest_centroid
+from .functional import compute_dtype, nearest_centroid
 
 _MAX_GROUPS = 2048
 _PP_SAMPLE = 20000
@@ -22,8 +22,7 @@ def kmeans_init(w: Tensor, k: int, *, seed: int = 0, iters: int = 50) -> Tensor:
     Example: w (589824 × 1), k=16 -> 16 × 1 centroids, sorted for d = 1. Deterministic under ``seed``.
     """
     w = w.detach()
-    dt = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-    w = w.to(dt)
+    w = w.to(compute_dtype(w))
     if w.shape[1] == 1:
         return kmeans_1d(w[:, 0], k, iters=iters)[:, None]
     return kmeans_nd(w, k, seed=seed, iters=iters)

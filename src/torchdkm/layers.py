@@ -93,17 +93,7 @@ def _check_chosen(chosen) -> None:
             )
 
 
-def dkm_parametrization(module: nn.Module) -> Optional[nn.Module]:
-    """The DKMWeight on ``module.weight``, or None."""
-    from .parametrize import DKMWeight
-
-    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
-    if plist is None:
-        return None
-    return next((p for p in plist if isinstance(p, DKMWeight)), None)
-
-
-def original_weight(module: nn.Module) -> Tensor:
-    """The trained Parameter under a parametrization, or the plain weight."""
-    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
-    return plist.original if plist is not None else module.weight
+def finalized_record(module: nn.Module) -> Optional[FinalizedLayer]:
+    """The record ``finalize`` (or ``load``) left on ``module`` as ``module._torchdkm``, or None."""
+    fin = getattr(module, "_torchdkm", None)
+    return fin if isinstance(fin, FinalizedLayer) else None

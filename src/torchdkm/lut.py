@@ -1,6 +1,6 @@
 """A finalized weight as LUT + indices, both ways, and the list of finalized layers of a model.
 
-Layout (DESIGN.md §2): the weight flattened row-major into N = ceil(numel/d) vectors of d entries (the last
+Layout: the weight flattened row-major into N = ceil(numel/d) vectors of d entries (the last
 one zero-padded with ``pad`` entries); vector i equals ``lut[idx[i]]`` on its non-padded entries.
 """
 from __future__ import annotations
@@ -11,14 +11,15 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .functional import nearest_centroid, to_vectors
-from .layers import FinalizedLayer
+from .layers import FinalizedLayer, finalized_record
 
 
 def weight_to_indices(weight: Tensor, lut: Tensor, pad: int) -> Tensor:
     """Exact LUT row of every vector of a finalized ``weight``: int64[N] with lut[idx] == vectors.
 
-    weight: any shape, numel + pad = N*d; lut: k × d. Raises ValueError when some vector is not a LUT row
+    weight: any shape, numel + pad = N*d; lut: k × d. Raises ConfigError when some vector is not a LUT row
     (the weight was changed after finalize), since storing the nearest row would silently change it.
     """
     d = lut.shape[1]
@@ -34,7 +35,7 @@ def weight_to_indices(weight: Tensor, lut: Tensor, pad: int) -> Tensor:
     for i in bad.tolist():
         hits = ((lut == vecs[i]) | ~valid[i]).all(1).nonzero().reshape(-1)
         if hits.numel() == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"vector {i} of the weight (shape {tuple(weight.shape)}) is not a row of its LUT ({tuple(lut.shape)}): "
                 f"the weight was changed after finalize"
             )
@@ -57,8 +58,8 @@ def finalized_layers(model: nn.Module) -> List[Tuple[str, nn.Module, FinalizedLa
     """(module name, module, record) of every layer that ``finalize`` compressed, in module order."""
     out = []
     for name, module in model.named_modules():
-        fin = getattr(module, "_torchdkm", None)
-        if isinstance(fin, FinalizedLayer):
+        fin = finalized_record(module)
+        if fin is not None:
             out.append((name, module, fin))
     return out
 

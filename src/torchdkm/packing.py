@@ -18,6 +18,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 
 def packed_size(n: int, bits: int) -> int:
     """Bytes that n indices of ``bits`` bits take: ceil(n*bits/8)."""
@@ -27,7 +29,7 @@ def packed_size(n: int, bits: int) -> int:
 def _group(bits: int) -> Tuple[int, int]:
     """(indices per group G, bytes per group B) for ``bits``."""
     if not (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 8):
-        raise ValueError(f"bits={bits!r} is not allowed: give an integer in 1..8")
+        raise ConfigError(f"bits={bits!r} is not allowed: give an integer in 1..8")
     span = bits * 8 // math.gcd(bits, 8)  # lcm(bits, 8)
     return span // bits, span // 8
 
@@ -40,10 +42,10 @@ def pack_bits(idx: Tensor, bits: int) -> Tensor:
     per_group, group_bytes = _group(bits)
     idx = idx.reshape(-1)
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise ValueError(f"pack_bits wants an integer tensor of indices, got dtype {idx.dtype}")
+        raise ConfigError(f"pack_bits wants an integer tensor of indices, got dtype {idx.dtype}")
     n = idx.numel()
     if n and (int(idx.min()) < 0 or int(idx.max()) >= 2**bits):
-        raise ValueError(
+        raise ConfigError(
             f"pack_bits got indices in {int(idx.min())}..{int(idx.max())}: with bits={bits} allowed is 0..{2**bits - 1}"
         )
     groups = -(-n // per_group)
@@ -63,9 +65,9 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     """
     per_group, group_bytes = _group(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"unpack_bits wants a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+        raise ConfigError(f"unpack_bits wants a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     if packed.numel() != packed_size(n, bits):
-        raise ValueError(
+        raise ConfigError(
             f"unpack_bits got {packed.numel()} bytes: {n} indices of {bits} bits take {packed_size(n, bits)} bytes"
         )
     idx = unpack_groups(pad_to_groups(packed, bits), bits)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import List
 
 from torch import nn
 
-from .layers import dkm_parametrization, original_weight
+from .errors import ConfigError
+from .parametrization import layer_spec, original_weight
 
 MIB = 1024 * 1024
 
@@ -95,10 +96,10 @@ def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = Tr
     Example: a Linear(256, 128) at bits=2, dim=1 stores 32768 × 2 index bits + 4 × 32 LUT bits.
     """
     if lut_dtype_bits not in (16, 32):
-        raise ValueError(f"lut_dtype_bits={lut_dtype_bits!r} is not allowed: give 16 or 32")
+        raise ConfigError(f"lut_dtype_bits={lut_dtype_bits!r} is not allowed: give 16 or 32")
     rows, compressed_ids = [], set()
     for name, module in model.named_modules():
-        spec = _spec(module)
+        spec = layer_spec(module)
         if spec is None:
             continue
         bits, dim = spec
@@ -117,14 +118,6 @@ def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = Tr
     if print_table:
         print(out.table())
     return out
-
-
-def _spec(module: nn.Module) -> Optional[tuple]:
-    p = dkm_parametrization(module)
-    if p is not None:
-        return p.config.bits, p.config.dim
-    fin = getattr(module, "_torchdkm", None)
-    return (fin.bits, fin.dim) if fin is not None else None
 
 
 def _is_dkm_state(buffer_name: str) -> bool:

@@ -22,27 +22,28 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from importlib.metadata import version
+from typing import Dict, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .compact_mode import is_compact
+from ._fileio import write_atomic
 from .errors import ConfigError, FormatError
-from .layers import FinalizedLayer, dkm_parametrization
+from .layers import FinalizedLayer
 from .lut import finalized_layers, indices_to_weight, weight_key, weight_to_indices
 from .packing import pack_bits, packed_size, unpack_bits
+from .parametrization import require_plain
 
 FORMAT_VERSION = 1
 LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
-COREML_PREFIX = "_COREML_/"  # Core ML metadata buffers (finalize(coreml=True)) are not part of the artifact
+COREML_PREFIX = "_COREML_/"  # Core ML metadata buffers (torchdkm.export.coreml) are not part of the artifact
 # safetensors' names of the dtypes torchdkm stores; header_checksum covers them (as format 1 always has)
 CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -67,12 +68,7 @@ def save(model: nn.Module, path, *, lut_dtype: torch.dtype = torch.float32) -> N
     lut_name = next((n for n, dt in LUT_DTYPES.items() if dt == lut_dtype), None)
     if lut_name is None:
         raise ConfigError(f"save got lut_dtype={lut_dtype!r}: allowed are torch.float32 and torch.float16")
-    for name, module in model.named_modules():
-        if dkm_parametrization(module) is not None:
-            raise ConfigError(f"layer {name!r} is still prepared for DKM (training form): call torchdkm.finalize(model) "
-                              f"before torchdkm.save")
-        if is_compact(module):
-            raise ConfigError(f"layer {name!r} is in compact mode: save the finalized model before torchdkm.compact")
+    require_plain(model, "torchdkm.save", dense=True)
     state = {k: v for k, v in model.state_dict().items() if COREML_PREFIX not in k}
     layers = {weight_key(name): (name, module, fin) for name, module, fin in finalized_layers(model)}
     param_keys = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -127,45 +123,6 @@ def _for_safetensors(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def write_atomic(path, write: Callable) -> None:
-    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``: a
-    crash leaves either the old file or the new one, never half of one.
-
-    ``f`` is open for binary writing; a writer that wants a file name may write to ``f.name`` instead
-    (safetensors.save_file does; recent versions even rename their own temporary file onto that name), so
-    the file is chmodded and fsynced by name afterwards, not through ``f``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp and safetensors make 0600; give what a plain open() would
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def crc32(t: Tensor) -> int:
     """crc32 of a tensor's bytes in C order (on a little-endian machine: its bytes in the file)."""
     return zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -193,7 +150,7 @@ def _encode(key: str, name: str, module: nn.Module, fin: FinalizedLayer, lut_dty
         raise ConfigError(f"layer {name!r}: its LUT has shape {tuple(fin.lut.shape)}, expected {(2**fin.bits, fin.dim)}")
     try:
         idx = weight_to_indices(w, fin.lut, fin.pad)
-    except ValueError as e:
+    except ConfigError as e:
         raise ConfigError(f"layer {name!r}: {e}; finalize again before saving") from None
     info = {"module": name, "kind": type(module).__name__, "shape": list(w.shape), "dtype": str(w.dtype)[6:],
             "bits": fin.bits, "dim": fin.dim, "pad": fin.pad, "n_vectors": idx.numel()}
@@ -201,9 +158,7 @@ def _encode(key: str, name: str, module: nn.Module, fin: FinalizedLayer, lut_dty
 
 
 def _version() -> str:
-    from . import __version__  # at call time: torchdkm/__init__ imports this module
-
-    return __version__
+    return version("torchdkm")
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -267,7 +222,7 @@ def _no_duplicates(pairs):
     out = {}
     for k, v in pairs:
         if k in out:
-            raise ValueError(f"duplicate key {k!r}")
+            raise FormatError(f"duplicate key {k!r}")
         out[k] = v
     return out
 
@@ -398,9 +353,7 @@ def load(path, model: Optional[nn.Module] = None):
     state = decode(art)
     if model is None:
         return state
-    for name, module in model.named_modules():
-        if dkm_parametrization(module) is not None or is_compact(module):
-            raise ConfigError(f"load wants a plain model, but layer {name!r} is prepared for DKM or compact")
+    require_plain(model, "torchdkm.load", dense=True)
     target = {k: v for k, v in model.state_dict().items() if COREML_PREFIX not in k}
     missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     if missing or unexpected:

@@ -2,7 +2,7 @@
 
 coremltools' own palettizer leaves, on each palettized module, buffers named ``_COREML_/weight/<key>``
 (coremltools.optimize.torch._utils.metadata_utils.CompressionMetadata) and on the root module
-``_COREML_/metadata_version``. The torch frontend (converters/mil/frontend/torch/converter.py,
+``_COREML_/metadata_version``. The torch frontend (coremltools.converters.mil.frontend.torch.converter,
 ``_construct_compression_info`` / ``_construct_palettization_op``) reads them for iOS16+ targets and emits
 ``constexpr_lut_to_dense(indices, lut)`` instead of a dense const. We register the same buffers:
 
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers import dkm_parametrization, original_weight
 from ..lut import finalized_layers
+from ..parametrization import layer_spec, original_weight
 
 PREFIX = "_COREML_/weight/"
 PALETTIZATION = 2
@@ -37,28 +37,30 @@ def vector_axis(shape) -> int:
     return max([i for i, s in enumerate(shape) if s > 1], default=len(shape) - 1)
 
 
-def check_coreml_layers(model: nn.Module) -> None:
+def check_layers(model: nn.Module) -> None:
     """Raise ConfigError naming every prepared or finalized layer whose dim does not divide its vector axis
-    (Core ML cannot lay such vectors out)."""
+    (Core ML cannot lay such vectors out). Call it on the prepared model to learn this before training."""
     bad: List[str] = []
     for name, module in model.named_modules():
-        p = dkm_parametrization(module)
-        fin = getattr(module, "_torchdkm", None)
-        dim = p.config.dim if p is not None else (fin.dim if fin is not None else None)
-        if dim is None:
+        spec = layer_spec(module)
+        if spec is None:
             continue
+        dim = spec[1]
         shape = tuple(original_weight(module).shape)
         if dim > 1 and shape[vector_axis(shape)] % dim:
             bad.append(f"{name!r} (weight {shape}, dim={dim})")
     if bad:
         raise ConfigError(f"Core ML vector palettization needs dim to divide the weight's last axis of size > 1; not so for "
-                          f"{', '.join(bad)}: use a dim that divides it, or finalize without coreml=True")
+                          f"{', '.join(bad)}: use a dim that divides it, or skip the Core ML metadata")
 
 
 @torch.no_grad()
-def attach_coreml_metadata(model: nn.Module) -> nn.Module:
-    """Register the ``_COREML_`` buffers on every finalized layer of ``model`` (in place); returns ``model``."""
-    check_coreml_layers(model)
+def attach_metadata(model: nn.Module) -> nn.Module:
+    """Register the ``_COREML_`` buffers on every finalized layer of ``model`` (in place); returns ``model``.
+
+    The export step before ``coremltools.convert``: ``torchdkm.finalize(model)``, then this, then trace and
+    convert (iOS16+ target). ``torchdkm.save`` leaves these buffers out of the artifact."""
+    check_layers(model)
     for _, module, fin in finalized_layers(model):
         rank = module.weight.dim()
         lut = fin.lut.detach().float()

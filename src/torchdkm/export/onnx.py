@@ -16,10 +16,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..compact_mode import compact
-from ..errors import ConfigError, TorchDKMError
-from ..layers import dkm_parametrization
-from ..serialization import write_atomic
+from .._fileio import write_atomic
+from ..compact import compact
+from ..errors import ConfigError, MissingDependencyError
+from ..parametrization import require_plain
 
 MIN_OPSET = 18  # BitwiseAnd
 
@@ -37,12 +37,10 @@ def export_onnx(model: nn.Module, example_inputs, path, *, opset_version: int = 
     try:
         import onnx
     except ImportError:
-        raise TorchDKMError("ONNX export needs the onnx package: pip install 'torchdkm[onnx]'") from None
+        raise MissingDependencyError("ONNX export needs the onnx package: pip install 'torchdkm[onnx]'") from None
     if opset_version < MIN_OPSET:
         raise ConfigError(f"export_onnx got opset_version={opset_version}: allowed is >= {MIN_OPSET}")
-    for name, module in model.named_modules():
-        if dkm_parametrization(module) is not None:
-            raise ConfigError(f"layer {name!r} is still prepared for DKM: call torchdkm.finalize(model) before export_onnx")
+    require_plain(model, "torchdkm.export_onnx")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     exported = compact(copy.deepcopy(model)).eval()
     buf = io.BytesIO()

@@ -25,12 +25,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..api import finalize, initialize, prepare
+from ..errors import ConfigError
+from ..stats import dkm_layer_stats, weights_and_centroids
 from . import distributed as D
-from .api import finalize, initialize, prepare
 from .build import build_data, build_model, build_optimizer, build_scheduler
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .dkm_stats import dkm_layer_stats, weights_and_centroids
-from .errors import ConfigError
 from .outputs import write_metrics, write_outputs
 from .recipe import Recipe, load_recipe
 

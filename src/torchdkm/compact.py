@@ -11,41 +11,17 @@ Call ``torchdkm.report`` / ``torchdkm.save`` on the dense model, before ``compac
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import ConfigError
-from .layers import dkm_parametrization
-from .lut import finalized_layers, indices_to_weight, weight_to_indices
-from .packing import pack_bits, pad_to_groups, unpack_groups
+from .layers import finalized_record
+from .lut import finalized_layers, weight_to_indices
+from .packing import pack_bits, pad_to_groups
+from .parametrization import LUTWeight, is_compact, require_plain
 
-
-class LUTWeight(nn.Module):
-    """Parametrization: packed indices -> dense weight of ``shape`` = lut[idx], entries past numel dropped.
-
-    The packed indices (the parametrized tensor) are padded to whole packing groups (at most 6 extra bytes,
-    see torchdkm.packing) so that the rebuild is a few plain ops. Buffer ``lut``: k × d in the weight's dtype.
-    """
-
-    def __init__(self, lut: Tensor, bits: int, shape: Sequence[int]):
-        super().__init__()
-        self.register_buffer("lut", lut)
-        self.bits, self.shape = bits, tuple(shape)
-
-    def forward(self, packed: Tensor) -> Tensor:
-        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, lut={tuple(self.lut.shape)}, shape={self.shape}"
-
-
-def is_compact(module: nn.Module) -> bool:
-    """Whether ``module.weight`` is rebuilt from packed indices by :class:`LUTWeight`."""
-    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
-    return plist is not None and any(isinstance(p, LUTWeight) for p in plist)
+__all__ = ["LUTWeight", "compact", "compact_layer", "is_compact"]
 
 
 def compact_layer(module: nn.Module, packed: Tensor, lut: Tensor, bits: int, shape) -> None:
@@ -65,21 +41,19 @@ def compact(model: nn.Module) -> nn.Module:
     Example: a finalized Linear(512, 256) at bits=4 keeps 65,536 bytes of packed indices + a 16 × 1 LUT
     instead of a 524,288-byte float32 weight. Layers already compact are left alone.
     """
-    for name, module in model.named_modules():
-        if dkm_parametrization(module) is not None:
-            raise ConfigError(f"layer {name!r} is still prepared for DKM: call torchdkm.finalize(model) before compact")
+    require_plain(model, "torchdkm.compact")
     layers = finalized_layers(model)
     owners = {id(module.weight): module for _, module, _ in layers}
     # Modules tied to a compressed weight (e.g. an LM head sharing the embedding) must switch too, or
     # they would keep the dense Parameter alive.
     tied = [(m, owners[id(m._parameters["weight"])]) for _, m in model.named_modules()
             if isinstance(m._parameters.get("weight"), nn.Parameter) and id(m._parameters["weight"]) in owners
-            and getattr(m, "_torchdkm", None) is None]
+            and finalized_record(m) is None]
     for name, module, fin in layers:
         w = module.weight
         try:
             idx = weight_to_indices(w, fin.lut, fin.pad)
-        except ValueError as e:
+        except ConfigError as e:
             raise ConfigError(f"layer {name!r}: {e}") from None
         compact_layer(module, pack_bits(idx, fin.bits), fin.lut.to(w.dtype).clone(), fin.bits, w.shape)
         del module._torchdkm  # its record now lives in the parametrization; report() counts dense layers only

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .recipe import DataSpec, ModelSpec, TrainingSpec
 
 
@@ -32,7 +32,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if ":" in spec.name:
         model = _call(resolve_function(spec.name, "model.name"), spec.kwargs, "model")
     else:
-        from .models import build_model as build_builtin
+        from .zoo.models import build_model as build_builtin
 
         try:
             model = build_builtin(spec.name, **spec.kwargs)
@@ -63,7 +63,7 @@ def build_data(spec: DataSpec) -> Tuple[Dataset, Dataset]:
 
 
 def _builtin_data(name: str) -> Callable:
-    from . import data  # imported here: it pulls in numpy/sklearn helpers only when data is needed
+    from .zoo import data  # imported here: it pulls in numpy/sklearn helpers only when data is needed
 
     return {"fashion_mnist": data.load_fashion_mnist, "digits": data.load_digits, "bbc_news": _bbc_news}[name]
 
@@ -75,7 +75,7 @@ def _bbc_news(n_features: int = 4096, test_fraction: float = 0.2, seed: int = 0)
     """
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    from .data import load_bbc_news
+    from .zoo.data import load_bbc_news
 
     x_tr, y_tr, x_te, y_te, _ = load_bbc_news(test_fraction=test_fraction, seed=seed)
     vec = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False, norm=None,
@@ -116,5 +116,11 @@ def build_scheduler(opt: torch.optim.Optimizer, t: TrainingSpec, total_steps: in
     """Stepped once per optimizer step: constant, or cosine from lr to 0 over the phase."""
     if t.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return cosine_schedule(opt, total_steps)
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate times 0.5 (1 + cos(pi step / total_steps)): from lr down to 0 over ``total_steps``
+    optimizer steps (stepped once per step), then held at 0."""
     total = max(total_steps, 1)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))

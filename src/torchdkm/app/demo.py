@@ -10,7 +10,6 @@ Without the Fashion-MNIST package it says how to install it and falls back to sc
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from pathlib import Path
@@ -19,9 +18,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .api import finalize, prepare
-from .config import DKMConfig
-from .report import report
+from .._fileio import write_atomic, write_text_atomic
+from ..api import finalize, prepare
+from ..config import DKMConfig
+from ..report import report
+from ..serialization import save
+from .build import cosine_schedule
+from .plots import pyplot, save_png
 
 BUDGETS = (("2 bits/weight", 2, 1), ("1 bit/weight", 4, 4))
 
@@ -34,8 +37,8 @@ def _cache_dir(cache_dir) -> Path:
 
 def _data(train_subset, test_subset, log):
     """(name, x, y, xt, yt, build_model)."""
-    from . import data
-    from .models import MLP, ResNetSmall
+    from .zoo import data
+    from .zoo.models import MLP, ResNetSmall
 
     try:
         tr, te = data.load_fashion_mnist()
@@ -64,7 +67,7 @@ def _train(model, x, y, steps, lr, desc, progress, onecycle=False, batch=128, se
     if onecycle:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        sched = cosine_schedule(opt, steps)
     g = torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(total=steps, desc=desc, disable=not progress, mininterval=1.0)
@@ -122,8 +125,7 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, *, fp32_steps: Opti
         t = time.perf_counter()
         _train(base, x, y, fp32_steps, 3e-3, "fp32 training", progress, onecycle=True)
         fp32_s = time.perf_counter() - t
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(base.state_dict(), ckpt)
+        write_atomic(ckpt, lambda f: torch.save(base.state_dict(), f))
     fp32_rep = report(base, print_table=False)
     rows = [dict(model="fp32", bits_per_weight=32.0, kib=fp32_rep.fp32_bytes / 1024, factor=1.0,
                  top1=_accuracy(base, xt, yt), seconds=fp32_s)]
@@ -142,21 +144,12 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, *, fp32_steps: Opti
 
     table = _table(rows)
     log("\n" + table)
-    (out / "table.md").write_text(f"# torchdkm demo: {name}\n\n{table}\n")
+    write_text_atomic(out / "table.md", f"# torchdkm demo: {name}\n\n{table}\n")
     _plot(rows, out / "accuracy_vs_size.png", name)
     model, label = last
-    try:
-        from .serialization import save
-    except ImportError:
-        save = None
-    if save is not None:
-        path = out / "model_1bit.safetensors"
-        save(model, path)
-        log(f"wrote the {label} model as a torchdkm artifact: {path} ({path.stat().st_size / 1024:.1f} KiB on disk)")
-    else:
-        path = out / "model_1bit.pt"
-        torch.save(model.state_dict(), path)
-        log(f"wrote the {label} model's state_dict (this torchdkm has no artifact support): {path}")
+    path = out / "model_1bit.safetensors"
+    save(model, path)
+    log(f"wrote the {label} model as a torchdkm artifact: {path} ({path.stat().st_size / 1024:.1f} KiB on disk)")
     log(f"wrote {out / 'table.md'} and {out / 'accuracy_vs_size.png'}; total {time.perf_counter() - t_start:.0f} s")
     return rows
 
@@ -170,13 +163,9 @@ def _table(rows) -> str:
 
 
 def _plot(rows, path, title) -> None:
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["kib"] for r in rows[1:]], [100 * r["top1"] for r in rows[1:]], "o-", label="DKM (torchdkm)")
     ax.axhline(100 * rows[0]["top1"], color="k", ls="--", lw=1, label=f"fp32 ({rows[0]['kib']:.0f} KiB)")
@@ -188,5 +177,5 @@ def _plot(rows, path, title) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .functional import attention, nearest_centroid, to_vectors
-from .layers import dkm_parametrization, original_weight
+from .parametrization import dkm_parametrization, original_weight
 
 
 @torch.no_grad()

@@ -5,10 +5,11 @@ import io
 import math
 from typing import Dict, List, Optional
 
-from .checkpoint import atomic_write
+from .._fileio import write_atomic
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -19,16 +20,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> None:
+def save_png(fig, path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    write_atomic(path, lambda f: f.write(buf.getvalue()))
 
 
 def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = None) -> bool:
     """Train loss and test accuracy per epoch, the fp32 and DKM phases in two colours, and the accuracy right
     after the k-means initialisation (before any DKM step). False without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not metrics:
         return False
     from matplotlib.ticker import MaxNLocator
@@ -52,7 +54,7 @@ def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = No
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True
 
@@ -60,7 +62,7 @@ def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = No
 def plot_histograms(layers: Dict[str, dict], path, max_layers: int = 12) -> bool:
     """One panel per compressed layer (the largest ``max_layers``): histogram of the trained weights before
     the final snap, with the centroid values marked (for d > 1, every coordinate of every centroid)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not layers:
         return False
     names = sorted(layers, key=lambda n: -layers[n]["weights"].numel())[:max_layers]
@@ -79,6 +81,6 @@ def plot_histograms(layers: Dict[str, dict], path, max_layers: int = 12) -> bool
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle("trained weights before the final snap (histogram) and centroids (red)", fontsize=10)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True

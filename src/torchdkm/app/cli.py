@@ -12,11 +12,11 @@ import json
 import os
 import sys
 
-from .errors import TorchDKMError
+from ..errors import TorchDKMError
 
 
 def _compress(args) -> int:
-    from .compress import compress
+    from .job import compress
 
     try:
         compress(args.recipe, out_dir=args.out, resume=args.resume)
@@ -26,12 +26,8 @@ def _compress(args) -> int:
 
 
 def _inspect(args) -> int:
-    try:
-        from .serialization import format_inspect, inspect_file
-    except ImportError:
-        print("torchdkm inspect: this installation has no torchdkm.serialization module (artifact support); "
-              "update torchdkm", file=sys.stderr)
-        return 2
+    from ..serialization import format_inspect, inspect_file
+
     info = inspect_file(args.file)
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
     return 0

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -35,8 +37,6 @@ def setup(device: str = "auto") -> Context:
     CPU, nccl on CUDA); pick this process's device. ``device``: auto | cpu | cuda."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("training.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -4,7 +4,7 @@ A recipe has four sections (unknown keys anywhere are an error that names them a
 
     name: digits-mlp                      # optional, shown in the report
     model:
-      name: mlp                           # a torchdkm.models name, or "package.module:function"
+      name: mlp                           # a built-in model name, or "package.module:function"
       kwargs: {hidden: 128}               # passed to the builder
       checkpoint: null                    # optional state_dict file (torch.save) loaded before training
     data:
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .config import DKMConfig
-from .errors import ConfigError
+from ..config import DKMConfig
+from ..errors import ConfigError
 
 DATA_NAMES = ("fashion_mnist", "digits", "bbc_news")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -134,7 +134,7 @@ def parse_recipe(raw, default_name: str = "recipe") -> Recipe:
 
 
 def _parse_model(raw) -> ModelSpec:
-    from .models import MODEL_NAMES
+    from .zoo.models import MODEL_NAMES
 
     _check_mapping("model", raw)
     _check_keys("model", raw, ("name", "kwargs", "checkpoint"), required=("name",))

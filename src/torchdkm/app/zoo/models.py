@@ -1,4 +1,4 @@
-"""Model definitions used by examples, tests and benchmarks (plain PyTorch).
+"""The built-in models of recipes (``model.name``), also used by the demo, tests and benchmarks (plain PyTorch).
 
 Small models target 28x28 single-channel inputs (Fashion-MNIST); ``resnet50``
 and ``mobilenet_v1`` are the standard ImageNet architectures, kept here so that
@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ...errors import ConfigError
 
 __all__ = [
     "BasicBlock",
@@ -252,7 +254,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model name {name!r}; expected one of: {', '.join(MODEL_NAMES)}"
         ) from None
     return factory(**kwargs)

@@ -1,0 +1,139 @@
+"""The two weight parametrizations torchdkm registers (``torch.nn.utils.parametrize``), and the one set of
+helpers that finds them.
+
+:class:`DKMWeight` (training form, from ``prepare``): the optimizer keeps training the original Parameter
+(``module.parametrizations.weight.original``) while reading ``module.weight`` returns the clustered weight.
+The centroids and the init flag are buffers of the parametrization, so ``state_dict`` / ``load_state_dict``
+mid-training resume exactly.
+
+:class:`LUTWeight` (compact inference form, from ``compact``): the parametrized tensor is the packed indices;
+reading ``module.weight`` rebuilds the dense weight from them and the LUT.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+from .config import DKMConfig
+from .errors import ConfigError
+from .functional import auto_tau, compute_dtype, dkm_cluster, from_vectors, hard_cluster, to_vectors
+from .kmeans import kmeans_init
+from .layers import finalized_record
+from .lut import indices_to_weight
+from .packing import unpack_groups
+
+
+class DKMWeight(nn.Module):
+    """Parametrization W -> DKM(W). Train mode: soft DKM with gradients and a warm-started centroid update.
+    Eval mode: hard assignment to the nearest current centroid.
+
+    Buffers: ``centroids`` (k × d, float32/64), ``initialized`` (bool scalar).
+    """
+
+    def __init__(self, config: DKMConfig, weight: Tensor):
+        super().__init__()
+        self.config = config
+        dt = compute_dtype(weight)
+        self.register_buffer("centroids", torch.zeros(config.k, config.dim, dtype=dt, device=weight.device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
+
+    @torch.no_grad()
+    def initialize(self, weight: Tensor) -> None:
+        """k-means on the current weight (done by the first forward if not called before)."""
+        vecs, _ = to_vectors(weight.detach(), self.config.dim)
+        c = kmeans_init(vecs, self.config.k, seed=self.config.seed)
+        self.centroids.copy_(c)
+        self.initialized.fill_(True)
+
+    def tau(self) -> float:
+        cfg = self.config
+        return auto_tau(self.centroids, cfg.tau_scale) if cfg.tau == "auto" else float(cfg.tau)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            self.initialize(weight)
+        vecs, pad = to_vectors(weight, self.config.dim)
+        if not self.training:
+            return from_vectors(hard_cluster(vecs, self.centroids), weight.shape, pad)
+        cfg = self.config
+        w_tilde, c = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, chunk_rows=cfg.chunk_rows)
+        with torch.no_grad():
+            self.centroids.copy_(c)  # warm start of the next step
+        return from_vectors(w_tilde, weight.shape, pad)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"bits={c.bits}, dim={c.dim}, tau={c.tau!r}, iters={c.iters}"
+
+
+class LUTWeight(nn.Module):
+    """Parametrization: packed indices -> dense weight of ``shape`` = lut[idx], entries past numel dropped.
+
+    The packed indices (the parametrized tensor) are padded to whole packing groups (at most 6 extra bytes,
+    see torchdkm.packing) so that the rebuild is a few plain ops. Buffer ``lut``: k × d in the weight's dtype.
+    """
+
+    def __init__(self, lut: Tensor, bits: int, shape: Sequence[int]):
+        super().__init__()
+        self.register_buffer("lut", lut)
+        self.bits, self.shape = bits, tuple(shape)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, lut={tuple(self.lut.shape)}, shape={self.shape}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# lookups
+
+
+def weight_parametrizations(module: nn.Module) -> Optional[nn.ModuleList]:
+    """The parametrizations registered on ``module.weight`` (a ParametrizationList), or None."""
+    return getattr(getattr(module, "parametrizations", None), "weight", None)
+
+
+def find_parametrization(module: nn.Module, kind: Type[nn.Module] = DKMWeight) -> Optional[nn.Module]:
+    """The first parametrization of type ``kind`` on ``module.weight``, or None."""
+    plist = weight_parametrizations(module)
+    return None if plist is None else next((p for p in plist if isinstance(p, kind)), None)
+
+
+def dkm_parametrization(module: nn.Module) -> Optional[DKMWeight]:
+    """The DKMWeight on ``module.weight`` (the layer is prepared for DKM), or None."""
+    return find_parametrization(module, DKMWeight)
+
+
+def is_compact(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is rebuilt from packed indices by :class:`LUTWeight`."""
+    return find_parametrization(module, LUTWeight) is not None
+
+
+def original_weight(module: nn.Module) -> Tensor:
+    """The tensor under ``module.weight``'s parametrizations (for DKM: the trained Parameter), or the plain weight."""
+    plist = weight_parametrizations(module)
+    return plist.original if plist is not None else module.weight
+
+
+def layer_spec(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(bits, dim) of a layer prepared for DKM or finalized, or None for any other module."""
+    p = dkm_parametrization(module)
+    if p is not None:
+        return p.config.bits, p.config.dim
+    fin = finalized_record(module)
+    return (fin.bits, fin.dim) if fin is not None else None
+
+
+def require_plain(model: nn.Module, action: str, *, dense: bool = False) -> None:
+    """Raise ConfigError naming the first layer of ``model`` still prepared for DKM (and, with ``dense``, the
+    first in compact mode): ``action`` (what the caller is, e.g. ``"torchdkm.save"``) cannot take it."""
+    for name, module in model.named_modules():
+        if dkm_parametrization(module) is not None:
+            raise ConfigError(f"{action} needs a plain model (or a finalized one), but layer {name!r} is still "
+                              f"prepared for DKM (training form): call torchdkm.finalize(model) first")
+        if dense and is_compact(module):
+            raise ConfigError(f"{action} wants a dense model, but layer {name!r} is in compact mode: call {action} "
+                              f"before torchdkm.compact")

@@ -31,10 +31,10 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
     if not isinstance(config, DKMConfig):
         raise ConfigError(f"prepare's config must be a DKMConfig, got {type(config).__name__}")
     require_plain(model, "torchdkm.prepare")
-    for _, module, cfg in select_layers(model, config, rules):
+    for name, module, cfg in select_layers(model, config, rules):
         # unsafe=True: the safe path evaluates the parametrization once, which would run k-means + a DKM
         # step at prepare time (shape and dtype are preserved by construction).
-        parametrize.register_parametrization(module, "weight", DKMWeight(cfg, module.weight), unsafe=True)
+        parametrize.register_parametrization(module, "weight", DKMWeight(cfg, module.weight, name), unsafe=True)
     return model
 
 

@@ -24,3 +24,8 @@ class MissingDependencyError(TorchDKMError, ImportError):
 
 class DataNotFoundError(TorchDKMError, FileNotFoundError):
     """A dataset's files are not where they were looked for; the message says where and how to install them."""
+
+
+class NonFiniteError(TorchDKMError, FloatingPointError):
+    """A weight, centroid or loss became NaN/inf during training; the message names the layer (and, from the
+    ``torchdkm compress`` job, the step)."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DKMConfig
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .functional import auto_tau, compute_dtype, dkm_cluster, from_vectors, hard_cluster, to_vectors
 from .kmeans import kmeans_init
 from .layers import finalized_record
@@ -29,12 +29,15 @@ class DKMWeight(nn.Module):
     """Parametrization W -> DKM(W). Train mode: soft DKM with gradients and a warm-started centroid update.
     Eval mode: hard assignment to the nearest current centroid.
 
-    Buffers: ``centroids`` (k × d, float32/64), ``initialized`` (bool scalar).
+    Buffers: ``centroids`` (k × d, float32/64), ``initialized`` (bool scalar). ``name`` (the layer's name in
+    the model) only labels errors: a centroid update that would be NaN/inf raises :class:`NonFiniteError`
+    and leaves the centroids at their last finite values.
     """
 
-    def __init__(self, config: DKMConfig, weight: Tensor):
+    def __init__(self, config: DKMConfig, weight: Tensor, name: str = ""):
         super().__init__()
         self.config = config
+        self.name = name
         dt = compute_dtype(weight)
         self.register_buffer("centroids", torch.zeros(config.k, config.dim, dtype=dt, device=weight.device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
@@ -43,6 +46,7 @@ class DKMWeight(nn.Module):
     def initialize(self, weight: Tensor) -> None:
         """k-means on the current weight (done by the first forward if not called before)."""
         vecs, _ = to_vectors(weight.detach(), self.config.dim)
+        self._check_finite(vecs, weight.numel(), "k-means initialisation")
         c = kmeans_init(vecs, self.config.k, seed=self.config.seed)
         self.centroids.copy_(c)
         self.initialized.fill_(True)
@@ -59,13 +63,30 @@ class DKMWeight(nn.Module):
             return from_vectors(hard_cluster(vecs, self.centroids), weight.shape, pad)
         cfg = self.config
         w_tilde, c = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, chunk_rows=cfg.chunk_rows)
+        # A NaN/inf weight gives NaN outputs (and may give NaN centroids, which would then stay NaN for good):
+        # refuse the update and keep the last finite centroids. One sync for both checks.
+        if not bool(torch.isfinite(c).all() & torch.isfinite(vecs).all()):
+            self._check_finite(vecs, weight.numel(), "DKM centroid update")
+            raise NonFiniteError(f"layer {self.name!r}: the DKM centroid update gave {_count_bad(c)} non-finite "
+                                 f"value(s) of {c.numel()} although the weight is finite; the centroids keep their "
+                                 f"last finite values")
         with torch.no_grad():
             self.centroids.copy_(c)  # warm start of the next step
         return from_vectors(w_tilde, weight.shape, pad)
 
+    def _check_finite(self, vecs: Tensor, numel: int, action: str) -> None:
+        if not bool(torch.isfinite(vecs).all()):  # vecs: the weight as N × d vectors (a zero-padded tail)
+            raise NonFiniteError(f"layer {self.name!r}: its weight has {_count_bad(vecs)} non-finite value(s) of "
+                                 f"{numel}, so the {action} is refused; the centroids keep their last finite "
+                                 f"values (a too-high learning rate or a NaN/inf loss usually causes this)")
+
     def extra_repr(self) -> str:
         c = self.config
         return f"bits={c.bits}, dim={c.dim}, tau={c.tau!r}, iters={c.iters}"
+
+
+def _count_bad(t: Tensor) -> int:
+    return int((~torch.isfinite(t.detach())).sum())
 
 
 class LUTWeight(nn.Module):

@@ -1,36 +1,29 @@
 """Turn a recipe's model / data / training sections into objects: model, datasets, optimizer, schedule."""
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-from typing import Callable, Tuple
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ..errors import ConfigError
 from .recipe import DataSpec, ModelSpec, TrainingSpec
+from .userfn import resolve_function
 
 
-def resolve_function(ref: str, where: str) -> Callable:
-    """``"package.module:function"`` -> the function (the current directory is importable, as with python -m)."""
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{where}={ref!r}: cannot import module {module_name!r} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{where}={ref!r}: module {module_name!r} has no function {attr!r}")
-    return fn
+def build_model(spec: ModelSpec, folder: Optional[str] = None, num_labels: Optional[int] = None) -> nn.Module:
+    """The recipe's model, with its checkpoint (a state_dict saved by torch.save) loaded when given.
+    ``num_labels``: the classes in the data (a transformers model's head gets that many outputs)."""
+    if spec.is_transformers:
+        from .hf import load_model
 
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    """The recipe's model, with its checkpoint (a state_dict saved by torch.save) loaded when given."""
-    if ":" in spec.name:
-        model = _call(resolve_function(spec.name, "model.name"), spec.kwargs, "model")
+        model = load_model(spec, folder, num_labels)
+    elif ":" in spec.name:
+        model = _call(resolve_function(spec.name, "model.name", folder), spec.kwargs, "model")
     else:
         from .zoo.models import build_model as build_builtin
 
@@ -41,7 +34,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name={spec.name!r} returned {type(model).__name__}, not an nn.Module")
     if spec.checkpoint:
-        state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+        state = torch.load(_find_file(spec.checkpoint, folder, "model.checkpoint"), map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         try:
@@ -51,20 +44,27 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model
 
 
-def build_data(spec: DataSpec) -> Tuple[Dataset, Dataset]:
-    """(train, test) datasets of (input, label) pairs."""
+def build_data(spec: DataSpec, folder: Optional[str] = None, text: bool = False) -> Tuple[Any, Any]:
+    """(train, test): datasets of (input, label) pairs, or with ``text`` (for a transformers model) texts and
+    labels, each split as ``(texts, labels)`` or a table with ``text`` and ``label`` columns (a dict of lists or a
+    Hugging Face ``datasets.Dataset``)."""
     if ":" in spec.name:
-        out = _call(resolve_function(spec.name, "data.name"), spec.kwargs, "data")
+        out = _call(resolve_function(spec.name, "data.name", folder), spec.kwargs, "data")
     else:
-        out = _call(_builtin_data(spec.name), spec.kwargs, "data")
+        out = _call(_builtin_data(spec.name, text), spec.kwargs, "data")
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ConfigError(f"data.name={spec.name!r} must return (train, test) datasets, got {type(out).__name__}")
     return out[0], out[1]
 
 
-def _builtin_data(name: str) -> Callable:
+def _builtin_data(name: str, text: bool) -> Callable:
     from .zoo import data  # imported here: it pulls in numpy/sklearn helpers only when data is needed
 
+    if text:
+        if name != "bbc_news":
+            raise ConfigError(f"data.name={name!r} is images, but the model is a transformers text model: give "
+                              f"bbc_news or 'package.module:function' returning (train, test) texts and labels")
+        return _bbc_news_text
     return {"fashion_mnist": data.load_fashion_mnist, "digits": data.load_digits, "bbc_news": _bbc_news}[name]
 
 
@@ -89,6 +89,23 @@ def _bbc_news(n_features: int = 4096, test_fraction: float = 0.2, seed: int = 0)
         return TensorDataset(dense, torch.tensor(labels, dtype=torch.long))
 
     return encode(x_tr, y_tr), encode(x_te, y_te)
+
+
+def _bbc_news_text(test_fraction: float = 0.2, seed: int = 0):
+    """BBC News as (texts, labels) per split, for a transformers model (tokenised by the job)."""
+    from .zoo.data import load_bbc_news
+
+    x_tr, y_tr, x_te, y_te, _ = load_bbc_news(test_fraction=test_fraction, seed=seed)
+    return (x_tr, y_tr), (x_te, y_te)
+
+
+def _find_file(path: str, folder: Optional[str], where: str) -> str:
+    """A relative path is looked up in the current directory, then in the recipe's folder."""
+    tries = [Path(path)] + ([Path(folder) / path] if folder and not Path(path).is_absolute() else [])
+    for p in tries:
+        if p.is_file():
+            return str(p)
+    raise ConfigError(f"{where}={path!r}: no such file (looked at {', '.join(str(p.resolve()) for p in tries)})")
 
 
 def _call(fn: Callable, kwargs: dict, section: str):

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..api import finalize, initialize, prepare
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..stats import dkm_layer_stats, weights_and_centroids
 from . import distributed as D
 from .build import build_data, build_model, build_optimizer, build_scheduler
@@ -75,9 +75,15 @@ class Job:
         ckpt = self._check_out_dir()
         D.barrier(self.ctx)  # every rank has checked the folder before rank 0 writes into it
         _seed_everything(self.t.seed)
-        train, test = build_data(self.recipe.data)
+        spec, folder = self.recipe.model, self.recipe.folder
+        train, test = build_data(self.recipe.data, folder, text=spec.is_transformers)
+        num_labels = None
+        if spec.is_transformers:
+            from .hf import text_datasets
+
+            train, test, num_labels = text_datasets(spec, train, test, folder)
         self.train_set, self.test_set = train, test
-        model = build_model(self.recipe.model).to(self.ctx.device)
+        model = build_model(spec, folder, num_labels).to(self.ctx.device)
         if self.t.batch_size % self.ctx.world_size:
             raise ConfigError(f"training.batch_size={self.t.batch_size} is the global batch and must split evenly "
                               f"across {self.ctx.world_size} ranks; give a multiple of {self.ctx.world_size}")
@@ -177,18 +183,28 @@ class Job:
             t_epoch = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
             correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show):
-                x, y = x.to(ctx.device), y.to(ctx.device)
+            for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show)):
+                x, y = _to(x, ctx.device), y.to(ctx.device)
+                where = f"{label} epoch {epoch + 1}, step {step + 1} of {steps}"
                 opt.zero_grad(set_to_none=True)
-                logits = net(x)
+                try:
+                    logits = _logits(net, x)
+                except NonFiniteError as e:  # a DKM layer refused a NaN/inf weight: say when
+                    raise self._non_finite(f"at {where}: {e}") from None
                 loss = F.cross_entropy(logits, y)
+                if not bool(torch.isfinite(loss)):
+                    raise self._non_finite(f"at {where}: the loss is {float(loss.detach())}"
+                                           f"{_first_non_finite(model, ' (first non-finite tensor: {})')}")
                 loss.backward()
                 opt.step()
                 sched.step()
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == y).sum()
+            bad = _first_non_finite(model)  # the last step's update may have broken a weight: never checkpoint it
+            if bad:
+                raise self._non_finite(f"after {label} epoch {epoch + 1} (step {steps}): {bad} is non-finite")
             train_loss = D.mean_over_ranks(float(loss_sum) / steps, ctx)
-            train_acc = D.mean_over_ranks(float(correct) / (steps * x.shape[0]), ctx)
+            train_acc = D.mean_over_ranks(float(correct) / (steps * y.shape[0]), ctx)
             row = {"phase": phase, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_epoch, 3)}
             if ctx.is_main:
@@ -202,6 +218,16 @@ class Job:
                 tqdm.write(_epoch_line(label, epoch + 1, epochs, row))
                 sys.stdout.flush()  # one line per epoch, visible at once when stdout is a log file
             model.train()
+
+    def _non_finite(self, what: str) -> NonFiniteError:
+        """The error that stops a run gone NaN/inf: what, where, and the last good checkpoint (never overwritten)."""
+        if self.saved_at:
+            ckpt = (f"the last good checkpoint {self.ckpt_path} (after {self.saved_at}) is intact and "
+                    f"`torchdkm compress {self.recipe_path} --out {self.out} --resume` continues from it (the same "
+                    f"recipe and data lead to the same step again: to change training.lr, start a new --out folder)")
+        else:
+            ckpt = "no checkpoint was written in this run"
+        return NonFiniteError(f"the run stopped {what}; {ckpt}")
 
     def _save(self, phase, epoch, model, opt, sched) -> None:
         self.summary["elapsed_s"] = self._elapsed()
@@ -221,8 +247,8 @@ class Job:
         model.eval()
         loss, correct, n = 0.0, 0, 0
         for x, y in DataLoader(self.test_set, batch_size=self.t.eval_batch_size):
-            x, y = x.to(self.ctx.device), y.to(self.ctx.device)
-            logits = model(x)
+            x, y = _to(x, self.ctx.device), y.to(self.ctx.device)
+            logits = _logits(model, x)
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
@@ -236,6 +262,26 @@ def compress(recipe_path, out_dir=None, resume: bool = False) -> dict:
     recipe = load_recipe(recipe_path)
     out = out_dir if out_dir is not None else Path("runs") / Path(recipe_path).stem
     return Job(recipe, out, resume, recipe_path=str(recipe_path)).run()
+
+
+def _to(x, device):
+    """A batch input (a tensor, or a dict of tensors for a transformers model) on ``device``."""
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def _logits(model, x):
+    """model(x) or model(**x) for a dict input; a transformers output gives its ``.logits``."""
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _first_non_finite(model: nn.Module, fmt: str = "{}") -> str:
+    """'parameter NAME' / 'DKM centroids of layer NAME' of the first NaN/inf tensor (one pass), or ''."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "DKM centroids" if name.endswith(".centroids") else "parameter"
+            return fmt.format(f"{kind} {name!r}")
+    return ""
 
 
 def _seed_everything(seed: int) -> None:

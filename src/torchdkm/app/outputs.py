@@ -46,7 +46,7 @@ def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: d
         plots.append("weights.png")
     result = {
         "recipe": recipe.name,
-        "model": recipe.model.name,
+        "model": recipe.model.transformers or recipe.model.name,
         "data": recipe.data.name,
         "accuracy": {"fp32": summary.get("acc_fp32"), "kmeans_init": summary.get("acc_kmeans_init"),
                      "final": summary.get("acc_final")},

@@ -31,7 +31,20 @@ A recipe has four sections (unknown keys anywhere are an error that names them a
         "re:.*fc": {bits: 8}              # fields override the global ones above
 
 A custom model function returns an ``nn.Module``; a custom data function returns ``(train, test)`` datasets
-of ``(input, label)`` pairs (the loss is cross-entropy).
+of ``(input, label)`` pairs (the loss is cross-entropy). Its module is found in the recipe's folder, then the
+current directory, then the installed packages.
+
+A Hugging Face model instead of ``model.name`` (loaded offline; see torchdkm.app.hf)::
+
+    model:
+      transformers: path/to/folder        # or a name in the local HF cache, or "package.module:function" -> folder
+      task: sequence-classification       # the one task so far
+      max_length: 128                     # tokens per text (truncated and padded)
+      tokenizer: null                     # null: the model's own
+      num_labels: null                    # null: from the data's labels
+    data:
+      name: bbc_news                      # as text; or "module:function" -> (train, test), each (texts, labels)
+                                          # or a table with 'text' and 'label' columns
 """
 from __future__ import annotations
 
@@ -48,14 +61,24 @@ DATA_NAMES = ("fashion_mnist", "digits", "bbc_news")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+TASKS = ("sequence-classification",)
 _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
+    name: str  # a built-in name, "package.module:function", or "transformers" (then ``transformers`` is set)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None
+    transformers: Optional[str] = None  # a Hugging Face model: local folder, local-cache name or module:function
+    task: str = "sequence-classification"
+    num_labels: Optional[int] = None  # None: from the training labels
+    max_length: int = 128  # tokens per text (truncated and padded to it)
+    tokenizer: Optional[str] = None  # None: the model's own
+
+    @property
+    def is_transformers(self) -> bool:
+        return self.transformers is not None
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,7 @@ class Recipe:
     training: TrainingSpec
     compression: CompressionSpec
     raw: Dict[str, Any]  # the validated mapping as written (stored in checkpoints and reports)
+    folder: Optional[str] = None  # the recipe file's folder: user modules and relative model paths are found there
 
 
 def load_recipe(path) -> Recipe:
@@ -110,13 +134,14 @@ def load_recipe(path) -> Recipe:
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
     try:
-        return parse_recipe(raw, default_name=path.stem)
+        return parse_recipe(raw, default_name=path.stem, folder=str(path.resolve().parent))
     except ConfigError as e:
         raise ConfigError(f"recipe {str(path)!r}: {e}") from None
 
 
-def parse_recipe(raw, default_name: str = "recipe") -> Recipe:
-    """Validate a recipe mapping (as loaded from YAML) into a :class:`Recipe`."""
+def parse_recipe(raw, default_name: str = "recipe", folder: Optional[str] = None) -> Recipe:
+    """Validate a recipe mapping (as loaded from YAML) into a :class:`Recipe`; ``folder``: where the recipe file
+    lies (its user modules are importable from there)."""
     _check_mapping("recipe", raw)
     _check_keys("recipe", raw, ("name", "model", "data", "training", "compression"),
                 required=("model", "data"))
@@ -130,6 +155,7 @@ def parse_recipe(raw, default_name: str = "recipe") -> Recipe:
         training=_parse_training(raw.get("training") or {}),
         compression=_parse_compression(raw.get("compression") or {}),
         raw=raw,
+        folder=folder,
     )
 
 
@@ -137,12 +163,31 @@ def _parse_model(raw) -> ModelSpec:
     from .zoo.models import MODEL_NAMES
 
     _check_mapping("model", raw)
-    _check_keys("model", raw, ("name", "kwargs", "checkpoint"), required=("name",))
-    name = _check_source("model.name", raw["name"], MODEL_NAMES)
     ckpt = raw.get("checkpoint")
     if ckpt is not None and (not isinstance(ckpt, str) or not ckpt):
         raise ConfigError(f"model.checkpoint={ckpt!r} is not allowed: give a file path or null")
-    return ModelSpec(name, _check_kwargs("model.kwargs", raw.get("kwargs")), ckpt)
+    kwargs = _check_kwargs("model.kwargs", raw.get("kwargs"))
+    if "transformers" not in raw:
+        _check_keys("model", raw, ("name", "kwargs", "checkpoint"), required=("name",))
+        return ModelSpec(_check_source("model.name", raw["name"], MODEL_NAMES), kwargs, ckpt)
+    _check_keys("model", raw, ("transformers", "task", "num_labels", "max_length", "tokenizer", "kwargs",
+                               "checkpoint"))
+    src = raw["transformers"]
+    if not isinstance(src, str) or not src:
+        raise ConfigError(f"model.transformers={src!r} is not allowed: give a local model folder, a model name in "
+                          f"the local Hugging Face cache (e.g. org/name), or 'package.module:function' returning a folder")
+    task = raw.get("task", "sequence-classification")
+    _choice("model.task", task, TASKS)
+    num_labels = raw.get("num_labels")
+    if num_labels is not None:
+        _int("model.num_labels", num_labels, 2)
+    max_length = raw.get("max_length", 128)
+    _int("model.max_length", max_length, 1)
+    tok = raw.get("tokenizer")
+    if tok is not None and (not isinstance(tok, str) or not tok):
+        raise ConfigError(f"model.tokenizer={tok!r} is not allowed: give a tokenizer folder or name, or null "
+                          f"(the model's own)")
+    return ModelSpec("transformers", kwargs, ckpt, src, task, num_labels, max_length, tok)
 
 
 def _parse_data(raw) -> DataSpec:

@@ -4,12 +4,14 @@ from importlib.metadata import version as _version
 from .api import finalize, initialize, prepare
 from .compact import compact
 from .config import DKMConfig
+from .distill import distillation_loss
 from .errors import ConfigError, FormatError, TorchDKMError
 from .export import export_onnx
 from .functional import dkm_cluster, dkm_cluster_reference, hard_cluster, nearest_centroid
 from .kmeans import kmeans_init
 from .report import LayerRow, Report, report
 from .serialization import inspect_file, load, save
+from .training import recalibrate_batchnorm, soft_weights, step
 
 __version__ = _version("torchdkm")
 
@@ -25,6 +27,10 @@ __all__ = [
     "save",
     "LayerRow",
     "Report",
+    "distillation_loss",
+    "recalibrate_batchnorm",
+    "soft_weights",
+    "step",
     "dkm_cluster",
     "dkm_cluster_reference",
     "finalize",

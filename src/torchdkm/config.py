@@ -32,7 +32,14 @@ class DKMConfig:
                tau = tau_scale * median_j min_{l != j} ||c_j - c_l||^2 over the layer's current centroids,
                recomputed every step, so one setting fits layers of any weight scale.
                A positive float is used as is.
-    tau_scale: the factor of the ``"auto"`` rule.
+    tau_scale: the factor of the ``"auto"`` rule (with a schedule: its value at the start).
+    tau_scale_end: with ``anneal_steps`` > 0, tau_scale moves to this value along a half cosine over the first
+               ``anneal_steps`` calls of ``torchdkm.step(model)`` and stays there (soft to hard).
+    anneal_steps: length of that schedule in training steps (0: tau_scale is constant).
+    hard_forward: train with the hard-assigned weights C[nearest] in the forward pass (what ``finalize``
+               ships, so training, evaluation and the shipped model agree), while gradients flow through
+               the soft DKM output A·C (straight-through from soft to hard; Agustsson et al. 2017).
+               False: the network computes with A·C itself, as in the DKM paper.
     iters:     maximum k-means iterations per forward pass (warm-started from the last step).
     eps:       stop early when max|C_new - C| <= eps (0 runs exactly ``iters`` iterations).
     min_numel: layers with fewer weights are left alone unless a rule names them.
@@ -44,6 +51,9 @@ class DKMConfig:
     dim: int = 1
     tau: TauSpec = "auto"
     tau_scale: float = 0.05
+    tau_scale_end: Optional[float] = None
+    anneal_steps: int = 0
+    hard_forward: bool = False
     iters: int = 3
     eps: float = 1e-5
     min_numel: int = 4096
@@ -65,12 +75,29 @@ class DKMConfig:
             raise ConfigError(f"DKMConfig.tau={self.tau!r} is not allowed: give a finite float > 0 or 'auto'")
         if not _is_number(self.tau_scale) or not (self.tau_scale > 0 and math.isfinite(self.tau_scale)):
             raise ConfigError(f"DKMConfig.tau_scale={self.tau_scale!r} is not allowed: give a finite float > 0")
+        _check_int("anneal_steps", self.anneal_steps, 0, None)
+        if self.tau_scale_end is not None and not (
+                _is_number(self.tau_scale_end) and self.tau_scale_end > 0 and math.isfinite(self.tau_scale_end)):
+            raise ConfigError(f"DKMConfig.tau_scale_end={self.tau_scale_end!r} is not allowed: give a finite float > 0 "
+                              f"or None")
+        if self.anneal_steps and self.tau_scale_end is None:
+            raise ConfigError(f"DKMConfig.anneal_steps={self.anneal_steps} needs tau_scale_end (the value to anneal "
+                              f"tau_scale to); give tau_scale_end or anneal_steps=0")
+        if not isinstance(self.hard_forward, bool):
+            raise ConfigError(f"DKMConfig.hard_forward={self.hard_forward!r} is not allowed: give True or False")
         if not _is_number(self.eps) or not (self.eps >= 0 and math.isfinite(self.eps)):
             raise ConfigError(f"DKMConfig.eps={self.eps!r} is not allowed: give a finite float >= 0")
 
     @property
     def k(self) -> int:
         return 2 ** self.bits
+
+    def tau_scale_at(self, step: int) -> float:
+        """The tau_scale of training step ``step`` (0-based) under the schedule."""
+        if not self.anneal_steps or self.tau_scale_end is None:
+            return self.tau_scale
+        f = min(1.0, step / self.anneal_steps)
+        return self.tau_scale_end + (self.tau_scale - self.tau_scale_end) * 0.5 * (1.0 + math.cos(math.pi * f))
 
     def replace(self, **changes) -> "DKMConfig":
         """A copy with some fields changed (validated again)."""

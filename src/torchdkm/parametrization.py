@@ -26,10 +26,13 @@ from .packing import unpack_groups
 
 
 class DKMWeight(nn.Module):
-    """Parametrization W -> DKM(W). Train mode: soft DKM with gradients and a warm-started centroid update.
-    Eval mode: hard assignment to the nearest current centroid.
+    """Parametrization W -> DKM(W). Train mode: soft DKM with gradients and a warm-started centroid update
+    (with ``config.hard_forward`` the value is the hard assignment and the gradient the soft one's).
+    Eval mode: hard assignment to the nearest current centroid (``soft_eval = True``: the soft DKM output with
+    the current centroids, no update; for diagnostics, see torchdkm.training.soft_weights).
 
-    Buffers: ``centroids`` (k × d, float32/64), ``initialized`` (bool scalar). ``name`` (the layer's name in
+    Buffers: ``centroids`` (k × d, float32/64), ``initialized`` (bool scalar), ``step`` (int64 scalar: the
+    training steps counted by ``torchdkm.step``, which drive the temperature schedule). ``name`` (the layer's name in
     the model) only labels errors: a centroid update that would be NaN/inf raises :class:`NonFiniteError`
     and leaves the centroids at their last finite values.
     """
@@ -41,6 +44,13 @@ class DKMWeight(nn.Module):
         dt = compute_dtype(weight)
         self.register_buffer("centroids", torch.zeros(config.k, config.dim, dtype=dt, device=weight.device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=weight.device))
+        self.soft_eval = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the schedule existed have no step counter: they resume at step 0.
+        state_dict.setdefault(prefix + "step", torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def initialize(self, weight: Tensor) -> None:
@@ -52,12 +62,23 @@ class DKMWeight(nn.Module):
         self.initialized.fill_(True)
 
     def tau(self) -> float:
+        """The temperature of the next forward: absolute, or tau_scale (at this step of the schedule) times the
+        median squared nearest-centroid distance."""
         cfg = self.config
-        return auto_tau(self.centroids, cfg.tau_scale) if cfg.tau == "auto" else float(cfg.tau)
+        return auto_tau(self.centroids, cfg.tau_scale_at(int(self.step))) if cfg.tau == "auto" else float(cfg.tau)
+
+    def soft(self, weight: Tensor) -> Tensor:
+        """The soft DKM output A·C for the current centroids, without updating them (diagnostics)."""
+        cfg = self.config
+        vecs, pad = to_vectors(weight, cfg.dim)
+        w_tilde, _ = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, chunk_rows=cfg.chunk_rows)
+        return from_vectors(w_tilde, weight.shape, pad)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not bool(self.initialized):
             self.initialize(weight)
+        if not self.training and self.soft_eval:
+            return self.soft(weight)
         vecs, pad = to_vectors(weight, self.config.dim)
         if not self.training:
             return from_vectors(hard_cluster(vecs, self.centroids), weight.shape, pad)
@@ -72,6 +93,8 @@ class DKMWeight(nn.Module):
                                  f"last finite values")
         with torch.no_grad():
             self.centroids.copy_(c)  # warm start of the next step
+        if cfg.hard_forward:  # value: the shipped weight; gradient: the soft one's
+            w_tilde = w_tilde + (hard_cluster(vecs.detach(), self.centroids) - w_tilde).detach()
         return from_vectors(w_tilde, weight.shape, pad)
 
     def _check_finite(self, vecs: Tensor, numel: int, action: str) -> None:
@@ -82,7 +105,8 @@ class DKMWeight(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"bits={c.bits}, dim={c.dim}, tau={c.tau!r}, iters={c.iters}"
+        sched = f", tau_scale {c.tau_scale}->{c.tau_scale_end} over {c.anneal_steps} steps" if c.anneal_steps else ""
+        return f"bits={c.bits}, dim={c.dim}, tau={c.tau!r}, iters={c.iters}{sched}, hard_forward={c.hard_forward}"
 
 
 def _count_bad(t: Tensor) -> int:

@@ -2,6 +2,9 @@
 
 - ``entropy``: mean over weights of the attention entropy, divided by log k (0 = every weight sits on one
   centroid, 1 = spread uniformly over all k). It falls during DKM training as weights settle on centroids.
+- ``gap``: the soft-to-hard weight gap ||A·C - C[nearest]|| / ||W|| (one DKM forward without gradient, current
+  centroids, no update): how far the weights the network trains with are from the ones it is shipped with.
+  Near 0 the run is in the hard regime; large values mean the hard model will differ from the trained one.
 - ``used``: centroids that are the nearest one of at least one weight (out of ``k``); a low count means
   wasted index bits.
 
@@ -22,7 +25,8 @@ from .parametrization import dkm_parametrization, original_weight
 
 @torch.no_grad()
 def dkm_layer_stats(model: nn.Module, max_rows: int = 16384) -> Dict[str, dict]:
-    """{layer name: {"entropy", "used", "k", "tau"}} for every prepared, initialised layer."""
+    """{layer name: {"entropy", "gap", "used", "k", "tau", "tau_scale", "step"}} for every prepared, initialised
+    layer."""
     out = {}
     for name, module in model.named_modules():
         p = dkm_parametrization(module)
@@ -34,8 +38,13 @@ def dkm_layer_stats(model: nn.Module, max_rows: int = 16384) -> Dict[str, dict]:
         step = max(1, vecs.shape[0] // max_rows)
         a = attention(vecs[::step], c, p.tau())
         ent = -(a * a.clamp_min(1e-30).log()).sum(1).mean().item() / math.log(k)
-        used = int(torch.bincount(nearest_centroid(vecs, c), minlength=k).gt(0).sum())
-        out[name] = {"entropy": round(ent, 5), "used": used, "k": k, "tau": float(p.tau())}
+        idx = nearest_centroid(vecs, c)
+        used = int(torch.bincount(idx, minlength=k).gt(0).sum())
+        w = original_weight(module).detach()
+        soft, _ = to_vectors(p.soft(w).to(c.dtype), p.config.dim)
+        gap = float((soft - c[idx]).norm() / vecs.norm().clamp_min(1e-30))
+        out[name] = {"entropy": round(ent, 5), "gap": round(gap, 6), "used": used, "k": k, "tau": float(p.tau()),
+                     "tau_scale": p.config.tau_scale_at(int(p.step)), "step": int(p.step)}
     return out
 
 

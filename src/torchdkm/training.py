@@ -1,0 +1,92 @@
+"""Helpers for the user's training loop: the schedule step, soft-weight evaluation, BatchNorm re-estimation.
+
+    torchdkm.prepare(model, DKMConfig(bits=2, tau_scale=0.5, tau_scale_end=0.02, anneal_steps=len(loader)))
+    for x, y in loader:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        torchdkm.step(model)                       # the one extra line: advances the temperature schedule
+    torchdkm.recalibrate_batchnorm(model, (x for x, _ in calib_loader))   # BN statistics of the hard weights
+    torchdkm.finalize(model)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .parametrization import DKMWeight, dkm_parametrization
+
+
+def _dkm_layers(model: nn.Module) -> Iterator[DKMWeight]:
+    for module in model.modules():
+        p = dkm_parametrization(module)
+        if p is not None:
+            yield p
+
+
+@torch.no_grad()
+def step(model: nn.Module) -> None:
+    """Count one training step on every prepared layer (call it after ``optimizer.step()``). The count lives
+    in each layer's ``step`` buffer, so it is saved and resumed with the model's ``state_dict``."""
+    for p in _dkm_layers(model):
+        p.step.add_(1)
+
+
+@contextlib.contextmanager
+def soft_weights(model: nn.Module):
+    """Within the block, eval-mode forwards of prepared layers compute with the soft DKM weights A·C (the
+    current centroids, no update) instead of the hard ones: compare accuracies to see the soft-to-hard gap."""
+    layers = list(_dkm_layers(model))
+    for p in layers:
+        p.soft_eval = True
+    try:
+        yield model
+    finally:
+        for p in layers:
+            p.soft_eval = False
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, inputs: Iterable, forward: Optional[Callable] = None,
+                          max_batches: Optional[int] = None) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``inputs`` with the weights the model is evaluated
+    with (hard assignment for prepared layers), as a cumulative average over the batches. Training with soft
+    weights leaves statistics of the soft network; the shipped one is hard. Returns the number of batches.
+
+    ``forward(model, batch)`` runs one batch (default ``model(batch)``). The model's train/eval modes are
+    restored; its weights and centroids are not touched.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    saved = [(bn.momentum, bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    forward = forward or (lambda m, b: m(b))
+    n = 0
+    try:
+        model.eval()  # prepared layers compute their hard weights, as shipped
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average over the batches
+            bn.train()
+        for batch in inputs:
+            if max_batches is not None and n >= max_batches:
+                break
+            forward(model, batch)
+            n += 1
+        if n == 0:
+            raise ConfigError("recalibrate_batchnorm got no input batch: give an iterable of at least one batch")
+    except BaseException:
+        for bn, (mom, mean, var) in zip(bns, saved):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.momentum = mom
+        raise
+    finally:
+        for m, was in modes.items():
+            m.train(was)
+    for bn, (mom, _, _) in zip(bns, saved):
+        bn.momentum = mom
+    return n

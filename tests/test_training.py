@@ -1,0 +1,125 @@
+"""The training-loop helpers: temperature schedule, hard forward, soft-weight evaluation, BatchNorm re-estimation,
+soft-to-hard diagnostics."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torchdkm
+from torchdkm import ConfigError, DKMConfig
+from torchdkm.functional import auto_tau, dkm_cluster, hard_cluster, to_vectors
+from torchdkm.parametrization import dkm_parametrization
+from torchdkm.stats import dkm_layer_stats
+
+
+def _mlp(seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)] if bn else \
+        [nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)]
+    return nn.Sequential(*layers)
+
+
+def test_schedule_is_a_half_cosine_from_start_to_end_then_flat():
+    cfg = DKMConfig(tau_scale=0.5, tau_scale_end=0.02, anneal_steps=100)
+    assert cfg.tau_scale_at(0) == pytest.approx(0.5)
+    assert cfg.tau_scale_at(50) == pytest.approx(0.26)
+    assert cfg.tau_scale_at(25) == pytest.approx(0.02 + 0.48 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert cfg.tau_scale_at(100) == pytest.approx(0.02) and cfg.tau_scale_at(10_000) == pytest.approx(0.02)
+    assert DKMConfig(tau_scale=0.3).tau_scale_at(77) == 0.3
+
+
+@pytest.mark.parametrize("kw, match", [(dict(anneal_steps=10), "tau_scale_end"), (dict(tau_scale_end=0.0), "tau_scale_end"),
+                                       (dict(anneal_steps=-1, tau_scale_end=0.1), "anneal_steps"),
+                                       (dict(hard_forward=1), "hard_forward")])
+def test_schedule_config_errors_say_what_is_allowed(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DKMConfig(**kw)
+
+
+def test_step_drives_the_layer_temperature_and_resumes_from_state_dict():
+    cfg = DKMConfig(bits=2, min_numel=0, tau_scale=0.5, tau_scale_end=0.05, anneal_steps=4)
+    net = torchdkm.initialize(torchdkm.prepare(_mlp(), cfg))
+    p = dkm_parametrization(net[0])
+    taus = []
+    for _ in range(6):
+        taus.append(p.tau())
+        torchdkm.step(net)
+    assert int(p.step) == 6
+    scale = [cfg.tau_scale_at(s) for s in range(6)]
+    want = [auto_tau(p.centroids, s) for s in scale]
+    assert taus == pytest.approx(want) and taus[0] > taus[2] > taus[4] == pytest.approx(taus[5])
+    other = torchdkm.prepare(_mlp(1), cfg)
+    other.load_state_dict(net.state_dict())
+    assert int(dkm_parametrization(other[0]).step) == 6
+    old = {k: v for k, v in net.state_dict().items() if not k.endswith(".step")}  # before the counter existed
+    fresh = torchdkm.prepare(_mlp(1), cfg)
+    fresh.load_state_dict(old)
+    assert int(dkm_parametrization(fresh[0]).step) == 0
+
+
+def test_hard_forward_trains_with_the_shipped_weights_and_the_soft_gradient():
+    x = torch.randn(16, 8)
+    grads, outs = {}, {}
+    for hard in (False, True):
+        net = torchdkm.initialize(torchdkm.prepare(_mlp(), DKMConfig(bits=2, min_numel=0, tau_scale=0.5,
+                                                                      hard_forward=hard)))
+        net.train()
+        y = net(x)
+        y.square().sum().backward()
+        grads[hard] = net[0].parametrizations.weight.original.grad.clone()
+        outs[hard] = y.detach()
+        w_train = net[0].weight.detach().clone()  # train-mode value, after this step's centroid update
+        net.eval()
+        w_eval = net[0].weight.detach()
+        if hard:
+            # trained and evaluated weights are the same (up to the rounding of a + (b - a))
+            assert torch.allclose(w_train, w_eval, rtol=0, atol=1e-6)
+        else:
+            assert not torch.allclose(w_train, w_eval, atol=1e-4)  # soft at this temperature
+    assert not torch.allclose(outs[False], outs[True])
+    # the gradient reaching the weight is the soft DKM one: nonzero for weights inside clusters too
+    assert (grads[True] != 0).float().mean() > 0.9
+
+
+def test_soft_weights_evaluates_the_soft_network_without_updating_centroids():
+    net = torchdkm.initialize(torchdkm.prepare(_mlp(), DKMConfig(bits=2, min_numel=0, tau_scale=0.5)))
+    net.eval()
+    p = dkm_parametrization(net[0])
+    c0 = p.centroids.clone()
+    w = net[0].parametrizations.weight.original.detach()
+    hard = net[0].weight.detach().clone()
+    with torchdkm.soft_weights(net):
+        soft = net[0].weight.detach().clone()
+    vecs, _ = to_vectors(w, 1)
+    want, _ = dkm_cluster(vecs, c0, p.tau(), p.config.iters, p.config.eps)
+    assert torch.allclose(soft, want.view_as(w)) and torch.equal(p.centroids, c0)
+    assert torch.equal(net[0].weight, hard) and not torch.allclose(soft, hard)  # context left: hard again
+    assert torch.equal(hard.reshape(-1, 1), hard_cluster(vecs, c0))
+
+
+def test_gap_statistic_tracks_the_temperature():
+    gaps = {}
+    for scale in (0.005, 0.5):
+        net = torchdkm.initialize(torchdkm.prepare(_mlp(), DKMConfig(bits=2, min_numel=0, tau_scale=scale)))
+        gaps[scale] = dkm_layer_stats(net)["0"]["gap"]
+    assert gaps[0.005] < 1e-3 < 0.05 < gaps[0.5]
+
+
+def test_recalibrate_batchnorm_gives_the_statistics_of_the_hard_network():
+    torch.manual_seed(0)
+    net = torchdkm.initialize(torchdkm.prepare(_mlp(bn=True), DKMConfig(bits=1, min_numel=0, tau_scale=0.5)))
+    net.train()
+    batches = [torch.randn(64, 8) for _ in range(3)]
+    for b in batches:  # training forwards leave statistics of the soft weights (momentum 0.1)
+        net(b)
+    bn = net[1]
+    n = torchdkm.recalibrate_batchnorm(net, batches)
+    assert n == 3 and net.training and bn.momentum == 0.1
+    net.eval()
+    h = torch.cat([net[0](b) for b in batches])  # hard weights in eval mode
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, torch.stack([net[0](b).var(0) for b in batches]).mean(0), rtol=1e-4)
+    with pytest.raises(ConfigError, match="no input batch"):
+        torchdkm.recalibrate_batchnorm(net, [])
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)  # a failed call leaves the statistics alone

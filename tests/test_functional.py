@@ -51,16 +51,26 @@ def test_gradients_match_reference_on_realistic_size_float32():
     torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-3 * gb.abs().max().item())
 
 
-def test_early_stop_on_convergence_and_eps_zero_runs_all_iterations():
+@pytest.mark.parametrize("impl", [dkm_cluster, dkm_cluster_reference])
+def test_early_stop_on_convergence_and_eps_zero_runs_all_iterations(impl):
+    """From centroids far from converged: with eps > 0 the loop stops at the first iteration t whose update is
+    <= eps (fewer than the maximum), with eps = 0 it runs exactly the maximum. The iterations a call ran are read
+    off its centroids, against the sequence C_1, C_2, ... of one-iteration calls chained by hand."""
     w, c0 = _problem(200, 1, 4)
-    c_conv = dkm_cluster(w, c0, 0.01, 200)[1]  # converged centroids
-    out_eps = dkm_cluster(w, c_conv, 0.01, 50, eps=1e-9)
-    out_one = dkm_cluster(w, c_conv, 0.01, 1)
-    torch.testing.assert_close(out_eps[1], out_one[1], rtol=0, atol=1e-9)
-    # eps=0 iterates exactly `iters` times: equal to applying one iteration twice
-    two = dkm_cluster(w, c0, 0.3, 2)[1]
-    once = dkm_cluster(w, dkm_cluster(w, c0, 0.3, 1)[1], 0.3, 1)[1]
-    torch.testing.assert_close(two, once)
+    c0 = c0 * 0.2  # collapsed near 0: many iterations before the centroids settle
+    tau, eps, most = 0.05, 1e-4, 60
+    seq = [c0]
+    for _ in range(most):
+        seq.append(impl(w, seq[-1], tau, 1)[1])
+    moves = [(b - a).abs().max().item() for a, b in zip(seq, seq[1:])]
+    stop = next(t for t, m in enumerate(moves, 1) if m <= eps)  # first t with max|C_t - C_{t-1}| <= eps
+    assert 3 <= stop <= most - 10, moves  # a real test: neither the first iteration nor the last
+    early = impl(w, c0, tau, most, eps=eps)[1]
+    torch.testing.assert_close(early, seq[stop], rtol=0, atol=1e-10)
+    assert (early - seq[most]).abs().max() > eps / 10  # ...and not what running on would give
+    full = impl(w, c0, tau, most)[1]  # eps = 0: exactly `most` iterations
+    torch.testing.assert_close(full, seq[most], rtol=0, atol=1e-10)
+    assert (full - seq[stop]).abs().max() > eps / 10
 
 
 def test_tiny_tau_equals_hard_kmeans_lloyd():
@@ -131,7 +141,7 @@ def test_windowed_path_matches_dense_path(k):
     from torchdkm._attention import _Attention
 
     w, c0, tau = _realistic(k=k)
-    assert _Attention(c0, tau, 1e-7)(w.detach()[:4096]).lo is not None  # the window path is really taken
+    assert _Attention(c0, tau, 1e-7)(w.detach()[:4096].t()).lo is not None  # the window path is really taken
     # float64, so that the differences measure the window's approximation, not float32 rounding
     w, c0 = w.detach().double().requires_grad_(), c0.double()
     up = torch.randn(w.shape[0], 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -159,7 +169,63 @@ def test_window_falls_back_to_dense_when_bound_fails():
 
     w, c0, _ = _realistic(k=64)
     big_tau = 10 * float(c0.var())  # soft attention: the neglected mass is not small
-    assert _Attention(c0, big_tau, 1e-7)(w.detach()).lo is None
+    assert _Attention(c0, big_tau, 1e-7)(w.detach().t()).lo is None
     a = dkm_cluster(w, c0, big_tau, 1, window_tol=1e-7)[0]
     b = dkm_cluster(w, c0, big_tau, 1, window_tol=0.0)[0]
     assert torch.equal(a, b)
+
+
+def _grad(out, up, w):
+    return torch.autograd.grad((out[0] * up).sum() + out[1].sum(), w)[0]
+
+
+@pytest.mark.parametrize("d,k", [(1, 16), (3, 8)])
+def test_attention_reuse_and_saving_match_the_reference(d, k):
+    # several chunks, so that kept blocks must line up with their rows; float64 so that any difference is a bug
+    w, c0 = _problem(90, d, k, seed=6)
+    up = torch.randn(90, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref = dkm_cluster_reference(w, c0, 0.4, 3)
+    g_ref = _grad(ref, up, w)
+    for kw in (dict(reuse_bytes=0), dict(), dict(save_attention=True), dict(save_attention=True, reuse_bytes=0)):
+        out = dkm_cluster(w, c0, 0.4, 3, chunk_rows=25, **kw)
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(_grad(out, up, w), g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_with_saved_attention():
+    w, c0 = _problem(24, 2, 4, seed=8)
+    assert torch.autograd.gradcheck(
+        lambda x: dkm_cluster(x, c0, 0.7, 2, chunk_rows=7, save_attention=True), (w,))
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_hard_output_is_the_nearest_centroid_with_the_soft_gradient(d):
+    w, c0 = _problem(80, d, 8, seed=9)
+    up = torch.randn(80, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    soft = dkm_cluster(w, c0, 0.3, 2, chunk_rows=30)
+    hard = dkm_cluster(w, c0, 0.3, 2, chunk_rows=30, hard_output=True)
+    torch.testing.assert_close(hard[1], soft[1], rtol=0, atol=0)
+    assert torch.equal(hard[0], hard_cluster(w.detach(), hard[1]))
+    assert not torch.allclose(hard[0], soft[0])  # a soft temperature: the two values really differ
+    torch.testing.assert_close(_grad(hard, up, w), _grad(soft, up, w), rtol=0, atol=0)
+
+
+def test_relative_early_stop_from_unconverged_centroids_matches_the_reference():
+    from torchdkm.functional import record_iterations, stop_threshold
+
+    w, c0 = _problem(400, 1, 8, seed=10)
+    c0 = c0 + 0.3  # far from converged: the first iterations move the centroids a lot
+    thr = float(stop_threshold(c0, 0.0, 1e-3))
+    spacing = c0[:, 0].sort().values.diff()
+    assert thr == pytest.approx(1e-3 * float(torch.minimum(torch.cat([spacing, spacing[-1:]]),
+                                                           torch.cat([spacing[:1], spacing])).median()))
+    with record_iterations() as log:
+        out = dkm_cluster(w, c0, 0.05, 200, eps_rel=1e-3, chunk_rows=128)
+    assert 10 < log[0] < 200  # stopped early, but not before the centroids settled
+    ref = dkm_cluster_reference(w, c0, 0.05, 200, eps_rel=1e-3)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-12, atol=1e-12)
+    full = dkm_cluster(w, c0, 0.05, log[0] + 1)[1]  # one more iteration moves a centroid by at most the threshold
+    assert float((full - out[1]).abs().max()) <= thr
+    assert float((dkm_cluster(w, c0, 0.05, log[0] - 1)[1] - dkm_cluster(w, c0, 0.05, log[0] - 2)[1]).abs().max()) > thr
+    with pytest.raises(ValueError, match="eps_rel"):
+        dkm_cluster(w, c0, 0.05, 3, eps_rel=-1.0)

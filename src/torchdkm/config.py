@@ -41,7 +41,12 @@ class DKMConfig:
                the soft DKM output A·C (straight-through from soft to hard; Agustsson et al. 2017).
                False: the network computes with A·C itself, as in the DKM paper.
     iters:     maximum k-means iterations per forward pass (warm-started from the last step).
-    eps:       stop early when max|C_new - C| <= eps (0 runs exactly ``iters`` iterations).
+    eps, eps_rel: stop early after an iteration when max|C_new - C| <= max(eps, eps_rel * s), s = the median
+               distance of a centroid to its nearest other centroid at the start of the step. ``eps_rel`` is
+               scale-free (default: no centroid moved 0.1% of the typical spacing); ``eps`` is absolute; both 0
+               run exactly ``iters`` iterations.
+    save_attention: keep the forward's last attention (N × k, up to 64 MiB per layer) until backward, which then
+               recomputes it once less; memory is held between forward and backward (default off).
     min_numel: layers with fewer weights are left alone unless a rule names them.
     seed:      seed of the k-means initialisation.
     chunk_rows: rows per chunk in the memory-lean backward (None = chosen from sizes).
@@ -55,7 +60,9 @@ class DKMConfig:
     anneal_steps: int = 0
     hard_forward: bool = False
     iters: int = 3
-    eps: float = 1e-5
+    eps: float = 0.0
+    eps_rel: float = 1e-3
+    save_attention: bool = False
     min_numel: int = 4096
     seed: int = 0
     chunk_rows: Optional[int] = None
@@ -85,8 +92,12 @@ class DKMConfig:
                               f"tau_scale to); give tau_scale_end or anneal_steps=0")
         if not isinstance(self.hard_forward, bool):
             raise ConfigError(f"DKMConfig.hard_forward={self.hard_forward!r} is not allowed: give True or False")
-        if not _is_number(self.eps) or not (self.eps >= 0 and math.isfinite(self.eps)):
-            raise ConfigError(f"DKMConfig.eps={self.eps!r} is not allowed: give a finite float >= 0")
+        for name in ("eps", "eps_rel"):
+            v = getattr(self, name)
+            if not _is_number(v) or not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"DKMConfig.{name}={v!r} is not allowed: give a finite float >= 0")
+        if not isinstance(self.save_attention, bool):
+            raise ConfigError(f"DKMConfig.save_attention={self.save_attention!r} is not allowed: give True or False")
 
     @property
     def k(self) -> int:

@@ -16,8 +16,9 @@ test reference.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,13 +27,29 @@ from ._attention import _Attention, attention
 from .errors import ConfigError
 
 __all__ = ["attention", "auto_chunk_rows", "auto_tau", "compute_dtype", "dkm_cluster", "dkm_cluster_reference",
-           "from_vectors", "hard_cluster", "nearest_centroid", "to_vectors"]
+           "from_vectors", "hard_cluster", "nearest_centroid", "record_iterations", "stop_threshold",
+           "to_vectors"]
 
 # A cluster whose total attention mass is below this (in units of "weights") counts as empty: it keeps
 # its previous centroid, since dividing by a vanishing mass would blow gradients up.
 EMPTY_MASS = 1e-6
 
 Tau = Union[float, Tensor]
+
+_ITERATION_LOGS: List[List[int]] = []  # lists receiving the iteration count of every dkm_cluster forward
+
+
+@contextlib.contextmanager
+def record_iterations() -> Iterator[List[int]]:
+    """Collect the number of k-means iterations each :func:`dkm_cluster` call runs (profiling aid).
+
+    Example: ``with record_iterations() as log: model(x)`` -> log == [2, 1, 3, ...], one entry per call."""
+    log: List[int] = []
+    _ITERATION_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _ITERATION_LOGS.remove(log)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,60 +79,102 @@ def auto_chunk_rows(n: int, k: int, d: int) -> int:
 # the memory-lean autograd function
 
 
+class _Opts(NamedTuple):
+    tau: float
+    iters: int
+    eps: float
+    eps_rel: float
+    rows: int
+    window_tol: float
+    reuse_bytes: int
+    save_attention: bool
+    hard_output: bool
+
+
+def _transposed(v: Tensor) -> Tensor:
+    """N × d -> d × N (a free view for d = 1, one copy otherwise: see torchdkm._attention)."""
+    return v.t() if v.shape[1] == 1 else v.t().contiguous()
+
+
+def _untransposed(v: Tensor) -> Tensor:
+    return v.t() if v.shape[0] == 1 else v.t().contiguous()
+
+
 class _DKMLean(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w: Tensor, c0: Tensor, tau: float, iters: int, eps: float, rows: int, window_tol: float):
+    def forward(ctx, w: Tensor, c0: Tensor, o: _Opts):
         n, k = w.shape[0], c0.shape[0]
-        single = rows >= n  # one chunk: keep the last attention instead of recomputing it
-        cs, masses = [c0], []
-        blk = None
-        for _ in range(iters):
-            c_prev = cs[-1]
-            att = _Attention(c_prev, tau, window_tol)
+        x = _transposed(w)
+        chunks = list(_row_chunks(n, o.rows))
+        # Keep an iteration's attention blocks (to reuse them for the output, and in backward) when they fit the
+        # budget; with one chunk the block is alive anyway.
+        keep = len(chunks) == 1 or n * k * w.element_size() <= o.reuse_bytes
+        thr = stop_threshold(c0, o.eps, o.eps_rel) if (o.eps > 0 or o.eps_rel > 0) else None
+        cs, masses, blks = [c0], [], None
+        for _ in range(o.iters):
+            c_prev, blks = cs[-1], None  # drop the previous iteration's blocks before making new ones
+            att = _Attention(c_prev, o.tau, o.window_tol)
             mass = torch.zeros(k, dtype=w.dtype, device=w.device)
             moment = torch.zeros_like(c0)
-            for s in _row_chunks(n, rows):
-                blk = att(w[s])
+            kept = []
+            for s in chunks:
+                blk = att(x[:, s])
                 mass += blk.colsum()
-                moment += blk.colsum(w[s])
+                moment += blk.colsum(x[:, s])
+                if keep:
+                    kept.append(blk)
+            blks = kept if keep else None
             c = _update(mass, moment, c_prev)
             cs.append(c)
             masses.append(mass)
-            if eps > 0 and (c - c_prev).abs().max() <= eps:
+            if thr is not None and bool((c - c_prev).abs().amax() <= thr):  # one host sync per iteration
                 break
-        if single:
-            w_tilde = blk.mix(cs[-1])
+        c_last = cs[-1]
+        if o.hard_output:  # value: nearest centroid of C_T; gradient (backward): the soft output's
+            out = c_last[nearest_centroid(w, c_last)]
         else:
-            att = _Attention(cs[-2], tau, window_tol)
-            w_tilde = torch.empty_like(w)
-            for s in _row_chunks(n, rows):
-                w_tilde[s] = att(w[s]).mix(cs[-1])
+            out_t = torch.empty_like(x)
+            att = None if blks is not None else _Attention(cs[-2], o.tau, o.window_tol)
+            for i, s in enumerate(chunks):
+                out_t[:, s] = (blks[i] if blks is not None else att(x[:, s])).mix(c_last)
+            out = _untransposed(out_t)
         ctx.save_for_backward(w, *cs, *masses)
-        ctx.tau, ctx.rows, ctx.iters_run, ctx.window_tol = tau, rows, len(masses), window_tol
-        return w_tilde, cs[-1].clone()
+        ctx.o, ctx.iters_run, ctx.keep = o, len(masses), keep
+        ctx.blocks = blks if o.save_attention else None
+        for log in _ITERATION_LOGS:
+            log.append(len(masses))
+        return out, c_last.clone()
 
     @staticmethod
-    def backward(ctx, g_wt: Optional[Tensor], g_c: Optional[Tensor]):
-        saved = ctx.saved_tensors
-        t_run, tau, rows = ctx.iters_run, ctx.tau, ctx.rows
+    def backward(ctx, g_out: Optional[Tensor], g_c: Optional[Tensor]):
+        saved, o = ctx.saved_tensors, ctx.o
+        t_run = ctx.iters_run
         w, cs, masses = saved[0], saved[1 : t_run + 2], saved[t_run + 2 :]
-        n = w.shape[0]
-        g_w = torch.zeros_like(w)
+        x = _transposed(w)
+        chunks = list(_row_chunks(w.shape[0], o.rows))
+        g_x = torch.zeros_like(x)
         g_c = torch.zeros_like(cs[-1]) if g_c is None else g_c.clone()
+        last, ctx.blocks = ctx.blocks, None  # A_T blocks (from C_{T-1}) saved by forward, or None
 
-        # Output pass: W~ = A_T C_T (A_T from C_{T-1}). Its part of dL/dC_T is a reduction over all
-        # rows, needed before the last iteration's pass, hence a pass of its own.
+        # Output pass: W~ = A_T C_T. Its part of dL/dC_T is a reduction over all rows, needed before the last
+        # iteration's pass; both use A_T, computed once when it fits the budget.
         g_prev = None
-        if g_wt is not None:
+        if g_out is not None:
+            gt = _transposed(g_out)
             c_prev, c_last = cs[-2], cs[-1]
-            att = _Attention(c_prev, tau, ctx.window_tol)
+            att = _Attention(c_prev, o.tau, o.window_tol)
             g_prev = torch.zeros_like(c_prev)
-            for s in _row_chunks(n, rows):
-                blk = att(w[s])
-                g_c += blk.colsum(g_wt[s])
-                g_l = blk.softmax_backward_(blk.rowdot(g_wt[s], c_last))
-                g_w[s] += blk.logit_grad_w(g_l, c_prev)
-                g_prev += blk.logit_grad_c(g_l, w[s], c_prev)
+            fresh = [] if last is None and ctx.keep else None
+            for i, s in enumerate(chunks):
+                blk = last[i] if last is not None else att(x[:, s])
+                if fresh is not None:
+                    fresh.append(blk)
+                g_c += blk.colsum(gt[:, s])
+                g_l = blk.softmax_backward_(blk.rowdot(gt[:, s], c_last))
+                g_x[:, s] += blk.logit_grad_w(g_l, c_prev)
+                g_prev += blk.logit_grad_c(g_l, x[:, s], c_prev)
+            last = last if last is not None else fresh
+            del gt
 
         # Iterations in reverse: C_t = M_t / S_t with M_t = A_t^T W, S_t = A_t^T 1.
         for t in range(t_run, 0, -1):
@@ -127,14 +186,34 @@ class _DKMLean(torch.autograd.Function):
             g_c_prev = torch.where(full[:, None], 0.0, g_c)  # empty clusters pass C_{t-1} through
             if t == t_run and g_prev is not None:
                 g_c_prev += g_prev
-            att = _Attention(c_prev, tau, ctx.window_tol)
-            for s in _row_chunks(n, rows):
-                blk = att(w[s])
-                g_l = blk.softmax_backward_(blk.rowdot(w[s], g_m).add_(blk.cols(g_s)))
-                g_w[s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
-                g_c_prev += blk.logit_grad_c(g_l, w[s], c_prev)
+            att = _Attention(c_prev, o.tau, o.window_tol)
+            reuse = last if t == t_run else None
+            for i, s in enumerate(chunks):
+                blk = reuse[i] if reuse is not None else att(x[:, s])
+                g_l = blk.softmax_backward_(blk.rowdot(x[:, s], g_m, g_s))
+                g_x[:, s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
+                g_c_prev += blk.logit_grad_c(g_l, x[:, s], c_prev)
+            last = reuse = None
             g_c = g_c_prev
-        return g_w, None, None, None, None, None, None
+        return _untransposed(g_x), None, None
+
+
+def stop_threshold(c: Tensor, eps: float, eps_rel: float) -> Tensor:
+    """The early-stop threshold max(eps, eps_rel × s) as a 0-d tensor on c's device, s = the median over
+    centroids of the Euclidean distance to the nearest other centroid (0 when k = 1)."""
+    k = c.shape[0]
+    if k < 2 or eps_rel == 0:
+        return c.new_tensor(eps).reshape(())
+    if c.shape[1] == 1:  # sorted neighbours: O(k log k)
+        v = c[:, 0].sort().values
+        gap = v[1:] - v[:-1]
+        inf = gap.new_full((1,), float("inf"))
+        nn = torch.minimum(torch.cat([gap, inf]), torch.cat([inf, gap]))
+    else:
+        d = torch.cdist(c, c)
+        d.fill_diagonal_(float("inf"))
+        nn = d.amin(1)
+    return (nn.median() * eps_rel).clamp(min=eps)
 
 
 def _check_inputs(w: Tensor, c0: Tensor, tau, iters: int, eps: float):
@@ -157,6 +236,9 @@ def compute_dtype(w: Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+REUSE_BYTES = 64 << 20
+
+
 def dkm_cluster(
     w: Tensor,
     c0: Tensor,
@@ -164,35 +246,57 @@ def dkm_cluster(
     iters: int,
     eps: float = 0.0,
     *,
+    eps_rel: float = 0.0,
     chunk_rows: Optional[int] = None,
     window_tol: float = 1e-7,
+    reuse_bytes: int = REUSE_BYTES,
+    save_attention: bool = False,
+    hard_output: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Differentiable k-means: (W~, C) from w (N × d) and warm-start centroids c0 (k × d, no gradient).
 
     Example: w (1000 × 1), c0 (16 × 1) -> W~ (1000 × 1) clustered weights, C (16 × 1).
     Gradients reach ``w`` through every iteration; half-precision inputs are computed in float32.
-    ``window_tol``: for d = 1, attention is restricted to each weight's nearest few centroids where the
-    left-out mass is provably below this fraction (see torchdkm._attention); 0 forces the dense path.
+
+    * Early stop after iteration t when max|C_t - C_{t-1}| <= max(eps, eps_rel × s), s = the median distance of
+      c0's centroids to their nearest other centroid (:func:`stop_threshold`): ``eps`` is absolute, ``eps_rel``
+      scale-free; both 0 run exactly ``iters`` iterations.
+    * ``window_tol``: for d = 1, attention is restricted to each weight's nearest few centroids where the
+      left-out mass is provably below this fraction (see torchdkm._attention); 0 forces the dense path.
+    * ``reuse_bytes``: an iteration's attention (N × k) is kept, and reused for the output and in backward
+      (the last iteration's attention serves both its pass and the output's), when it takes at most this many
+      bytes; it lives only during this call's forward, and again during its backward. 0: always recompute,
+      extra memory O(N·d) whatever k.
+    * ``save_attention``: also hold the forward's last attention until backward (within ``reuse_bytes``), which
+      then recomputes one attention fewer; the memory is held between forward and backward.
+    * ``hard_output``: the returned W~ is each vector's nearest centroid of C_T (what finalize ships) while the
+      gradient is the soft output's (straight-through from soft to hard); skips the forward's output pass.
     """
     t = _check_inputs(w, c0, tau, iters, eps)
+    if not (eps_rel >= 0 and math.isfinite(eps_rel)):
+        raise ConfigError(f"dkm_cluster got eps_rel={eps_rel!r}: allowed is a finite float >= 0")
     dt = compute_dtype(w)
     wc = w.to(dt)
     c = c0.detach().to(dt, copy=True)  # saved for backward: must not alias the caller's (mutable) buffer
     rows = chunk_rows or auto_chunk_rows(*wc.shape[:1], c.shape[0], wc.shape[1])
-    w_tilde, c = _DKMLean.apply(wc, c, t, iters, float(eps), int(rows), float(window_tol))
+    o = _Opts(t, iters, float(eps), float(eps_rel), int(rows), float(window_tol), int(reuse_bytes),
+              bool(save_attention), bool(hard_output))
+    w_tilde, c = _DKMLean.apply(wc, c, o)
     return w_tilde.to(w.dtype), c
 
 
-def dkm_cluster_reference(w: Tensor, c0: Tensor, tau: Tau, iters: int, eps: float = 0.0) -> Tuple[Tensor, Tensor]:
+def dkm_cluster_reference(w: Tensor, c0: Tensor, tau: Tau, iters: int, eps: float = 0.0, *,
+                          eps_rel: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Direct autograd DKM (stores N × k distances and attention of every iteration). Test reference."""
     t = _check_inputs(w, c0, tau, iters, eps)
     c = c0.detach().to(w.dtype)
+    thr = float(stop_threshold(c, eps, eps_rel))
     a = None
     for _ in range(iters):
         d2 = ((w[:, None, :] - c[None, :, :]) ** 2).sum(-1)
         a = torch.softmax(-d2 / t, dim=1)
         c_new = _update(a.sum(0), a.t() @ w, c)
-        done = eps > 0 and bool((c_new - c).abs().max() <= eps)
+        done = (eps > 0 or eps_rel > 0) and bool((c_new - c).abs().max() <= thr)
         c = c_new
         if done:
             break

@@ -71,7 +71,8 @@ class DKMWeight(nn.Module):
         """The soft DKM output A·C for the current centroids, without updating them (diagnostics)."""
         cfg = self.config
         vecs, pad = to_vectors(weight, cfg.dim)
-        w_tilde, _ = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, chunk_rows=cfg.chunk_rows)
+        w_tilde, _ = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, eps_rel=cfg.eps_rel,
+                                 chunk_rows=cfg.chunk_rows)
         return from_vectors(w_tilde, weight.shape, pad)
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -83,7 +84,10 @@ class DKMWeight(nn.Module):
         if not self.training:
             return from_vectors(hard_cluster(vecs, self.centroids), weight.shape, pad)
         cfg = self.config
-        w_tilde, c = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, chunk_rows=cfg.chunk_rows)
+        # hard_forward: the value is C[nearest] (the shipped weight), the gradient the soft output's
+        w_tilde, c = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, eps_rel=cfg.eps_rel,
+                                 chunk_rows=cfg.chunk_rows, save_attention=cfg.save_attention,
+                                 hard_output=cfg.hard_forward)
         # A NaN/inf weight gives NaN outputs (and may give NaN centroids, which would then stay NaN for good):
         # refuse the update and keep the last finite centroids. One sync for both checks.
         if not bool(torch.isfinite(c).all() & torch.isfinite(vecs).all()):
@@ -93,8 +97,6 @@ class DKMWeight(nn.Module):
                                  f"last finite values")
         with torch.no_grad():
             self.centroids.copy_(c)  # warm start of the next step
-        if cfg.hard_forward:  # value: the shipped weight; gradient: the soft one's
-            w_tilde = w_tilde + (hard_cluster(vecs.detach(), self.centroids) - w_tilde).detach()
         return from_vectors(w_tilde, weight.shape, pad)
 
     def _check_finite(self, vecs: Tensor, numel: int, action: str) -> None:

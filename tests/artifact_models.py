@@ -1,12 +1,14 @@
-"""Small finalized models shared by the artifact / compact / export tests."""
+"""Small finalized models shared by the artifact / compact / export tests, all through the real prepare ->
+finalize (k-means takes about a second per model; each is built once per session and copied)."""
+import copy
+import functools
+
 import torch
 from torch import nn
 
 import torchdkm
 from torchdkm import DKMConfig
 from torchdkm.export.coreml import attach_metadata
-from torchdkm.functional import from_vectors, nearest_centroid, to_vectors
-from torchdkm.layers import FinalizedLayer
 
 
 class SmallCNN(nn.Module):
@@ -59,29 +61,30 @@ LM_SPECS = {"embed": (4, 2), "block.self_attn.out_proj": (3, 1), "block.linear1"
             "proj": (6, 5)}
 
 
-@torch.no_grad()
-def quick_finalize(model, specs, seed=0):
-    """What ``finalize`` leaves (weight = LUT rows, ``_torchdkm`` record), with LUT rows drawn from the weight
-    itself instead of trained: k-means initialisation would dominate these tests' runtime."""
-    g = torch.Generator().manual_seed(seed)
-    for name, (bits, dim) in specs.items():
-        module = model.get_submodule(name)
-        w = module.weight
-        vecs, pad = to_vectors(w, dim)
-        lut = vecs[torch.randint(0, vecs.shape[0], (2**bits,), generator=g)].clone()
-        w.copy_(from_vectors(lut[nearest_centroid(vecs, lut)], w.shape, pad))
-        module._torchdkm = FinalizedLayer(bits, dim, pad, lut)
-    return model.eval()
+def finalize_layers(model, specs, seed=0):
+    """The real ``prepare`` -> ``finalize`` (k-means initialised, no training) of exactly the layers in ``specs``
+    (name: (bits, dim)); every other layer stays as it is."""
+    rules = {name: DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed) for name, (bits, dim) in specs.items()}
+    torchdkm.prepare(model, DKMConfig(min_numel=1 << 62), rules)
+    return torchdkm.finalize(model.eval())
+
+
+@functools.lru_cache(maxsize=None)
+def _finalized(kind, seed):
+    torch.manual_seed(seed)
+    if kind == "cnn":
+        return finalize_layers(randomize_bn(SmallCNN()), CNN_SPECS, seed)
+    return finalize_layers(TinyLM(), LM_SPECS, seed)
 
 
 def finalized_cnn(seed=0):
-    torch.manual_seed(seed)
-    return quick_finalize(randomize_bn(SmallCNN()), CNN_SPECS, seed)
+    """A finalized SmallCNN (a fresh copy each call; k-means runs once per seed and session)."""
+    return copy.deepcopy(_finalized("cnn", seed))
 
 
 def finalized_lm(seed=0):
-    torch.manual_seed(seed)
-    return quick_finalize(TinyLM(), LM_SPECS, seed)
+    """A finalized TinyLM (head tied to the embedding), a fresh copy each call."""
+    return copy.deepcopy(_finalized("lm", seed))
 
 
 def prepared_cnn(coreml=False):

@@ -51,7 +51,8 @@ def test_compress_writes_artifact_report_metrics_and_plots(baseline):
     out, r = baseline
     report = json.loads((out / "report.json").read_text())
     acc = report["accuracy"]
-    assert acc["fp32"] > 0.93 and acc["final"] > 0.93 and acc["kmeans_init"] > 0.5
+    assert acc["fp32"] > 0.93 and acc["kmeans_init"] > 0.5
+    assert acc["final"] >= acc["fp32"] - 0.02  # measured -0.2 points at 2 bits
     assert report["size"]["factor"] > 10
     assert [row["name"] for row in report["size"]["layers"]] == ["net.0", "net.2", "net.4"]
     assert [row["bits"] for row in report["size"]["layers"]] == [2, 2, 4]  # the rule for net.4 applied
@@ -64,7 +65,13 @@ def test_compress_writes_artifact_report_metrics_and_plots(baseline):
     assert dkm["k"] == 4 and 1 <= dkm["used"] <= 4 and 0 <= dkm["entropy"] < 0.5
     for png in ("curves.png", "weights.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "done in" in r.stdout and "13." in r.stdout
+    import re
+
+    done = re.search(r"done in \d+ s: accuracy ([\d.]+)% fp32 -> ([\d.]+)% DKM; [\d.]+ MiB -> [\d.]+ MiB \(([\d.]+)x\)",
+                     r.stdout)
+    assert done, r.stdout[-2000:]  # the summary line repeats the report's numbers
+    assert [float(g) for g in done.groups()] == [round(100 * acc["fp32"], 2), round(100 * acc["final"], 2),
+                                                 round(report["size"]["factor"], 1)]
     assert "it/s" not in r.stderr  # progress bars stay quiet when stdout is not a terminal
     assert not list(out.glob(".*.tmp"))
     # the artifact holds the finalized weights: at most 4 distinct values in a 2-bit layer
@@ -73,6 +80,12 @@ def test_compress_writes_artifact_report_metrics_and_plots(baseline):
 
     model = torchdkm.load(out / "model.safetensors", MLP())
     assert torch.unique(model.net[2].weight).numel() <= 4
+    # ...and it is the model the report's final accuracy was measured on
+    from torchdkm.app.zoo.data import load_digits
+
+    x, y = load_digits(test_fraction=0.25, seed=0)[1].tensors
+    with torch.no_grad():
+        assert (model.eval()(x).argmax(1) == y).float().mean().item() == pytest.approx(acc["final"], abs=1e-6)
 
 
 def test_compress_refuses_to_overwrite_and_explains_resume(baseline, tmp_path, capsys):
@@ -202,7 +215,10 @@ def test_inspect_reads_the_compress_artifact(baseline, capsys):
     out, _ = baseline
     assert main(["inspect", str(out / "model.safetensors"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info and isinstance(info, dict)
+    rows = json.loads((out / "report.json").read_text())["size"]["layers"]
+    # what the artifact stores agrees with what the report counted, layer by layer
+    assert [(lay["module"], lay["bits"], lay["dim"], lay["shape"], 8 * lay["stored_bytes"]) for lay in info["layers"]] \
+        == [(row["name"], row["bits"], row["dim"], row["shape"], row["stored_bits"]) for row in rows]
     assert main(["inspect", str(out / "model.safetensors")]) == 0
     assert "net.2" in capsys.readouterr().out
 

@@ -10,22 +10,28 @@ from torchdkm.export.coreml import attach_metadata, check_layers
 from torchdkm.parametrization import dkm_parametrization
 from torchdkm.serialization import read_artifact
 
-from artifact_models import SmallCNN, finalized_cnn, finalized_lm, prepared_cnn, quick_finalize
+from artifact_models import SmallCNN, finalize_layers, finalized_cnn, finalized_lm, prepared_cnn
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+
+@pytest.fixture
+def onnx():
+    """The ONNX tests need onnx and onnxruntime; the Core ML metadata tests below need neither."""
+    pytest.importorskip("onnxruntime")
+    return pytest.importorskip("onnx")
 
 X_IMG = torch.randn(3, 1, 12, 12, generator=torch.Generator().manual_seed(5))
 X_IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
 def _run_onnx(path, x):
+    import onnxruntime as ort
+
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
 @pytest.mark.parametrize("make, x", [(finalized_cnn, X_IMG), (finalized_lm, X_IDS)])
-def test_onnx_matches_pytorch_and_stays_compressed(tmp_path, make, x):
+def test_onnx_matches_pytorch_and_stays_compressed(tmp_path, make, x, onnx):
     model = make()
     ref = model(x).detach().numpy()
     onnx_path, st_path = tmp_path / "m.onnx", tmp_path / "m.safetensors"
@@ -55,17 +61,17 @@ def test_onnx_matches_pytorch_and_stays_compressed(tmp_path, make, x):
     assert os.path.getsize(onnx_path) <= 1.10 * os.path.getsize(st_path) + 12 * 1024
 
 
-def test_onnx_unpacks_every_bit_width_exactly(tmp_path):
+def test_onnx_unpacks_every_bit_width_exactly(tmp_path, onnx):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(24, 24) for _ in range(8)])
-    quick_finalize(model, {str(b - 1): (b, 1) for b in range(1, 9)})
+    finalize_layers(model, {str(b - 1): (b, 1) for b in range(1, 9)})
     x = torch.randn(4, 24)
     torchdkm.export_onnx(model, x, tmp_path / "m.onnx")
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(_run_onnx(tmp_path / "m.onnx", x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
-def test_onnx_dynamic_batch_and_real_finalize(tmp_path):
+def test_onnx_dynamic_batch_and_real_finalize(tmp_path, onnx):
     model = prepared_cnn()
     path = tmp_path / "m.onnx"
     torchdkm.export_onnx(model, X_IMG, path, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}})
@@ -74,7 +80,7 @@ def test_onnx_dynamic_batch_and_real_finalize(tmp_path):
     np.testing.assert_allclose(_run_onnx(path, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_onnx_export_refuses_prepared_models(tmp_path):
+def test_onnx_export_refuses_prepared_models(tmp_path, onnx):
     model = torchdkm.prepare(SmallCNN(), torchdkm.DKMConfig(bits=2, min_numel=0))
     with pytest.raises(ConfigError, match="finalize"):
         torchdkm.export_onnx(model, X_IMG, tmp_path / "m.onnx")
@@ -118,7 +124,7 @@ def test_coreml_convert_uses_constexpr_lut_to_dense():
 
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     torch.manual_seed(0)
-    model = quick_finalize(SmallCNN(), {"conv": (5, 1), "dw": (2, 1), "pw": (3, 2), "fc": (4, 2)})
+    model = finalize_layers(SmallCNN(), {"conv": (5, 1), "dw": (2, 1), "pw": (3, 2), "fc": (4, 2)})
     attach_metadata(model)
     traced = torch.jit.trace(model, X_IMG)
     mlmodel = ct.convert(traced, inputs=[ct.TensorType(shape=X_IMG.shape)], convert_to="mlprogram",

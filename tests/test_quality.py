@@ -1,4 +1,5 @@
-"""Quality on real data: a small MLP on scikit-learn's digits keeps its accuracy at 2 bits per weight."""
+"""Quality on real data: DKM fine-tuning of a small MLP on scikit-learn's digits recovers, at 0.75 bits per weight,
+the accuracy that post-training k-means loses."""
 import pytest
 import torch
 from torch import nn
@@ -35,25 +36,29 @@ def _accuracy(model, x, y):
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def test_two_bit_dkm_finetune_stays_within_three_points_of_fp32():
+def test_dkm_finetune_recovers_what_kmeans_alone_loses():
+    """8 centroids of 4-d vectors (0.75 bits/weight): k-means alone loses ~30 points here, so a DKM that did
+    nothing (or trained nothing through the clustering) cannot pass; DKM must come back to fp32 - 3 points."""
     torch.manual_seed(0)
     xtr, ytr, xte, yte = _digits()
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     _train(model, xtr, ytr, epochs=30, lr=1e-3)
     fp32 = _accuracy(model, xte, yte)
+    cfg = torchdkm.DKMConfig(bits=3, dim=4, min_numel=0)
 
-    ptq = torchdkm.finalize(torchdkm.prepare(_copy(model), torchdkm.DKMConfig(bits=2, min_numel=0)))
+    ptq = torchdkm.finalize(torchdkm.prepare(_copy(model), cfg))
     ptq_acc = _accuracy(ptq, xte, yte)
 
-    torchdkm.prepare(model, torchdkm.DKMConfig(bits=2, min_numel=0))
+    torchdkm.prepare(model, cfg)
     _train(model, xtr, ytr, epochs=10, lr=1e-3)
     torchdkm.finalize(model)
     dkm = _accuracy(model, xte, yte)
-    print(f"digits MLP: fp32 {fp32:.4f}, 2-bit k-means without fine-tuning {ptq_acc:.4f}, 2-bit DKM {dkm:.4f}")
+    print(f"digits MLP: fp32 {fp32:.4f}, 0.75-bit k-means without fine-tuning {ptq_acc:.4f}, 0.75-bit DKM {dkm:.4f}")
     assert fp32 > 0.95  # the baseline is respectable, or the comparison means nothing
-    # 3 points: 540 test images, so one point is ~5 images; DKM measured ~0.5 points below fp32.
+    assert ptq_acc < fp32 - 0.05  # the setting is hard: k-means alone loses >= 5 points (measured ~30)
+    # 540 test images, one point ~5 images; DKM measured ~0.4 points below fp32
     assert dkm >= fp32 - 0.03
-    assert dkm >= ptq_acc  # fine-tuning through DKM never loses to plain weight sharing
+    assert dkm >= ptq_acc + 0.10  # a clear margin over plain weight sharing
 
 
 def _copy(model):

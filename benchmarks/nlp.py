@@ -16,13 +16,17 @@ embedding (2×384) and the classifier head (5×384) are below min_numel and stay
   (2.33 bits/weight) - overall 11.9x, the DKM paper's DistilBERT factor;
 * ``~21x``  - Linear layers 2^2 (2 bits, 1-d), embeddings 2^4 of 4-d vectors (1 bit).
 
-Methods: fp32; ``dkm`` (torchdkm: the embeddings are clustered once by k-means (prepare + finalize) and frozen,
-every Linear layer is DKM fine-tuned for --steps steps with AdamW lr --lr cosine to 0, batch 16, then finalized;
-DKM on the 30522×384 word embedding would cost as much per step as all Linear layers together - ~5 s of CPU
-per step each on our machine, against ~1.1 s for the fp32 step); ``ptq_kmeans`` (post-training k-means, no fine-tuning); ``coreml_dkm`` (coremltools DKMPalettizer,
-same layers, bits and schedule; opt-in with --with-coreml because on our 2-core machine its k-means init and
-steps are very slow - measured for MiniLM at 4 bits, batch 32 x 64 tokens: ~680 s first step and ~22 s per step).
-Metrics: test accuracy and macro-F1 (445 articles, so one article = 0.22 points).
+Methods: fp32; ``ptq_kmeans`` (post-training k-means of every compressed layer, no fine-tuning). The fine-tuned
+methods treat the embeddings identically: clustered once by torchdkm's k-means (prepare + finalize) and frozen
+(DKM on the 30522×384 word embedding would cost as much per step as all Linear layers together); they differ only
+on the Linear layers, fine-tuned for --steps steps with AdamW lr --lr cosine to 0, batch 16, then finalized:
+``dkm`` (torchdkm DKM) and ``coreml_dkm`` (coremltools DKMPalettizer on exactly those Linear layers, opt-in with
+--with-coreml because on our 2-core machine its k-means init and steps are very slow - measured for MiniLM at
+4 bits, batch 32 x 64 tokens: ~680 s first step and ~22 s per step). coremltools' finalized weights are checked
+(at most 2^bits distinct vectors per layer); a layer it left uncompressed counts at fp32 in its size.
+Sizes: ``MiB`` = the whole model (every parameter and buffer; compressed layers as indices + fp32 LUTs),
+``bits/weight`` = the compressed layers only. Metrics: test accuracy and macro-F1 (445 articles, so one article
+= 0.22 points). Runs of an earlier invocation are kept only with the same settings, code and fp32 model.
 
     python benchmarks/nlp.py            # full (fp32 2 epochs cached, 60 DKM steps per budget)
     python benchmarks/nlp.py --quick    # a few minutes: train/test subsets, short schedules
@@ -48,7 +52,11 @@ from torchdkm import DKMConfig as C  # noqa: E402
 BUDGETS = {
     "11.8x": (C(bits=3, dim=1), C(bits=7, dim=3), "Linear 2^3 (3 bits), embeddings 2^7 of 3-d (2.33 bits)"),
     "~21x": (C(bits=2, dim=1), C(bits=4, dim=4), "Linear 2^2 (2 bits), embeddings 2^4 of 4-d (1 bit)"),
+    # Not in the default list: everything 1-d, so the embeddings' k-means takes seconds (tests use it).
+    "2bit": (C(bits=2, dim=1), C(bits=2, dim=1), "Linear 2^2 (2 bits), embeddings 2^2 (2 bits)"),
 }
+DEFAULT_BUDGETS = ["11.8x", "~21x"]
+SCRIPT = Path(__file__).resolve()
 LABEL = {"fp32": "fp32", "dkm": "DKM (torchdkm)", "ptq_kmeans": "k-means, no fine-tuning",
          "coreml_dkm": "coremltools DKM"}
 
@@ -115,59 +123,56 @@ def load(a):
     return enc(tr_t), torch.tensor(tr_y), enc(te_t), torch.tensor(te_y), classes
 
 
+def _frozen_embeddings(model, glob, emb):
+    """The fine-tuned methods' shared embedding treatment: torchdkm k-means once (prepare + finalize), frozen."""
+    torchdkm.finalize(torchdkm.prepare(model, glob, emb))
+    for n in emb:
+        model.get_submodule(n).weight.requires_grad_(False)
+
+
 def run(method, fp32, budget, data, a, log):
     x, y, xt, yt = data
     model = copy.deepcopy(fp32)
-    cfgs = {n: c.replace(seed=a.seed, tau_scale=a.tau_scale, iters=a.iters) for n, c in layer_configs(model, budget).items()}
-    rules = dict(cfgs)
+    rules = {n: c.replace(seed=a.seed, tau_scale=a.tau_scale, iters=a.iters)
+             for n, c in layer_configs(model, budget).items()}
     glob = C(min_numel=1 << 62)  # only the named layers
-    size_model = torchdkm.prepare(copy.deepcopy(fp32), glob, rules)
-    rep = torchdkm.report(size_model, print_table=False)
-    size = {"mib": rep.compressed_mib, "factor": rep.factor, "fp32_mib": rep.fp32_mib, "layers": len(rep.layers)}
-    del size_model
+    emb = {n: c for n, c in rules.items() if n.endswith("embeddings")}
+    lin = {n: c for n, c in rules.items() if n not in emb}
+    fp32_layers = []
     kw = dict(steps=a.steps, lr=a.lr, batch=16, seed=a.seed, progress=not a.no_progress, desc=f"{method} {budget}")
     t0, c0 = time.perf_counter(), time.process_time()
     if method == "ptq_kmeans":
         torchdkm.finalize(torchdkm.prepare(model, glob, rules))
     elif method == "dkm":
-        emb = {n: c for n, c in rules.items() if n.endswith("embeddings")}
-        lin = {n: c for n, c in rules.items() if n not in emb}
-        torchdkm.finalize(torchdkm.prepare(model, glob, emb))  # embeddings: k-means once, then frozen
-        for n in emb:
-            model.get_submodule(n).weight.requires_grad_(False)
+        _frozen_embeddings(model, glob, emb)
         torchdkm.prepare(model, glob, lin)
         torchdkm.initialize(model)
         log(f"  k-means init {time.perf_counter() - t0:.0f} s")
         common.train(model, x, y, **kw)
         torchdkm.finalize(model)
     elif method == "coreml_dkm":
-        model, pal = _coreml(model, cfgs)
+        _frozen_embeddings(model, glob, emb)
+        (bits, dim), = {(c.bits, c.dim) for c in lin.values()}
+        model, pal = common.coreml_prepare(model, list(lin), bits, dim, palett_tau=a.palett_tau)
         common.train(model, x, y, after_step=pal.step, **kw)
         model = pal.finalize(inplace=True)
+        fp32_layers = sorted(set(lin) - set(common.coreml_palettized(model, list(lin), bits, dim)))
+        if fp32_layers:
+            log(f"  coremltools left {fp32_layers} uncompressed; its size counts them at fp32")
+    else:
+        raise ValueError(f"unknown method {method!r}: allowed are {list(LABEL)[1:]}")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     m = metrics(model, xt, yt)
-    return dict(method=method, budget=budget, wall_s=wall, cpu_s=cpu, **m, **size)
-
-
-def _coreml(model, cfgs):
-    import contextlib
-    import io
-    import logging
-
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        from coremltools.optimize.torch.palettization import (DKMPalettizer, DKMPalettizerConfig,
-                                                              ModuleDKMPalettizerConfig)
-    mc = {n: ModuleDKMPalettizerConfig(n_bits=c.bits, cluster_dim=None if c.dim == 1 else c.dim, weight_threshold=0)
-          for n, c in cfgs.items()}
-    pal = DKMPalettizer(model, DKMPalettizerConfig(module_name_configs=mc))
-    return pal.prepare(inplace=True), pal
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    size = common.clustered_size(fp32, glob, rules, fp32_layers=fp32_layers)
+    return dict(method=method, budget=budget, wall_s=wall, cpu_s=cpu, **m, mib=size["model_kib"] / 1024,
+                fp32_mib=size["fp32_kib"] / 1024, frozen=frozen, **size)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--budgets", nargs="+", default=list(BUDGETS))
+    p.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS, help=f"of {list(BUDGETS)}")
     p.add_argument("--methods", nargs="+", default=["ptq_kmeans", "dkm"])
     p.add_argument("--with-coreml", action="store_true", help="also run coremltools DKMPalettizer (slow)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per article (default 64)")
@@ -176,6 +181,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tau-scale", type=float, default=0.05)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--palett-tau", type=float, default=1e-4, help="coremltools DKMPalettizer temperature")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
@@ -202,13 +208,17 @@ def main(argv=None):
     fp32, info = common.fp32_model(name, lambda: Classifier(minilm_path(), len(classes)), x, y, xt, yt,
                                    epochs=a.fp32_epochs, lr=1e-4, batch=16, seed=0, progress=not a.no_progress)
     base = metrics(fp32, xt, yt)
-    fp32_mib = sum(p.numel() for p in fp32.parameters()) * 4 / 2 ** 20
+    fp32_mib = common.model_size(fp32, {})["model_kib"] / 1024
     print(f"fp32: acc {100 * base['acc']:.2f}%, macro-F1 {100 * base['macro_f1']:.2f}% ({fp32_mib:.2f} MiB)")
-    # Runs of an earlier invocation with the same settings are kept (e.g. add --methods coreml_dkm later).
-    same = ("max_len", "fp32_epochs", "steps", "lr", "tau_scale", "iters", "seed", "train_subset", "test_subset")
+    # Runs of an earlier invocation with the same settings, code and fp32 model are kept (e.g. add --methods
+    # coreml_dkm later); anything else starts afresh.
+    same = ("max_len", "fp32_epochs", "steps", "lr", "tau_scale", "iters", "palett_tau", "seed", "train_subset",
+            "test_subset")
+    key = {"settings": {k: getattr(a, k) for k in same}, "code": common.code_version(SCRIPT)["sources"],
+           "fp32_sha1": info["sha1"]}
     old_path = a.out / f"{a.tag}.json"
     old = json.loads(old_path.read_text()) if old_path.is_file() else {}
-    keep = all(old.get("settings", {}).get(k, object()) == getattr(a, k) for k in same)
+    keep = old.get("key") == key
     todo = {(m, b) for b in a.budgets for m in a.methods}
     runs = [r for r in old.get("runs", []) if keep and (r["method"], r["budget"]) not in todo]
     wall_before = old.get("wall_s", 0.0) if runs else 0.0
@@ -221,14 +231,17 @@ def main(argv=None):
     order = {m: i for i, m in enumerate(LABEL)}
     runs.sort(key=lambda r: (list(BUDGETS).index(r["budget"]), order[r["method"]]))
     wall = time.perf_counter() - t_all + wall_before
-    rows = [["fp32", "-", f"{fp32_mib:.2f}", "1.0x", f"{100 * base['acc']:.2f}", "-",
+    rows = [["fp32", "-", "32", f"{fp32_mib:.2f}", "1.0x", f"{100 * base['acc']:.2f}", "-",
              f"{100 * base['macro_f1']:.2f}", f"{info['train_s']:.0f} (train)"]]
     for r in runs:
-        rows.append([LABEL[r["method"]], f"{r['budget']}: {BUDGETS[r['budget']][2]}", f"{r['mib']:.2f}",
-                     f"{r['factor']:.1f}x", f"{100 * r['acc']:.2f}", f"{100 * (r['acc'] - base['acc']):+.2f}",
-                     f"{100 * r['macro_f1']:.2f}", f"{r['wall_s']:.0f} ({r['cpu_s']:.0f})"])
-    table = common.markdown_table(["method", "budget", "MiB", "factor", "accuracy %", "Δ acc vs fp32",
-                                   "macro-F1 %", "fine-tune s wall (CPU)"], rows)
+        left = f" ({len(r['fp32_layers'])} layer(s) fp32)" if r.get("fp32_layers") else ""
+        rows.append([LABEL[r["method"]], f"{r['budget']}: {BUDGETS[r['budget']][2]}",
+                     f"{r['bits_per_weight']:.3f}{left}", f"{r['mib']:.2f}", f"{r['factor']:.1f}x",
+                     f"{100 * r['acc']:.2f}", f"{100 * (r['acc'] - base['acc']):+.2f}", f"{100 * r['macro_f1']:.2f}",
+                     f"{r['wall_s']:.0f} ({r['cpu_s']:.0f})"])
+    table = common.markdown_table(["method", "budget", "bits/weight (compressed layers)",
+                                   "MiB (whole model, all params + buffers)", "factor", "accuracy %",
+                                   "Δ acc vs fp32", "macro-F1 %", "fine-tune s wall (CPU)"], rows)
     print("\n" + table)
     a.out.mkdir(parents=True, exist_ok=True)
     md = [f"# Language benchmark: all-MiniLM-L6-v2 on BBC News ({'quick' if a.quick else 'full'} run)", "",
@@ -238,13 +251,19 @@ def main(argv=None):
           f"{torch.__version__}, {torch.get_num_threads()} thread(s), shared 2-core CPU.", "",
           f"Split: stratified, seed 0, train {len(y)} / test {len(yt)} articles, {a.max_len} tokens. fp32: "
           f"{a.fp32_epochs} epoch(s) AdamW lr 1e-4 one-cycle, batch 16. Compression fine-tuning: {a.steps} steps "
-          f"(batch 16) AdamW lr {a.lr} cosine to 0; DKM tau='auto' tau_scale {a.tau_scale}, iters {a.iters}. "
-          f"Sizes: torchdkm.report (indices + fp32 LUTs + every other parameter at fp32).", "", table, "",
+          f"(batch 16) AdamW lr {a.lr} cosine to 0; DKM tau='auto' tau_scale {a.tau_scale}, iters {a.iters}; "
+          f"coremltools palett_tau {a.palett_tau}. Embeddings: k-means once and frozen for every fine-tuned "
+          f"method. Sizes: whole model = compressed layers (indices + fp32 LUTs) + every other parameter and "
+          f"buffer; bits/weight = compressed layers only; a layer coremltools left uncompressed counts at fp32. "
+          f"Not tuned on a validation split (one setting per method). Code {common.code_version(SCRIPT)}.", "",
+          table, "",
           f"![accuracy vs size]({a.tag}.png)", ""]
-    (a.out / f"{a.tag}.md").write_text("\n".join(md))
-    common.write_json(a.out / f"{a.tag}.json", {"settings": vars(a) | {"out": str(a.out)}, "fp32": base | info,
+    common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
+    common.write_json(a.out / f"{a.tag}.json", {"key": key, "settings": vars(a) | {"out": str(a.out)},
+                                                "fp32": base | info,
                                                 "fp32_mib": fp32_mib, "runs": runs, "wall_s": wall})
     _plot(base, fp32_mib, runs, a.out / f"{a.tag}.png")
+    return {"fp32": base, "fp32_mib": fp32_mib, "runs": runs, "key": key}
 
 
 def _plot(base, fp32_mib, runs, path):

@@ -30,7 +30,8 @@ def main(folder: Path = common.RESULTS / "tuning", main_results: Path = common.R
         for r in res["runs"]:
             if r["budget"] != "1bit" or r["method"] not in LABEL:
                 continue
-            rows.append((res["model"], r["method"], s["steps"], s["lr"], s["tau_scale"], s["iters"], r["seed"],
+            hp = r.get("hp", s)  # newer vision.py runs record their own settings
+            rows.append((res["model"], r["method"], s["steps"], hp.get("lr"), hp.get("tau_scale"), s["iters"], r["seed"],
                          r["top1"], fp, path.name))
     rows.sort(key=lambda t: (t[0], t[2], t[3], t[4], t[1], t[6]))
     table = common.markdown_table(

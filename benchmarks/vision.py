@@ -1,33 +1,37 @@
-"""Vision benchmark: DKM vs the baselines users would pick instead, on Fashion-MNIST (full 60k/10k split).
+"""Vision benchmark: DKM vs the baselines users would pick instead, on Fashion-MNIST.
+
+Data: the 60k Fashion-MNIST training images split by ``common.train_val_split`` into 55,000 for training and a
+seeded 5,000 for validation (tuning); the 10k test images are used once, for the reported numbers. ``--data
+digits`` runs the same path on scikit-learn's 8x8 digits (where Fashion-MNIST is not installed, e.g. CI).
 
 Two model families as in the DKM paper, scaled to 28×28: ``resnet_small`` (BatchNorm + residual blocks) and
 ``mobilenet_small`` (depthwise-separable, the family the paper calls hard to compress). Each is trained in fp32
-once (seeded, cached under ~/.cache/torchdkm/fp32, env TORCHDKM_CACHE), then compressed at several budgets
-(index bits / cluster dim; every Conv2d and Linear layer, min_numel=0):
+once on the training part (seeded, cached under ~/.cache/torchdkm/fp32, env TORCHDKM_CACHE), then compressed at
+several budgets (index bits / cluster dim; every Conv2d and Linear layer, min_numel=0):
 
     4 bit = 2^4 centroids, 1-d    2 bit = 2^2, 1-d    1 bit = 2^4 centroids of 4-d vectors    0.5 bit = 2^4 of 8-d
 
-Methods (see benchmarks/common.py for exact definitions): fp32; ``dkm`` (torchdkm DKM fine-tuning);
-``ptq_kmeans`` (post-training k-means, no fine-tuning); ``st_kmeans`` (k-means fine-tuning through hard
-assignments, straight-through, TF-MOT style); ``qat_lsq`` (uniform n-bit per-channel LSQ+ QAT, only for whole
-bits >= 1); ``coreml_dkm`` (coremltools DKMPalettizer, when installed, at --coreml-budgets).
-Every fine-tuned method uses the same loop: AdamW, lr --lr with cosine decay to 0, --steps steps of batch 128,
-the same data order for a given seed; BatchNorm in train mode while fine-tuning, eval mode for testing.
+Methods (functions ``method_<name>`` below; exact definitions in benchmarks/common.py): ``dkm`` (torchdkm DKM
+fine-tuning); ``ptq_kmeans`` (post-training k-means, no fine-tuning); ``st_kmeans`` (k-means fine-tuning through
+hard assignments, straight-through, TF-MOT style); ``qat_lsq`` (uniform n-bit per-channel LSQ+ QAT, MSE range
+init, fp16 scales; only whole bits >= 1); ``coreml_dkm`` (coremltools DKMPalettizer on the same layers, when
+installed). Every fine-tuned method uses the same loop: AdamW with cosine decay to 0, --steps steps of batch 128,
+the same data order for a given seed; BatchNorm in train mode while fine-tuning, eval mode for evaluation.
 
-Seeds: every method runs seed 0 at every budget; at the key budgets (--key-budgets) DKM and the strongest
-baseline there (best seed-0 top-1 among the non-DKM methods) run --seeds seeds in all (mean ± std).
+Hyperparameters: each method's lr and its one method-specific knob (DKM tau_scale, STE centroid lr multiplier,
+QAT scale/offset lr multiplier, coremltools palett_tau) come from results/tuning.json, written by
+benchmarks/tune.py from an equal-effort sweep on the validation split (--tuning; --no-tuning uses DEFAULTS;
+--lr / --tau-scale / ... override both). Each run records its settings and where they came from.
 
-Compute budget: our 2 cores are shared by four engineers (load average ~7.5 while this ran): a ResNetSmall step of
-batch 128 costs ~0.37 s of CPU (fp32) / ~0.45 s (DKM) on one thread, but took ~2.2 s of wall time. So: fp32
-4 epochs (one-cycle AdamW, lr 3e-3), trained once and cached; fine-tuning 150 steps of batch 128 (19,200 images,
-0.32 epoch) for every method, lr 1e-3 (a 60-step pilot on a weaker model at 1 bit: lr 3e-4 / 1e-3 / 3e-3 gave
-DKM 77.7 / 81.5 / 81.8 %, ST k-means - / 82.4 / 81.2 %); 3 seeds at the 1-bit budget; coremltools at the 2-bit and
-1-bit budgets. The table reports each run's wall time and CPU time.
-Run the two models in parallel processes (``--models resnet_small`` and ``--models mobilenet_small``): each writes
-results/vision_<model>.json and the last one to finish rewrites the combined results/vision.md and vision.png.
+Seeds are fine-tuning seeds (data order, k-means init): the fp32 model is one model, shared by all of them.
+At the key budgets (--key-budgets) every method in --seed-methods (default: all) runs --seeds seeds; elsewhere one.
 
-    python benchmarks/vision.py            # full (both models, sequentially)
+Results are reused on a re-run only when the settings, the code (a hash of the library and benchmark sources) and
+the fp32 model (a hash of its weights) are all the same; anything else starts afresh.
+
+    python benchmarks/vision.py            # full (both models, sequentially; per model with --models in parallel)
     python benchmarks/vision.py --quick    # a few minutes: resnet_small, data subsets, short schedules
+    python benchmarks/vision.py --data digits --steps 5 --fp32-epochs 2   # seconds, no Fashion-MNIST needed
 """
 from __future__ import annotations
 
@@ -51,23 +55,39 @@ BUDGETS = {"4bit": (4, 1), "2bit": (2, 1), "1bit": (4, 4), "0.5bit": (4, 8)}
 METHODS = ["ptq_kmeans", "st_kmeans", "qat_lsq", "coreml_dkm", "dkm"]
 LABEL = {"fp32": "fp32", "dkm": "DKM (torchdkm)", "ptq_kmeans": "k-means, no fine-tuning",
          "st_kmeans": "k-means + STE fine-tuning", "qat_lsq": "uniform QAT (LSQ+)", "coreml_dkm": "coremltools DKM"}
+# Settings used without a tuning.json entry; KNOB names each fine-tuned method's one method-specific setting.
+DEFAULTS = {"ptq_kmeans": {}, "dkm": {"lr": 1e-3, "tau_scale": 0.05},
+            "st_kmeans": {"lr": 1e-3, "centroid_lr_mult": 1.0}, "qat_lsq": {"lr": 1e-3, "scale_lr_mult": 1.0},
+            "coreml_dkm": {"lr": 1e-3, "palett_tau": 1e-4}}
+KNOB = {"dkm": "tau_scale", "st_kmeans": "centroid_lr_mult", "qat_lsq": "scale_lr_mult", "coreml_dkm": "palett_tau"}
+SCRIPT = Path(__file__).resolve()
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few minutes: resnet_small, subsets, short schedules")
+    p.add_argument("--data", choices=["fashion", "digits"], default="fashion")
     p.add_argument("--models", nargs="+", default=None, help="resnet_small mobilenet_small")
     p.add_argument("--budgets", nargs="+", default=None, help=f"subset of {list(BUDGETS)}")
     p.add_argument("--methods", nargs="+", default=None, help=f"subset of {METHODS}")
-    p.add_argument("--key-budgets", nargs="+", default=None)
+    p.add_argument("--key-budgets", nargs="+", default=None, help="budgets that get --seeds fine-tuning seeds")
     p.add_argument("--coreml-budgets", nargs="+", default=None)
-    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds at the key budgets")
+    p.add_argument("--seed-methods", nargs="+", default=None, help="methods that get --seeds (default: all)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (batch 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning AdamW lr (cosine to 0)")
-    p.add_argument("--tau-scale", type=float, default=0.05)
+    p.add_argument("--tuning", type=Path, default=common.RESULTS / "tuning.json",
+                   help="tune.py output giving each method's settings")
+    p.add_argument("--no-tuning", action="store_true", help="ignore --tuning: DEFAULTS and the flags below")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning AdamW lr for every method (override)")
+    p.add_argument("--tau-scale", type=float, default=None, help="DKM tau_scale (override)")
+    p.add_argument("--centroid-lr-mult", type=float, default=None, help="STE centroid lr multiplier (override)")
+    p.add_argument("--scale-lr-mult", type=float, default=None, help="QAT scale/offset lr multiplier (override)")
+    p.add_argument("--palett-tau", type=float, default=None, help="coremltools palett_tau (override)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--fp32-epochs", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=None, help="validation examples carved from the training data")
     p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--val-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--tag", default="vision", help="output file stem")
@@ -76,120 +96,197 @@ def parse(argv=None):
     a = p.parse_args(argv)
     full = dict(models=["resnet_small", "mobilenet_small"], budgets=list(BUDGETS), methods=METHODS,
                 key_budgets=["1bit"], coreml_budgets=["2bit", "1bit"], seeds=3, steps=150, fp32_epochs=4,
-                train_subset=None, test_subset=None)
+                train_subset=None, val_subset=None, test_subset=None)
     quick = dict(models=["resnet_small"], budgets=["2bit", "1bit"], methods=METHODS, key_budgets=[],
-                 coreml_budgets=["1bit"], seeds=1, steps=40, fp32_epochs=1, train_subset=12800, test_subset=2000)
+                 coreml_budgets=["1bit"], seeds=1, steps=40, fp32_epochs=1, train_subset=12800, val_subset=2000,
+                 test_subset=2000)
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.n_val is None:
+        a.n_val = 5000 if a.data == "fashion" else 300
+    if a.seed_methods is None:
+        a.seed_methods = list(METHODS)
     return a
 
 
-def run_one(method, fp32, budget, seed, data, a, log):
-    """Compress a copy of fp32 with one method; returns a result dict (top1, size, wall)."""
-    x, y, xt, yt = data
-    bits, dim = BUDGETS[budget]
-    cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, tau_scale=a.tau_scale, iters=a.iters)
-    model = copy.deepcopy(fp32)
-    layers = common.dkm_layers(model, cfg)
-    size = common.kmeans_size(fp32, cfg)
-    kw = dict(steps=a.steps, lr=a.lr, seed=seed, progress=not a.no_progress, desc=f"{method} {budget} s{seed}")
-    t0, c0 = time.perf_counter(), time.process_time()
-    if method == "ptq_kmeans":
-        common.ptq_kmeans_apply(model, cfg)
-    elif method == "dkm":
-        torchdkm.prepare(model, cfg)
-        common.train(model, x, y, **kw)
-        torchdkm.finalize(model)
-    elif method == "st_kmeans":
-        cents = common.st_kmeans_prepare(model, cfg)
-        common.train(model, x, y, **kw)
-        common.strip_parametrizations(model)
-    elif method == "qat_lsq":
-        if bits % dim:
-            return None
-        qb = bits // dim
-        size = common.uniform_size(fp32, common.dkm_layers(fp32, cfg), qb)
-        common.qat_prepare(model, layers, qb)
-        common.train(model, x, y, **kw)
-        common.strip_parametrizations(model)
-    elif method == "coreml_dkm":
-        model, pal, done = common.coreml_prepare(model, layers, bits, dim)
-        if len(done) < len(layers):  # e.g. cluster_dim must divide the output channels: those stay fp32
-            skip = sorted(set(layers) - set(done))
-            log(f"  coremltools left {skip} uncompressed (cluster_dim {dim}); its size counts them as fp32")
-            size = common.kmeans_size(fp32, cfg.replace(min_numel=1 << 62), {n: cfg for n in done})
-            size["fp32_layers"] = skip
-        common.train(model, x, y, after_step=pal.step, **kw)
-        model = pal.finalize(inplace=True)
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def load_tuning(path: Path) -> dict:
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else {}
+
+
+def method_settings(method: str, model: str, budget: str, a, tuning: dict):
+    """(settings dict, source) of ``method``: the flags override tuning.json's choice for (model, budget), else
+    for the same model at another tuned budget, else DEFAULTS."""
+    hp, source = dict(DEFAULTS[method]), "defaults"
+    chosen = {} if a.no_tuning else tuning.get("chosen", {}).get(model, {})
+    if budget in chosen and method in chosen[budget]:
+        hp.update(chosen[budget][method]["settings"])
+        source = f"tuning.json {model} {budget}"
     else:
-        raise ValueError(method)
+        other = next((b for b in chosen if method in chosen[b]), None)
+        if other is not None:
+            hp.update(chosen[other][method]["settings"])
+            source = f"tuning.json {model} {other}"
+    flags = {"lr": a.lr, **({KNOB[method]: getattr(a, KNOB[method])} if method in KNOB else {})}
+    given = {k: v for k, v in flags.items() if k in hp and v is not None}
+    if given:
+        hp.update(given)
+        source += " + flags " + ", ".join(given)
+    return hp, source
+
+
+# ------------------------------------------------------------------------------------------------ methods
+# Each method: (model copy, fp32 model, DKMConfig of the budget, its settings, fit, log) -> (model, size dict).
+# ``fit(model, after_step=None, lr_mult=None)`` runs the shared fine-tuning loop with the method's lr.
+
+
+def method_ptq_kmeans(model, fp32, cfg, hp, fit, log):
+    common.ptq_kmeans_apply(model, cfg)
+    return model, common.clustered_size(fp32, cfg)
+
+
+def method_dkm(model, fp32, cfg, hp, fit, log):
+    torchdkm.prepare(model, cfg.replace(tau_scale=hp["tau_scale"]))
+    fit(model)
+    torchdkm.finalize(model)
+    return model, common.clustered_size(fp32, cfg)
+
+
+def method_st_kmeans(model, fp32, cfg, hp, fit, log):
+    mult = common.st_kmeans_prepare(model, cfg, centroid_lr_mult=hp["centroid_lr_mult"])
+    fit(model, lr_mult=mult)
+    return common.strip_parametrizations(model), common.clustered_size(fp32, cfg)
+
+
+def method_qat_lsq(model, fp32, cfg, hp, fit, log):
+    if cfg.bits % cfg.dim:
+        return None, None  # uniform quantization has no fractional bits per weight
+    qb = cfg.bits // cfg.dim
+    mult = common.qat_prepare(model, common.dkm_layers(model, cfg), qb, scale_lr_mult=hp["scale_lr_mult"])
+    fit(model, lr_mult=mult)
+    return common.qat_finalize(model), common.uniform_size(fp32, common.dkm_layers(fp32, cfg), qb)
+
+
+def method_coreml_dkm(model, fp32, cfg, hp, fit, log):
+    layers = list(common.dkm_layers(model, cfg))
+    model, pal = common.coreml_prepare(model, layers, cfg.bits, cfg.dim, palett_tau=hp["palett_tau"])
+    fit(model, after_step=pal.step)
+    model = pal.finalize(inplace=True)
+    done = common.coreml_palettized(model, layers, cfg.bits, cfg.dim)
+    size = common.clustered_size(fp32, cfg, fp32_layers=sorted(set(layers) - set(done)))
+    if size["fp32_layers"]:  # e.g. cluster_dim must divide the output channels: those stay fp32
+        log(f"  coremltools left {size['fp32_layers']} uncompressed; its sizes count them at fp32")
+    return model, size
+
+
+METHOD_FNS = {name: globals()[f"method_{name}"] for name in METHODS}
+
+
+def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test")):
+    """Compress a copy of fp32 with one method; returns a result dict (accuracies on ``evals``, size, wall)."""
+    bits, dim = BUDGETS[budget]
+    cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters)
+    x, y = data["train"]
+    model = copy.deepcopy(fp32)
+
+    def fit(m, after_step=None, lr_mult=None):
+        common.train(m, x, y, steps=a.steps, lr=hp["lr"], seed=seed, after_step=after_step, lr_mult=lr_mult,
+                     progress=not a.no_progress, desc=f"{method} {budget} s{seed}")
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, size = METHOD_FNS[method](model, fp32, cfg, hp, fit, log)
+    if model is None:
+        return None
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    acc = common.accuracy(model, xt, yt)
-    return dict(method=method, budget=budget, bits=bits, dim=dim, seed=seed, top1=acc, wall_s=wall, cpu_s=cpu, **size)
+    accs = {("top1" if e == "test" else f"{e}_top1"): common.accuracy(model, *data[e]) for e in evals}
+    return dict(method=method, budget=budget, bits=bits, dim=dim, seed=seed, hp=hp, **accs, wall_s=wall, cpu_s=cpu,
+                **size)
+
+
+# ------------------------------------------------------------------------------------------------ one model
+
+
+def fp32_for(name, a, data, log):
+    """The cached fp32 model trained on the training part (its validation accuracy in info['top1'])."""
+    x, y = data["train"]
+    tag = name + ("" if a.data == "fashion" else f"-{a.data}") + ("" if a.train_subset is None
+                                                                    else f"-sub{a.train_subset}")
+    return common.fp32_model(tag, lambda: build_model(name), x, y, *data["val"], epochs=a.fp32_epochs, lr=3e-3,
+                             progress=not a.no_progress, log=log)
 
 
 def run_model(name, a, data, log):
-    x, y, xt, yt = data
     path = a.out / f"{a.tag}_{name}.json"
-    settings = {k: getattr(a, k) for k in ("steps", "lr", "tau_scale", "iters", "fp32_epochs", "train_subset",
-                                           "test_subset")}
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    runs = old.get("runs", []) if old.get("settings") == settings else []
-    resumed = bool(runs)  # same settings: finished runs are kept, the rest are done now
-    fp32_build = lambda: build_model(name)  # noqa: E731
+    settings = {k: getattr(a, k) for k in ("data", "steps", "iters", "fp32_epochs", "n_val", "train_subset",
+                                           "val_subset", "test_subset")}
     t0 = time.perf_counter()
-    fp32, info = common.fp32_model(name + ("" if a.train_subset is None else f"-sub{a.train_subset}"), fp32_build,
-                                   x, y, xt, yt, epochs=a.fp32_epochs, lr=3e-3, progress=not a.no_progress, log=log)
-    fp32_acc = common.accuracy(fp32, xt, yt)
-    fp32_kib = sum(p.numel() for p in fp32.parameters()) * 4 / 1024
-    result = dict(model=name, settings=settings, fp32=dict(info, top1=fp32_acc, kib=fp32_kib,
-                                                             params=sum(p.numel() for p in fp32.parameters())),
+    fp32, info = fp32_for(name, a, data, log)
+    key = {"settings": settings, "code": common.code_version(SCRIPT)["sources"], "fp32_sha1": info["sha1"]}
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    runs = old.get("runs", []) if old.get("key") == key else []
+    if old and not runs:
+        log(f"[{name}] {path.name} was made by other code, settings or fp32 model: starting afresh")
+    resumed = bool(runs)
+    fp32_acc = {e: common.accuracy(fp32, *data[e]) for e in ("val", "test")}
+    fp32_size = common.model_size(fp32, {})
+    result = dict(model=name, key=key, code=common.code_version(SCRIPT), settings=settings,
+                  fp32=dict(info, top1=fp32_acc["test"], val_top1=fp32_acc["val"], model_kib=fp32_size["model_kib"],
+                            params=sum(p.numel() for p in fp32.parameters())),
                   runs=runs, threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine())
-    log(f"[{name}] fp32 top-1 {100 * fp32_acc:.2f}% ({fp32_kib:.1f} KiB)")
+    log(f"[{name}] fp32 top-1 val {100 * fp32_acc['val']:.2f}% test {100 * fp32_acc['test']:.2f}% "
+        f"({fp32_size['model_kib']:.1f} KiB)")
     have_coreml = common.coreml_available()
+    tuning = load_tuning(a.tuning)
 
     def do(method, budget, seed):
-        if any(r["method"] == method and r["budget"] == budget and r["seed"] == seed for r in runs):
+        hp, source = method_settings(method, name, budget, a, tuning)
+        if any(r["method"] == method and r["budget"] == budget and r["seed"] == seed and r["hp"] == hp
+               for r in runs):
             return
-        r = run_one(method, fp32, budget, seed, data, a, log)
+        r = run_one(method, fp32, budget, seed, data, a, log, hp)
         if r is None:
             return
+        r["hp_source"] = source
         runs.append(r)
         common.write_json(path, result)
-        log(f"[{name}] {method:<11} {budget:<6} seed {seed}: top-1 {100 * r['top1']:.2f}%  {r['kib']:.1f} KiB "
-            f"({r['factor']:.1f}x)  {r['wall_s']:.0f} s")
+        log(f"[{name}] {method:<11} {budget:<6} seed {seed}: val {100 * r['val_top1']:.2f}% test "
+            f"{100 * r['top1']:.2f}%  {r['model_kib']:.1f} KiB ({r['factor']:.1f}x)  {r['wall_s']:.0f} s  [{source}]")
 
     for budget in a.budgets:
+        seeds = a.seeds if budget in a.key_budgets else 1
         for method in a.methods:
             if method == "coreml_dkm" and (not have_coreml or budget not in a.coreml_budgets):
                 continue
-            do(method, budget, 0)
-    for budget in a.key_budgets:
-        if budget not in a.budgets:
-            continue
-        base = [r for r in runs if r["budget"] == budget and r["seed"] == 0 and r["method"] not in ("dkm",)]
-        strongest = max(base, key=lambda r: r["top1"])["method"] if base else None
-        result.setdefault("strongest_baseline", {})[budget] = strongest
-        for seed in range(1, a.seeds):
-            for method in ("dkm", strongest):
-                if method is not None:
-                    do(method, budget, seed)
+            for seed in range(seeds if method in a.seed_methods else 1):
+                do(method, budget, seed)
     result["wall_s"] = time.perf_counter() - t0 + (old.get("wall_s", 0) if resumed else 0)
     common.write_json(path, result)
     return result
 
 
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _hp_text(method, hp):
+    if method == "ptq_kmeans":
+        return "-"
+    return f"lr {hp['lr']:g}, {KNOB[method]} {hp[KNOB[method]]:g}"
+
+
 def summarize(results, a):
     """Markdown table (one row per model × budget × method) and the plot, from the measured results."""
-    header = ["model", "method", "budget", "bits/weight", "KiB", "factor", "top-1 %", "Δ vs fp32", "seeds",
+    header = ["model", "method", "budget", "bits/weight (compressed layers)", "model KiB (all params + buffers)",
+              "factor", "val top-1 %", "test top-1 %", "Δ test vs fp32", "fine-tuning seeds", "settings",
               "fine-tune s wall (CPU)"]
     rows, points = [], {}
+    order = {b: i for i, b in enumerate(BUDGETS)}
     for res in results:
         fp = res["fp32"]
-        rows.append([res["model"], "fp32", "-", "32", f"{fp['kib']:.1f}", "1.0x", f"{100 * fp['top1']:.2f}", "-",
-                     1, f"{fp['train_s']:.0f} (train)"])
-        order = {b: i for i, b in enumerate(BUDGETS)}
+        rows.append([res["model"], "fp32", "-", "32", f"{fp['model_kib']:.1f}", "1.0x", f"{100 * fp['val_top1']:.2f}",
+                     f"{100 * fp['top1']:.2f}", "-", "-", f"{fp['epochs']} epochs", f"{fp['train_s']:.0f} (train)"])
         groups = {}
         for r in res["runs"]:
             groups.setdefault((r["budget"], r["method"]), []).append(r)
@@ -198,14 +295,15 @@ def summarize(results, a):
             accs = [r["top1"] for r in rs]
             mean = sum(accs) / len(accs)
             r0 = rs[0]
+            left = f" ({len(r0['fp32_layers'])} layer(s) fp32)" if r0.get("fp32_layers") else ""
             rows.append([res["model"], LABEL[method], f"{budget} ({2 ** r0['bits']}×{r0['dim']}-d)",
-                         f"{r0['bits_per_weight']:.3f}", f"{r0['kib']:.1f}", f"{r0['factor']:.1f}x",
-                         common.fmt_acc(accs), f"{100 * (mean - fp['top1']):+.2f}", len(rs),
+                         f"{r0['bits_per_weight']:.3f}{left}", f"{r0['model_kib']:.1f}", f"{r0['factor']:.1f}x",
+                         common.fmt_acc([r["val_top1"] for r in rs]), common.fmt_acc(accs),
+                         f"{100 * (mean - fp['top1']):+.2f}", len(rs), _hp_text(method, r0["hp"]),
                          f"{sum(r['wall_s'] for r in rs) / len(rs):.0f} "
                          f"({sum(r.get('cpu_s', 0) for r in rs) / len(rs):.0f})"])
-            points.setdefault(res["model"], {}).setdefault(method, []).append((r0["kib"], 100 * mean))
-    table = common.markdown_table(header, rows)
-    return table, points
+            points.setdefault(res["model"], {}).setdefault(method, []).append((r0["model_kib"], 100 * mean))
+    return common.markdown_table(header, rows), points
 
 
 def plot(results, points, path):
@@ -220,10 +318,10 @@ def plot(results, points, path):
             pts = sorted(pts)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=LABEL[method])
         ax.axhline(100 * res["fp32"]["top1"], color="k", ls="--", lw=1,
-                   label=f"fp32 ({res['fp32']['kib']:.0f} KiB)")
+                   label=f"fp32 ({res['fp32']['model_kib']:.0f} KiB)")
         ax.set_xscale("log")
-        ax.set_xlabel("compressed size (KiB, log scale)")
-        ax.set_ylabel("Fashion-MNIST test top-1 (%)")
+        ax.set_xlabel("whole model size (KiB, every parameter and buffer; log scale)")
+        ax.set_ylabel("test top-1 (%)")
         ax.set_title(res["model"])
         lo = min([p[1] for pts in points.get(res["model"], {}).values() for p in pts] + [100])
         ax.set_ylim(max(lo - 2, 100 * res["fp32"]["top1"] - 25), 100 * res["fp32"]["top1"] + 2)
@@ -238,43 +336,57 @@ def write_summary(a, log=print):
     results = []
     for name in ("resnet_small", "mobilenet_small"):
         p = a.out / f"{a.tag}_{name}.json"
-        if p.is_file():
-            results.append(json.loads(p.read_text()))
+        res = json.loads(p.read_text()) if p.is_file() else {}
+        if "key" in res:  # files from before results were keyed by code and fp32 model are not mixed in
+            results.append(res)
+        elif res:
+            log(f"{p.name}: an older format without a code/fp32 key, left out of the summary")
     if not results:
         return None
     table, points = summarize(results, a)
     plot(results, points, a.out / f"{a.tag}.png")
     s = results[0]["settings"]
-    strongest = {r["model"]: r.get("strongest_baseline", {}) for r in results}
     walls = ", ".join(f"{r['model']} {r.get('wall_s', 0) / 60:.1f} min" for r in results)
-    md = [f"# Vision benchmark: Fashion-MNIST ({'quick' if a.quick else 'full'} run)", "",
+    sources = sorted({r.get("hp_source", "?") for res in results for r in res["runs"]})
+    data = "Fashion-MNIST" if s["data"] == "fashion" else "scikit-learn digits (8x8)"
+    md = [f"# Vision benchmark: {data} ({'quick' if a.quick else 'full'} run)", "",
           f"Command: `python benchmarks/vision.py{' --quick' if a.quick else ''}` (per model: "
           f"`--models resnet_small` / `--models mobilenet_small` in parallel processes). "
-          f"torch {results[0]['torch']}, {results[0]['threads']} thread(s) per process, shared 2-core CPU.", "",
-          f"Settings: fp32 {s['fp32_epochs']} epoch(s) one-cycle AdamW (cached); fine-tuning {s['steps']} steps × "
-          f"batch 128, AdamW lr {s['lr']} cosine to 0, for every fine-tuned method; DKM tau='auto', "
-          f"tau_scale {s['tau_scale']}, iters {s['iters']}; train subset {s['train_subset'] or 'all 60000'}, "
-          f"test subset {s['test_subset'] or 'all 10000'}. Budgets: index bits / cluster dim, every Conv2d and "
-          f"Linear layer. Sizes as `torchdkm.report` counts (indices + fp32 LUT + every uncompressed parameter, "
-          f"BatchNorm included); uniform QAT: n bits/weight + fp32 scale and offset per output channel.", "",
-          f"Multi-seed rows: DKM and the strongest baseline at the key budget(s) (strongest by seed-0 top-1: "
-          f"{strongest}). Wall time (this run, including fp32 training when not cached): {walls}.", "",
+          f"torch {results[0]['torch']}, {results[0]['threads']} thread(s) per process, 2 CPU cores. "
+          f"Code {results[0]['code']}.", "",
+          f"Data: training images minus a seeded validation split of {s['n_val']} (train subset "
+          f"{s['train_subset'] or 'none'}); fp32 {s['fp32_epochs']} epoch(s) one-cycle AdamW on the training part "
+          f"(cached, one model shared by every seed). Fine-tuning {s['steps']} steps × batch 128, AdamW cosine to 0, "
+          f"the same loop for every method; DKM tau='auto', iters {s['iters']}. Each method's lr and knob (column "
+          f"`settings`) were chosen on the validation split by `benchmarks/tune.py` with the same number of settings "
+          f"per method (see tuning.md); the test set (subset {s['test_subset'] or 'none'}) was evaluated once per run, "
+          f"for this table. Settings came from: {', '.join(sources)}.", "",
+          "Columns: `bits/weight (compressed layers)` = stored bits of the compressed layers only (indices + LUTs; "
+          "uniform QAT: indices + fp16 scale and offset per output channel) over their weights; `model KiB` = the "
+          "whole model as shipped: compressed layers + every other parameter + every buffer (BatchNorm running "
+          "statistics included) at fp32; `factor` = fp32 model / model KiB. coremltools: layers it left "
+          "uncompressed (checked on its finalized weights) count at fp32 and are named in the JSON. "
+          f"`fine-tuning seeds`: runs from the one fp32 model with different data order and k-means seeds (mean ± "
+          f"std). Wall time (this run, including fp32 training when not cached): {walls}.", "",
           table, "", f"![top-1 vs size]({a.tag}.png)", ""]
-    (a.out / f"{a.tag}.md").write_text("\n".join(md))
+    common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
     log("\n" + table)
     return table
 
 
 def load_data(a, log=print):
-    x, y, xt, yt = common.fashion_tensors()
+    """{'train': (x, y), 'val': (x, y), 'test': (x, y)}: validation carved from the training data."""
+    x, y, xt, yt = common.fashion_tensors() if a.data == "fashion" else common.digits_tensors()
+    tr, va = common.train_val_split(len(y), n_val=a.n_val, seed=0)
     if a.train_subset:
         g = torch.Generator().manual_seed(1234)
-        i = torch.randperm(len(y), generator=g)[: a.train_subset]
-        x, y = x[i], y[i]
+        tr = tr[torch.randperm(len(tr), generator=g)[: a.train_subset]]
+    if a.val_subset:
+        va = va[: a.val_subset]
     if a.test_subset:
         xt, yt = xt[: a.test_subset], yt[: a.test_subset]
-    log(f"Fashion-MNIST: train {len(y)}, test {len(yt)}")
-    return x, y, xt, yt
+    log(f"{a.data}: train {len(tr)}, validation {len(va)} (from the training data), test {len(yt)}")
+    return {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (xt, yt)}
 
 
 def main(argv=None):

@@ -1,14 +1,30 @@
-"""The benchmark scripts run end to end (tiny settings: seconds, not minutes)."""
+"""Every benchmark script runs end to end on small data (seconds, not minutes), so CI exercises each path:
+vision.py and tune.py on scikit-learn's digits (no Fashion-MNIST needed), nlp.py on a handful of BBC articles,
+dkm_memory.py on a small grid and paper_sizes.py (the demo's tests are in test_demo.py). The fp32 cache goes
+to a temporary folder."""
 import json
-from pathlib import Path
 
 import pytest
 
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+import common
+import torchdkm
+import paper_sizes
+import tune
+import vision
+
+# vision.py on digits: one model, the 1-bit budget (coremltools leaves fc's 10 channels, not a multiple of 4,
+# uncompressed there), two fine-tuning seeds for every method.
+VISION_TINY = ["--data", "digits", "--models", "resnet_small", "--budgets", "1bit", "--key-budgets", "1bit",
+               "--seeds", "2", "--fp32-epochs", "3", "--steps", "2", "--no-progress"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "CACHE", tmp_path / "cache")
+    return tmp_path / "cache"
 
 
 def test_paper_sizes_match_the_paper_within_a_few_percent(tmp_path):
-    paper_sizes = pytest.importorskip("paper_sizes")
     models = ["ResNet-50", "MobileNet-v1"]
     try:
         import transformers  # noqa: F401
@@ -25,24 +41,108 @@ def test_paper_sizes_match_the_paper_within_a_few_percent(tmp_path):
     assert 0.72 * 0.97 < rows["MobileNet-v1"]["compressed_mib"] < 0.74 * 1.03
 
 
-@pytest.mark.skipif(not FASHION, reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
-def test_vision_benchmark_smoke(tmp_path, monkeypatch):
-    import common
-    import vision
+def test_vision_benchmark_on_digits_every_method(tmp_path, cache):
+    out = tmp_path / "v"
+    vision.main(VISION_TINY + ["--out", str(out), "--tag", "t", "--tuning", str(tmp_path / "none.json")])
+    res = json.loads((out / "t_resnet_small.json").read_text())
+    methods = ["ptq_kmeans", "st_kmeans", "qat_lsq", "dkm"] + (["coreml_dkm"] if common.coreml_available() else [])
+    by = {m: sorted((r for r in res["runs"] if r["method"] == m), key=lambda r: r["seed"]) for m in methods}
+    assert {r["method"] for r in res["runs"]} == set(methods)
+    assert all([r["seed"] for r in rs] == [0, 1] for rs in by.values())  # the same fine-tuning seeds for all
+    for r in res["runs"]:
+        assert 0 <= r["val_top1"] <= 1 and 0 <= r["top1"] <= 1
+        assert r["hp_source"] == "defaults" and r["hp"] == vision.DEFAULTS[r["method"]]
+    assert res["fp32"]["val_top1"] > 0.5  # the fp32 model learned something, so the runs mean something
 
-    monkeypatch.setattr(common, "CACHE", tmp_path / "cache")
-    vision.main(["--models", "resnet_small", "--budgets", "1bit", "--methods", "ptq_kmeans", "st_kmeans", "qat_lsq",
-                 "dkm", "--train-subset", "256", "--test-subset", "128", "--fp32-epochs", "1", "--steps", "2",
-                 "--seeds", "1", "--out", str(tmp_path), "--tag", "t", "--no-progress"])
-    res = json.loads((tmp_path / "t_resnet_small.json").read_text())
-    methods = {r["method"]: r for r in res["runs"]}
-    assert set(methods) == {"ptq_kmeans", "st_kmeans", "qat_lsq", "dkm"}
-    # the clustering methods store exactly the same thing; uniform QAT adds per-channel scale and offset
-    assert methods["dkm"]["kib"] == methods["st_kmeans"]["kib"] == methods["ptq_kmeans"]["kib"]
-    assert methods["dkm"]["factor"] > 20
-    assert abs(methods["dkm"]["bits_per_weight"] - 1.0) < 0.25
-    assert methods["qat_lsq"]["bits_per_weight"] > 1.0
-    assert all(0 <= r["top1"] <= 1 for r in res["runs"])
-    md = (tmp_path / "t.md").read_text()
-    assert "DKM (torchdkm)" in md and "k-means + STE fine-tuning" in md
-    assert (tmp_path / "t.png").stat().st_size > 1000
+    a = vision.parse(VISION_TINY)
+    fp32, _ = vision.fp32_for("resnet_small", a, vision.load_data(a, log=lambda *_: None), lambda *_: None)
+    cfg = torchdkm.DKMConfig(bits=4, dim=4, min_numel=0)
+    dkm = by["dkm"][0]
+    assert dkm["model_kib"] == pytest.approx(common.clustered_size(fp32, cfg)["model_kib"])
+    layers = common.dkm_layers(fp32, cfg)
+    n_w = sum(m.weight.numel() for m in layers.values())
+    qat = by["qat_lsq"][0]  # 1-bit indices + fp16 scale and offset per output channel
+    assert qat["bits_per_weight"] == pytest.approx(1 + sum(32 * m.weight.shape[0] for m in layers.values()) / n_w)
+    if "coreml_dkm" in by:
+        cm = by["coreml_dkm"][0]
+        assert cm["fp32_layers"] == ["fc"] and cm["layers"] == len(layers) - 1
+        fc = layers["fc"].weight.numel()
+        fc_dkm_bits = -(-fc // 4) * 4 + 16 * 4 * 32
+        assert (cm["model_kib"] - dkm["model_kib"]) * 1024 * 8 == pytest.approx(32 * fc - fc_dkm_bits)
+        assert cm["bits_per_weight"] > dkm["bits_per_weight"]
+    md = (out / "t.md").read_text()
+    for label in ("bits/weight (compressed layers)", "model KiB (all params + buffers)", "fine-tuning seeds",
+                  "DKM (torchdkm)", "k-means + STE fine-tuning", "validation"):
+        assert label in md
+    assert (out / "t.png").stat().st_size > 1000
+
+
+def test_vision_reuses_runs_only_from_the_same_code_and_fp32_model(tmp_path, cache, monkeypatch):
+    args = VISION_TINY + ["--methods", "ptq_kmeans", "--out", str(tmp_path), "--tag", "r", "--no-tuning"]
+    vision.main(args)
+    first = json.loads((tmp_path / "r_resnet_small.json").read_text())
+    assert len(first["runs"]) == 2 and first["key"]["fp32_sha1"] and first["key"]["code"]
+
+    calls = []
+    real = vision.run_one
+    monkeypatch.setattr(vision, "run_one", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    vision.main(args)  # same code, settings, fp32 model: nothing is re-run
+    assert calls == []
+    monkeypatch.setattr(common, "code_version", lambda *s: {"sources": "other"})
+    vision.main(args)  # other code: every run again
+    assert calls == ["ptq_kmeans", "ptq_kmeans"]
+    assert json.loads((tmp_path / "r_resnet_small.json").read_text())["key"]["code"] == "other"
+
+
+def test_tune_tiny_sweeps_equally_on_validation_and_vision_uses_its_choice(tmp_path, cache):
+    res = tune.main(["--tiny", "--out", str(tmp_path), "--no-progress", "--fp32-epochs", "3"])
+    runs = res["models"]["resnet_small"]["runs"]
+    methods = ["st_kmeans", "qat_lsq", "dkm"] + (["coreml_dkm"] if common.coreml_available() else [])
+    counts = {m: sum(r["method"] == m for r in runs) for m in methods}
+    assert set(counts.values()) == {3}, counts  # the same number of settings for every method
+    assert all("top1" not in r and "val_top1" in r for r in runs)  # the test set was never evaluated
+    chosen = res["chosen"]["resnet_small"]["1bit"]
+    for m in methods:
+        best = max((r for r in runs if r["method"] == m), key=lambda r: r["val_top1"])
+        assert chosen[m]["val_top1"] == best["val_top1"] and chosen[m]["settings_tried"] == 3
+    assert "**chosen**" in (tmp_path / "tuning.md").read_text()
+
+    out = tmp_path / "v"
+    base = VISION_TINY + ["--methods", "dkm", "qat_lsq", "--seeds", "1", "--out", str(out), "--tag", "t",
+                          "--tuning", str(tmp_path / "tuning.json")]
+    vision.main(base)
+    for r in json.loads((out / "t_resnet_small.json").read_text())["runs"]:
+        assert r["hp"] == chosen[r["method"]]["settings"] and r["hp_source"] == "tuning.json resnet_small 1bit"
+    vision.main(base + ["--lr", "5e-4"])  # a flag overrides the tuned value
+    for r in json.loads((out / "t_resnet_small.json").read_text())["runs"]:
+        if r["hp"]["lr"] == 5e-4:
+            assert r["hp_source"].endswith("+ flags lr")
+    assert {r["hp"]["lr"] for r in json.loads((out / "t_resnet_small.json").read_text())["runs"]} >= {5e-4}
+
+
+def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache):
+    pytest.importorskip("transformers")  # the [transformers] / [all] extra
+    import nlp
+
+    res = nlp.main(["--budgets", "2bit", "--methods", "ptq_kmeans", "dkm", "--train-subset", "16",
+                    "--test-subset", "8", "--max-len", "16", "--steps", "2", "--fp32-epochs", "1", "--out",
+                    str(tmp_path), "--no-progress"])
+    runs = {r["method"]: r for r in res["runs"]}
+    assert set(runs) == {"ptq_kmeans", "dkm"}
+    emb = ["encoder.embeddings.position_embeddings.weight", "encoder.embeddings.word_embeddings.weight"]
+    assert runs["dkm"]["frozen"] == emb  # k-means once, then frozen: the embeddings and nothing else
+    assert runs["dkm"]["mib"] == runs["ptq_kmeans"]["mib"] and runs["dkm"]["factor"] > 10
+    assert runs["dkm"]["bits_per_weight"] == pytest.approx(2.0, abs=0.01)
+    assert (tmp_path / "nlp.md").read_text().count("\n|") >= 4
+    assert json.loads((tmp_path / "nlp.json").read_text())["key"]["fp32_sha1"]
+
+
+def test_dkm_memory_small_grid(tmp_path):
+    import dkm_memory
+
+    rows = dkm_memory.main(["--numel", "16384", "--ks", "4", "--dims", "1", "--iters", "1",
+                            "--out", str(tmp_path / "m.md")])
+    assert {(r["impl"], r["k"]) for r in rows} == {("direct", 4), ("lean", 4)}
+    assert all(r["extra_bytes"] > 0 and r["weight_bytes"] == 16384 * 4 for r in rows)
+    text = (tmp_path / "m.md").read_text()
+    assert "| 1 | 1 | 4 |" in text and "16384 weights" in text

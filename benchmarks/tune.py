@@ -1,0 +1,171 @@
+"""Equal-effort hyperparameter sweep for the vision benchmark, on the validation split only.
+
+Every fine-tuned method gets the same grid size: the learning rate in LRS times LRS-many values of its one
+method-specific knob (KNOBS), seed 0, the same steps, loop and fp32 model as benchmarks/vision.py. Each setting
+is scored by top-1 on the validation images carved from the training data (``common.train_val_split``); the
+test set is not loaded into the sweep at all. The best setting per (model, budget, method) goes to
+results/tuning.json, which vision.py reads; every run is listed in results/tuning.md.
+
+Knobs (3 values each, the library default in the middle where there is one):
+
+* DKM ``tau_scale`` - the automatic temperature's scale;
+* k-means + STE ``centroid_lr_mult`` - the centroids' lr as a multiple of the weights' lr;
+* uniform QAT ``scale_lr_mult`` - the LSQ+ scales' and offsets' lr as a multiple of the weights' lr (with Adam
+  the LSQ gradient scaling alone does not set their step size);
+* coremltools ``palett_tau`` - DKMPalettizer's absolute softmax temperature (its default 1e-4 in the middle).
+
+Post-training k-means has no setting to tune. Runs are reused on a re-run only with the same code, settings and
+fp32 model (as in vision.py), so a sweep can be stopped and continued.
+
+    python benchmarks/tune.py                                  # both models, the 1-bit budget (hours on 2 cores)
+    python benchmarks/tune.py --models resnet_small --budgets 2bit 1bit
+    python benchmarks/tune.py --tiny --out /tmp/t              # seconds: digits, 2 steps, one lr (a smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import vision  # noqa: E402
+
+LRS = (3e-4, 1e-3, 3e-3)
+KNOBS = {"dkm": ("tau_scale", (0.02, 0.05, 0.1)),
+         "st_kmeans": ("centroid_lr_mult", (0.3, 1.0, 3.0)),
+         "qat_lsq": ("scale_lr_mult", (0.01, 0.1, 1.0)),
+         "coreml_dkm": ("palett_tau", (1e-5, 1e-4, 1e-3))}
+SCRIPT = Path(__file__).resolve()
+
+
+def grid(method: str, lrs=LRS):
+    """The settings tried for ``method``: every lr × every knob value (len(lrs) × 3)."""
+    knob, values = KNOBS[method]
+    return [{"lr": lr, knob: v} for lr, v in itertools.product(lrs, values)]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="smoke run: digits, resnet_small, 1bit, 2 steps, lr 1e-3")
+    p.add_argument("--data", choices=["fashion", "digits"], default=None)
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--budgets", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(KNOBS)}")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help=f"default {list(LRS)}")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--fp32-epochs", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=None)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--val-subset", type=int, default=None)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--tag", default="tuning")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    full = dict(data="fashion", models=["resnet_small", "mobilenet_small"], budgets=["1bit"], methods=list(KNOBS),
+                lrs=list(LRS), steps=150, fp32_epochs=4)
+    tiny = dict(data="digits", models=["resnet_small"], budgets=["1bit"], methods=list(KNOBS), lrs=[1e-3],
+                steps=2, fp32_epochs=1)
+    for k, v in (tiny if a.tiny else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.n_val is None:
+        a.n_val = 5000 if a.data == "fashion" else 300
+    a.test_subset = None
+    if not common.coreml_available() and "coreml_dkm" in a.methods:
+        print("coremltools is not installed: coreml_dkm is not tuned")
+        a.methods = [m for m in a.methods if m != "coreml_dkm"]
+    return a
+
+
+def tune_model(name, a, data, old, log):
+    """Sweep every (budget, method) of ``name``; returns (runs, chosen) and keeps ``old`` runs of the same key."""
+    fp32, info = vision.fp32_for(name, a, data, log)
+    key = {"settings": {k: getattr(a, k) for k in ("data", "steps", "iters", "fp32_epochs", "n_val", "train_subset",
+                                                   "val_subset")},
+           "code": common.code_version(SCRIPT, vision.SCRIPT)["sources"], "fp32_sha1": info["sha1"]}
+    prev = old.get("models", {}).get(name, {})
+    runs = prev.get("runs", []) if prev.get("key") == key else []
+    chosen = {}
+    for budget in a.budgets:
+        for method in a.methods:
+            tried = []
+            for hp in grid(method, a.lrs):
+                r = next((r for r in runs if (r["budget"], r["method"], r["hp"]) == (budget, method, hp)), None)
+                if r is None:
+                    r = vision.run_one(method, fp32, budget, 0, data, a, log, hp, evals=("val",))
+                    if r is None:
+                        break  # e.g. uniform QAT at a fractional budget
+                    runs.append(r)
+                    old.setdefault("models", {})[name] = {"key": key, "runs": runs}  # progress, for a re-run
+                    common.write_json(a.out / f"{a.tag}.json", old)
+                    log(f"[{name}] {budget} {method:<11} {hp}: val {100 * r['val_top1']:.2f}%  {r['wall_s']:.0f} s")
+                tried.append(r)
+            if tried:
+                best = max(tried, key=lambda r: r["val_top1"])  # first of equals: grid order
+                chosen.setdefault(budget, {})[method] = {"settings": best["hp"], "val_top1": best["val_top1"],
+                                                         "settings_tried": len(tried)}
+    return key, runs, chosen
+
+
+def write_md(res, a):
+    rows = []
+    for name, m in res["models"].items():
+        for r in m["runs"]:
+            pick = res["chosen"].get(name, {}).get(r["budget"], {}).get(r["method"], {}).get("settings") == r["hp"]
+            rows.append([name, r["budget"], vision.LABEL[r["method"]], r["hp"]["lr"],
+                         r["hp"][KNOBS[r["method"]][0]], KNOBS[r["method"]][0], f"{100 * r['val_top1']:.2f}",
+                         "**chosen**" if pick else ""])
+    counts = {}
+    for name, m in res["models"].items():
+        for r in m["runs"]:
+            counts.setdefault((name, r["budget"], r["method"]), 0)
+            counts[(name, r["budget"], r["method"])] += 1
+    s = res["settings"]
+    md = [f"# Hyperparameter sweep on the validation split ({'tiny' if a.tiny else 'full'} run)", "",
+          f"Command: `python benchmarks/tune.py{' --tiny' if a.tiny else ''}`; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s). Code {res['code']}.", "",
+          f"Data: {s['data']}, validation = {s['n_val']} images carved from the training data (seed 0); the test set "
+          f"is not used. Each fine-tuned method: lr in {s['lrs']} × its knob's 3 values, seed 0, {s['steps']} "
+          f"steps of batch 128, AdamW cosine to 0 (the vision benchmark's loop). Settings per (model, budget, "
+          f"method): {sorted(set(counts.values()))}. The chosen setting (best validation top-1, first in grid "
+          f"order among equals) is what `benchmarks/vision.py` uses.", "",
+          common.markdown_table(["model", "budget", "method", "lr", "knob value", "knob", "val top-1 %", ""], rows),
+          ""]
+    common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
+
+
+def main(argv=None):
+    a = parse(argv)
+    common.setup_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    data = vision.load_data(a)
+    del data["test"]  # tuning never sees the test set
+    path = a.out / f"{a.tag}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    t0 = time.perf_counter()
+    chosen = dict(old.get("chosen", {}))
+    for name in a.models:
+        key, runs, new = tune_model(name, a, data, old, print)
+        chosen[name] = {**chosen.get(name, {}), **new}
+        old.setdefault("models", {})[name] = {"key": key, "runs": runs}
+    res = dict(old, chosen=chosen, code=common.code_version(SCRIPT, vision.SCRIPT),
+               settings={"data": a.data, "steps": a.steps, "lrs": a.lrs, "knobs": {m: KNOBS[m] for m in a.methods},
+                         "n_val": a.n_val, "fp32_epochs": a.fp32_epochs, "train_subset": a.train_subset},
+               wall_s=time.perf_counter() - t0)
+    common.write_json(path, res)
+    write_md(res, a)
+    print(f"tuning: {sum(len(m['runs']) for m in res['models'].values())} runs; chosen:")
+    print(json.dumps(chosen, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

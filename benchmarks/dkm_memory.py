@@ -1,4 +1,6 @@
-"""Peak extra memory of one dkm_cluster forward + backward: direct autograd vs torchdkm's lean backward.
+"""Peak extra memory of one dkm_cluster forward + backward: direct autograd vs torchdkm's lean backward, at its
+default (an iteration's attention is kept for reuse within the call when it takes at most 64 MiB) and with
+``reuse_bytes=0`` (always recompute: extra memory O(N·d) whatever k).
 
 Each configuration runs in a fresh process. On CPU, "extra" is the rise of the peak RSS (VmHWM, reset
 through /proc/self/clear_refs just before the call) over the RSS at that moment, measured on a second
@@ -35,18 +37,20 @@ def _reset_peak_rss() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def run_one(impl: str, d: int, k: int, iters: int, device: str) -> dict:
+def run_one(impl: str, d: int, k: int, iters: int, device: str, numel: int = NUMEL) -> dict:
     import torch
 
     from torchdkm import dkm_cluster, dkm_cluster_reference, kmeans_init
     from torchdkm.functional import auto_tau
 
     torch.manual_seed(0)
-    w = (0.05 * torch.randn(NUMEL // d, d, device=device)).requires_grad_()
+    w = (0.05 * torch.randn(numel // d, d, device=device)).requires_grad_()
     c0 = kmeans_init(w, k)
     tau = auto_tau(c0, 0.05)
     up = torch.randn_like(w)
-    fn = dkm_cluster if impl == "lean" else dkm_cluster_reference
+    fns = {"direct": dkm_cluster_reference, "lean": dkm_cluster,
+           "lean_noreuse": lambda *args: dkm_cluster(*args, reuse_bytes=0)}
+    fn = fns[impl]
     # Warm-up with the same sizes: the first backward of a process allocates ~40 MiB of one-time state
     # (autograd engine, thread pools) that later steps reuse; training measures the steady state.
     wt, c = fn(w, c0, tau, iters)
@@ -70,28 +74,33 @@ def run_one(impl: str, d: int, k: int, iters: int, device: str) -> dict:
     return {"impl": impl, "d": d, "k": k, "iters": iters, "extra_bytes": peak - base, "weight_bytes": weight}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dims", default="1,4")
     p.add_argument("--iters", default="1,3,5")
+    p.add_argument("--ks", default=",".join(map(str, KS)), help="centroid counts")
+    p.add_argument("--numel", type=int, default=NUMEL, help="weights per tensor (a small grid: e.g. 65536)")
+    p.add_argument("--impls", default="direct,lean", help="of direct, lean, lean_noreuse (reuse_bytes=0)")
     p.add_argument("--out")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    ks = tuple(map(int, a.ks.split(",")))
     if a.child:
         impl, d, k, it = a.child.split(",")
-        print(json.dumps(run_one(impl, int(d), int(k), int(it), a.device)))
+        print(json.dumps(run_one(impl, int(d), int(k), int(it), a.device, a.numel)))
         return
     rows = []
     for d in map(int, a.dims.split(",")):
         for it in map(int, a.iters.split(",")):
-            for k in KS:
-                for impl in ("direct", "lean"):
-                    est = 4 * NUMEL * k * it * 4 / 2**30  # ~4 float32 N·k·d tensors kept per iteration
+            for k in ks:
+                for impl in a.impls.split(","):
+                    est = 4 * a.numel * k * it * 4 / 2**30  # ~4 float32 N·k·d tensors kept per iteration
                     if impl == "direct" and est > DIRECT_LIMIT_GIB:
                         rows.append({"impl": impl, "d": d, "k": k, "iters": it, "skipped": est})
                         continue
-                    cmd = [sys.executable, __file__, "--device", a.device, "--child", f"{impl},{d},{k},{it}"]
+                    cmd = [sys.executable, __file__, "--device", a.device, "--numel", str(a.numel),
+                           "--child", f"{impl},{d},{k},{it}"]
                     # Fixed mmap threshold and immediate trimming: RSS then follows live allocations.
                     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
                     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -99,32 +108,36 @@ def main():
                         raise SystemExit(out.stderr[-2000:])
                     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                     print(rows[-1], file=sys.stderr)
-    lines = [f"One dkm_cluster forward+backward, {NUMEL} weights (float32, {NUMEL * 4 / 2**20:.0f} MiB), "
-             f"device {a.device}. Extra memory in MiB and as a multiple of the weight tensor.", "",
-             "| d | iters | k | direct MiB | lean MiB | direct × weight | lean × weight | lean × weight beyond output+grad |",
-             "|---|---|---|---|---|---|---|---|"]
-    worst = 0.0
+    impls = a.impls.split(",")
+    lines = [f"One dkm_cluster forward+backward, {a.numel} weights (float32, {a.numel * 4 / 2**20:g} MiB), "
+             f"device {a.device}. Extra memory in MiB and, in brackets, as a multiple of the weight tensor; "
+             f"output W~ and gradient dL/dW are 2× of it in any training step.", "",
+             "| d | iters | k | " + " | ".join(f"{i} MiB [× weight]" for i in impls) + " |",
+             "|---|---|---|" + "---|" * len(impls)]
+    worst = {i: 0.0 for i in impls if i != "direct"}
     for d in map(int, a.dims.split(",")):
         for it in map(int, a.iters.split(",")):
-            for k in KS:
-                dr = next(r for r in rows if (r["impl"], r["d"], r["k"], r["iters"]) == ("direct", d, k, it))
-                ln = next(r for r in rows if (r["impl"], r["d"], r["k"], r["iters"]) == ("lean", d, k, it))
-                wb = ln["weight_bytes"]
-                lean_x = ln["extra_bytes"] / wb
-                worst = max(worst, lean_x - 2)
-                if "skipped" in dr:
-                    dmib, dx = f"skipped (~{dr['skipped']:.0f} GiB est.)", "-"
-                else:
-                    dmib, dx = f"{dr['extra_bytes'] / 2**20:.1f}", f"{dr['extra_bytes'] / wb:.1f}"
-                lines.append(f"| {d} | {it} | {k} | {dmib} | {ln['extra_bytes'] / 2**20:.1f} | {dx} | "
-                             f"{lean_x:.2f} | {lean_x - 2:.2f} |")
-    lines += ["", f"lean path, worst case over the grid: {worst:.2f}× the weight tensor beyond output and gradient"]
+            for k in ks:
+                cells = []
+                for impl in impls:
+                    r = next(r for r in rows if (r["impl"], r["d"], r["k"], r["iters"]) == (impl, d, k, it))
+                    if "skipped" in r:
+                        cells.append(f"skipped (~{r['skipped']:.0f} GiB est.)")
+                        continue
+                    x = r["extra_bytes"] / r["weight_bytes"]
+                    if impl in worst:
+                        worst[impl] = max(worst[impl], x - 2)
+                    cells.append(f"{r['extra_bytes'] / 2**20:.1f} [{x:.2f}]")
+                lines.append(f"| {d} | {it} | {k} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"{i}, worst case over the grid: {v:.2f}× the weight tensor beyond output and gradient"
+                     for i, v in worst.items()]
     text = "\n".join(lines)
     print(text)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
             f.write(text + "\n")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,15 +1,30 @@
-"""MiniLM fine-tuning step: plain vs torchdkm vs coremltools DKMPalettizer, each in its own process.
+"""Training-step time and peak memory: plain vs torchdkm vs coremltools DKMPalettizer, each in its own process.
 
-all-MiniLM-L6-v2 + a 5-class head on BBC News text, batch 32 × 64 tokens, AdamW, every Linear layer of
-the encoder at 4 bits (1-D clusters). Prints median step time, first-step time (DKM initialisation
-included) and peak RSS per method, and the ratios measured in this run.
+Workloads (every one trains the same model, batch and optimizer with each method):
 
-    python benchmarks/dkm_step.py                     # all three (coremltools only if installed)
-    python benchmarks/dkm_step.py --steps 6 --coreml-steps 3 --out benchmarks/results/dkm_step.md
+* ``minilm_*``: all-MiniLM-L6-v2 + a 5-class head on BBC News text, batch 32 × 64 tokens, AdamW (lr 2e-5);
+  every Linear layer of the encoder is clustered (4, 2 or 6 bits with 1-D clusters, or 16 centroids of
+  4-D vectors = 1 bit per weight).
+* ``resnet_small_*``, ``mobilenet_small_*``: the vision benchmark's small CNNs on a batch of 128 synthetic
+  1×28×28 images, SGD with momentum; every Conv2d and Linear layer is clustered whatever its size
+  (2 bits = 4 centroids, 1-D; 1 bit = 16 centroids of 4-D vectors).
+
+coremltools clusters exactly the same layers (``module_name_configs``), not its defaults.
+
+Warm-up rule: the first ``--warmup`` steps (default 5) of every process are dropped: they include
+torchdkm's k-means initialisation and PyTorch's allocator/kernel warm-up (plain training's first steps are
+3-10x slower than the rest). The table gives the median of the remaining steps with their interquartile
+range, and a steady-state check: the median of the second half of the kept steps over the first half
+("drift"; near 0 % when the warm-up rule held). Ratios are medians of this one run.
+
+    python benchmarks/dkm_step.py --out benchmarks/results/dkm_step.md
+    python benchmarks/dkm_step.py --workloads minilm_4b --coreml-steps 0        # one row, no coremltools
+    python benchmarks/dkm_step.py --quick --steps 3 --warmup 1 --coreml-steps 0  # seconds (CI)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,29 +34,37 @@ import subprocess
 import sys
 import time
 
-BATCH, SEQ, CLASSES = 32, 64, 5
+WORKLOADS = {  # name: (model, bits, dim)
+    "minilm_4b": ("minilm", 4, 1),
+    "minilm_2b": ("minilm", 2, 1),
+    "minilm_6b": ("minilm", 6, 1),
+    "minilm_4b_d4": ("minilm", 4, 4),
+    "resnet_small_2b": ("resnet_small", 2, 1),
+    "resnet_small_1b": ("resnet_small", 4, 4),
+    "mobilenet_small_2b": ("mobilenet_small", 2, 1),
+    "mobilenet_small_1b": ("mobilenet_small", 4, 4),
+}
+METHODS = ("plain", "torchdkm", "coremltools")
+MINILM_BATCH, SEQ, CLASSES = 32, 64, 5
+CONV_BATCH = 128
 
 
-def _batch():
-    """A fixed batch of real BBC News text, tokenised to 32 × 64."""
+# ------------------------------------------------------------------------------------------------ workloads
+
+
+def _minilm(quick: bool, device):
+    """(model, batch tuple, loss fn, optimizer factory, names of the layers to cluster)."""
     import torch
-    from transformers import AutoTokenizer
+    from torch import nn
+    from transformers import AutoModel, AutoTokenizer
 
     from minilm import minilm_path
     from torchdkm.app.zoo.data import load_bbc_news
 
+    batch, seq = (4, 16) if quick else (MINILM_BATCH, SEQ)
     texts, labels, *_ = load_bbc_news()
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    enc = tok(list(texts[:BATCH]), padding="max_length", truncation=True, max_length=SEQ, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"], torch.tensor(list(labels[:BATCH]))
-
-
-def _model():
-    import torch
-    from torch import nn
-    from transformers import AutoModel
-
-    from minilm import minilm_path
+    enc = tok(list(texts[:batch]), padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
 
     class Classifier(nn.Module):
         def __init__(self):
@@ -55,116 +78,199 @@ def _model():
             return self.head((h * m).sum(1) / m.sum(1))
 
     torch.manual_seed(0)
-    return Classifier()
+    model = Classifier().to(device)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
+    inputs = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
+    y = torch.tensor(list(labels[:batch]), device=device)
+    return model, inputs, y, lambda params: torch.optim.AdamW(params, lr=2e-5), names, f"batch {batch}×{seq} tokens"
 
 
-def _linear_names(model):
+def _conv(name: str, quick: bool, device):
+    import torch
     from torch import nn
 
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
+    from torchdkm.app.zoo.models import build_model
+
+    batch = 8 if quick else CONV_BATCH
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    opt = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)  # noqa: E731
+    return model, (x,), y, opt, names, f"batch {batch}×1×28×28"
 
 
-def run_one(method: str, steps: int, bits: int) -> dict:
-    """Runs in a child process: time `steps` training steps of one method."""
+def _coreml(model, names, bits, dim):
+    import contextlib
+    import io
+    import logging
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from coremltools.optimize.torch.palettization import (DKMPalettizer, DKMPalettizerConfig,
+                                                              ModuleDKMPalettizerConfig)
+    cfg = ModuleDKMPalettizerConfig(n_bits=bits, cluster_dim=None if dim == 1 else dim, weight_threshold=0)
+    pal = DKMPalettizer(model, DKMPalettizerConfig(module_name_configs={n: cfg for n in names}))
+    model = pal.prepare(inplace=True)
+    done = sum(hasattr(m, "weight_fake_quant") for m in model.modules())
+    return model, pal.step, done
+
+
+def run_one(method: str, workload: str, steps: int, quick: bool, device: str) -> dict:
+    """Runs in a child process: time ``steps`` training steps of one method on one workload."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    ids, mask, y = _batch()
-    model = _model()
-    hook = None
+    kind, bits, dim = WORKLOADS[workload]
+    model, inputs, y, make_opt, names, desc = (_minilm(quick, device) if kind == "minilm"
+                                               else _conv(kind, quick, device))
+    hook, clustered, iters_log = None, 0, None
+    stack = contextlib.ExitStack()
     if method == "torchdkm":
         import torchdkm
+        from torchdkm.functional import record_iterations
 
-        rules = {n: torchdkm.DKMConfig(bits=bits, min_numel=0) for n in _linear_names(model)}
-        torchdkm.prepare(model, torchdkm.DKMConfig(bits=bits), rules={**rules, "re:.*": None})
+        cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0)
+        # exactly the named layers: the global config's size floor leaves every other layer alone
+        torchdkm.prepare(model, cfg.replace(min_numel=1 << 62), rules={n: cfg for n in names})
+        clustered = sum(1 for m in model.modules() if torchdkm.parametrization.dkm_parametrization(m) is not None)
+        iters_log = stack.enter_context(record_iterations())
     elif method == "coremltools":
-        from coremltools.optimize.torch.palettization import (
-            DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig)
-
-        cfg = ModuleDKMPalettizerConfig(n_bits=bits, weight_threshold=0)
-        config = DKMPalettizerConfig()
-        for n in _linear_names(model):
-            config.set_module_name(n, cfg)
-        pal = DKMPalettizer(model, config)
-        model = pal.prepare()
-        hook = pal.step
+        model, hook, clustered = _coreml(model, names, bits, dim)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    times = []
+    opt = make_opt(model.parameters())
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times, iters = [], []
     for _ in range(steps):
+        sync()
         t = time.perf_counter()
+        if iters_log is not None:
+            iters_log.clear()
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(ids, mask), y)
+        loss = torch.nn.functional.cross_entropy(model(*inputs), y)
         loss.backward()
         opt.step()
         if hook is not None:
             hook()
+        sync()
         times.append(time.perf_counter() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024  # Linux: KiB -> GiB
-    return {"method": method, "first_s": times[0], "median_s": statistics.median(times[1:]), "steps": steps,
-            "times": times, "peak_rss_gib": rss, "threads": torch.get_num_threads(), "loss": float(loss)}
+        if iters_log is not None:
+            iters.append(list(iters_log))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+    out = {"method": method, "workload": workload, "times": times, "peak_rss_gib": rss, "layers": len(names),
+           "clustered": clustered, "threads": torch.get_num_threads(), "torch": torch.__version__, "desc": desc,
+           "loss": float(loss)}
+    if device.startswith("cuda"):
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if iters:
+        out["iterations"] = iters  # per step: k-means iterations run by each clustered layer
+    return out
 
 
-def _child(method, steps, bits):
-    cmd = [sys.executable, __file__, "--child", method, "--steps", str(steps), "--bits", str(bits)]
+# ------------------------------------------------------------------------------------------------ parent
+
+
+def steady(times, warmup: int) -> dict:
+    """Median and quartiles of the steps after the first ``warmup``, and the drift between their halves."""
+    kept = times[warmup:]
+    if not kept:
+        raise SystemExit(f"{len(times)} steps with --warmup {warmup}: no step left to measure")
+    q = statistics.quantiles(kept, n=4, method="inclusive") if len(kept) > 1 else [kept[0]] * 3
+    h = len(kept) // 2
+    drift = statistics.median(kept[h:]) / statistics.median(kept[:h]) - 1 if h else 0.0
+    return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(kept), "drift": drift, "first": times[0]}
+
+
+def _child(method, workload, steps, a):
+    cmd = [sys.executable, __file__, "--child", f"{method},{workload}", "--steps", str(steps), "--device", a.device]
+    if a.quick:
+        cmd.append("--quick")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{method} on {workload} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=6, help="steps for plain and torchdkm (first one is reported apart)")
-    p.add_argument("--coreml-steps", type=int, default=3, help="steps for coremltools (0 skips it)")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--out", help="also write the table to this markdown file")
-    p.add_argument("--coreml-result", help="JSON line of an earlier `--child coremltools` run on this machine "
-                                           "(its first step takes minutes); labelled as such in the table")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child:
-        print(json.dumps(run_one(a.child, a.steps, a.bits)))
-        return
-    methods = [("plain", a.steps), ("torchdkm", a.steps)]
-    try:
-        import coremltools  # noqa: F401
+def _cell(s):
+    return f"{s['median']:.3f} [{s['q1']:.3f}–{s['q3']:.3f}]" if s else "-"
 
-        if a.coreml_steps > 0:
-            methods.append(("coremltools", a.coreml_steps))
-    except ImportError:
-        print("coremltools not installed: skipping its column", file=sys.stderr)
+
+def table(res: dict, a) -> str:
+    any_r = next(iter(next(iter(res.values())).values()))
+    lines = [f"{platform.machine()}, {os.cpu_count()} CPUs, torch {any_r['torch']}, {any_r['threads']} threads, "
+             f"device {a.device}. Step time in seconds: median [interquartile range] of the steps after the "
+             f"first {a.warmup} (warm-up rule); drift = median of the second half of those steps over the first.",
+             "",
+             "| workload | plain s | torchdkm s | coremltools s | torchdkm / plain | coremltools / plain | "
+             "peak RSS GiB plain / torchdkm / coremltools | k-means iterations per layer-step | drift plain / torchdkm |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for wl, r in res.items():
+        s = {m: steady(r[m]["times"], a.warmup) if m in r else None for m in METHODS}
+        ratio = lambda m: f"{s[m]['median'] / s['plain']['median']:.2f}×" if s[m] and s["plain"] else "-"  # noqa
+        rss = " / ".join(f"{r[m]['peak_rss_gib']:.2f}" if m in r else "-" for m in METHODS)
+        its = "-"
+        if "torchdkm" in r:
+            flat = [i for step in r["torchdkm"]["iterations"][a.warmup:] for i in step]
+            its = f"{statistics.mean(flat):.2f} (max {max(flat)})" if flat else "-"
+        drift = " / ".join(f"{s[m]['drift']:+.0%}" if s[m] else "-" for m in ("plain", "torchdkm"))
+        model, bits, dim = WORKLOADS[wl]
+        label = f"{wl} ({r['plain']['desc']}, {r['plain']['layers']} layers, k={2 ** bits}, d={dim})"
+        if "coremltools" in r and r["coremltools"]["clustered"] < r["coremltools"]["layers"]:
+            label += f"; coremltools clustered {r['coremltools']['clustered']} of them"
+        lines.append(f"| {label} | {_cell(s['plain'])} | {_cell(s['torchdkm'])} | {_cell(s['coremltools'])} | "
+                     f"{ratio('torchdkm')} | {ratio('coremltools')} | {rss} | {its} | {drift} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--steps", type=int, default=20, help="steps per process for plain and torchdkm, warm-up included")
+    p.add_argument("--warmup", type=int, default=5, help="first steps dropped from every process")
+    p.add_argument("--coreml-steps", type=int, default=8, help="steps for coremltools, warm-up included (0 skips it)")
+    p.add_argument("--coreml-workloads", nargs="+", default=None, help="workloads with a coremltools run (default all)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quick", action="store_true", help="tiny batches (seconds): for CI, not for figures")
+    p.add_argument("--out", help="also write the table (markdown) and the raw runs (.json next to it)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        method, workload = a.child.split(",")
+        print(json.dumps(run_one(method, workload, a.steps, a.quick, a.device)))
+        return None
+    if a.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
+    cm_ok = a.coreml_steps > a.warmup
+    if cm_ok:
+        try:
+            import coremltools  # noqa: F401
+        except ImportError:
+            print("coremltools not installed: skipping its column", file=sys.stderr)
+            cm_ok = False
     res = {}
-    if a.coreml_result:
-        with open(a.coreml_result) as f:
-            res["coremltools"] = dict(json.loads(f.read().strip().splitlines()[-1]), separate_run=True)
-        methods = [(m, s) for m, s in methods if m != "coremltools"]
-    for m, steps in methods:
-        res[m] = _child(m, steps, a.bits)
-        print(f"{m}: {json.dumps(res[m])}", file=sys.stderr)
-    lines = [
-        f"MiniLM-L6 + head, batch {BATCH}×{SEQ}, AdamW, every encoder Linear at {a.bits} bits; "
-        f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {res['plain']['threads']}",
-        "",
-        "| method | median step s | first step s | peak RSS GiB | steps |",
-        "|---|---|---|---|---|",
-    ]
-    for m, r in sorted(res.items(), key=lambda kv: ["plain", "torchdkm", "coremltools"].index(kv[0])):
-        lines.append(f"| {m}{' (separate run)' if r.get('separate_run') else ''} | {r['median_s']:.2f} | {r['first_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['steps']} |")
-    pl, td = res["plain"], res["torchdkm"]
-    lines += ["", f"torchdkm / plain: step {td['median_s'] / pl['median_s']:.2f}x, "
-                  f"RSS {td['peak_rss_gib'] / pl['peak_rss_gib']:.2f}x, "
-                  f"first step - plain step = {td['first_s'] - pl['median_s']:.1f} s"]
-    if "coremltools" in res:
-        cm = res["coremltools"]
-        lines.append(f"coremltools / torchdkm: step {cm['median_s'] / td['median_s']:.1f}x, "
-                     f"RSS {cm['peak_rss_gib'] / td['peak_rss_gib']:.1f}x, first step {cm['first_s'] / td['first_s']:.0f}x")
-    text = "\n".join(lines)
+    for wl in a.workloads:
+        res[wl] = {}
+        for m in METHODS:
+            if m == "coremltools" and not (cm_ok and (a.coreml_workloads is None or wl in a.coreml_workloads)):
+                continue
+            t0 = time.perf_counter()
+            res[wl][m] = _child(m, wl, a.coreml_steps if m == "coremltools" else a.steps, a)
+            print(f"{wl} {m}: {time.perf_counter() - t0:.0f} s, steps {[round(x, 3) for x in res[wl][m]['times']]}",
+                  file=sys.stderr)
+    text = table(res, a)
     print(text)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
             f.write(text + "\n")
+        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+            json.dump({"args": {k: v for k, v in vars(a).items() if k != "child"}, "runs": res}, f, indent=1)
+    return res
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ class DKMConfig:
     iters:     maximum k-means iterations per forward pass (warm-started from the last step).
     eps, eps_rel: stop early after an iteration when max|C_new - C| <= max(eps, eps_rel * s), s = the median
                distance of a centroid to its nearest other centroid at the start of the step. ``eps_rel`` is
-               scale-free (default: no centroid moved 0.1% of the typical spacing); ``eps`` is absolute; both 0
+               scale-free (default: no centroid moved 1% of the typical spacing); ``eps`` is absolute; both 0
                run exactly ``iters`` iterations.
     save_attention: keep the forward's last attention (N × k, up to 64 MiB per layer) until backward, which then
                recomputes it once less; memory is held between forward and backward (default off).
@@ -61,7 +61,7 @@ class DKMConfig:
     hard_forward: bool = False
     iters: int = 3
     eps: float = 0.0
-    eps_rel: float = 1e-3
+    eps_rel: float = 1e-2
     save_attention: bool = False
     min_numel: int = 4096
     seed: int = 0

@@ -326,18 +326,19 @@ def mse_range(flat: torch.Tensor, qmax: int, grid: int = 20):
     ``grid`` values in (0, 1] (both ends searched apart: one outlier should not shrink the other side)."""
     lo0, hi0 = flat.min(1).values, flat.max(1).values
     m = flat.median(1).values
+    fracs = torch.linspace(1.0 / grid, 1.0, grid, dtype=flat.dtype)[:, None]  # (grid, 1)
     best = torch.full_like(lo0, float("inf"))
     b_lo, b_hi = lo0.clone(), hi0.clone()
-    fracs = torch.linspace(1.0 / grid, 1.0, grid).tolist()
-    for f in fracs:
-        for g in fracs:
-            lo, hi = m - f * (m - lo0), m + g * (hi0 - m)
-            s = ((hi - lo) / qmax).clamp_min(1e-12)[:, None]
-            q = ((flat - lo[:, None]) / s).round().clamp(0, qmax) * s + lo[:, None]
-            err = (q - flat).pow(2).sum(1)
-            better = err < best
-            best = torch.where(better, err, best)
-            b_lo, b_hi = torch.where(better, lo, b_lo), torch.where(better, hi, b_hi)
+    los = m - fracs * (m - lo0)  # (grid, C): every lower end at once, one upper end per pass
+    for g in fracs[:, 0].tolist():
+        hi = (m + g * (hi0 - m)).expand_as(los)
+        s = ((hi - los) / qmax).clamp_min(1e-12)[..., None]
+        q = ((flat - los[..., None]) / s).round().clamp(0, qmax) * s + los[..., None]
+        err, i = (q - flat).pow(2).sum(2).min(0)  # best lower end per channel for this upper end
+        better = err < best
+        best = torch.where(better, err, best)
+        b_lo = torch.where(better, los.gather(0, i[None])[0], b_lo)
+        b_hi = torch.where(better, hi[0], b_hi)
     return b_lo, b_hi
 
 

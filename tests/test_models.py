@@ -57,8 +57,11 @@ def test_imagenet_forward_shape(name):
 
 
 def test_registry_builds_every_name():
-    assert set(MODEL_NAMES) == {"resnet_small", "mobilenet_small", "resnet50", "mobilenet_v1", "mlp"}
+    assert set(MODEL_NAMES) == {"resnet_small", "mobilenet_small", "resnet50", "mobilenet_v1", "mlp", "small_cnn"}
     assert isinstance(build_model("resnet_small", width=8), ResNetSmall)
+    cnn = build_model("small_cnn")
+    assert cnn(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sum(p.numel() for p in cnn.parameters()) == 215_418  # the demo's "0.22 M parameters"
     assert isinstance(build_model("mlp", in_features=64, hidden=16, num_classes=10), MLP)
 
 

@@ -83,6 +83,14 @@ def parse(argv=None):
     p.add_argument("--centroid-lr-mult", type=float, default=None, help="STE centroid lr multiplier (override)")
     p.add_argument("--scale-lr-mult", type=float, default=None, help="QAT scale/offset lr multiplier (override)")
     p.add_argument("--palett-tau", type=float, default=None, help="coremltools palett_tau (override)")
+    p.add_argument("--tau-scale-end", type=float, default=None,
+                   help="DKM: anneal tau_scale to this value over the fine-tuning (torchdkm.step each step)")
+    p.add_argument("--hard-forward", action="store_true", help="DKM: DKMConfig(hard_forward=True)")
+    p.add_argument("--kd", type=float, default=0.0,
+                   help="distillation weight alpha for EVERY fine-tuned method: (1-alpha) CE + alpha KD(fp32 teacher)")
+    p.add_argument("--kd-temperature", type=float, default=2.0)
+    p.add_argument("--bn-recal", type=int, default=0,
+                   help="re-estimate BatchNorm statistics on this many training batches after EVERY method")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--fp32-epochs", type=int, default=None)
     p.add_argument("--n-val", type=int, default=None, help="validation examples carved from the training data")
@@ -149,8 +157,11 @@ def method_ptq_kmeans(model, fp32, cfg, hp, fit, log):
 
 
 def method_dkm(model, fp32, cfg, hp, fit, log):
-    torchdkm.prepare(model, cfg.replace(tau_scale=hp["tau_scale"]))
-    fit(model)
+    sched = {} if hp.get("tau_scale_end") is None else dict(tau_scale_end=hp["tau_scale_end"],
+                                                              anneal_steps=hp["steps"])
+    torchdkm.prepare(model, cfg.replace(tau_scale=hp["tau_scale"], hard_forward=hp.get("hard_forward", False),
+                                        **sched))
+    fit(model, after_step=lambda: torchdkm.step(model))
     torchdkm.finalize(model)
     return model, common.clustered_size(fp32, cfg)
 
@@ -191,15 +202,33 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
     cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters)
     x, y = data["train"]
     model = copy.deepcopy(fp32)
+    hp = dict(hp, steps=a.steps, **({"tau_scale_end": a.tau_scale_end, "hard_forward": a.hard_forward}
+                                    if method == "dkm" else {}))
+    loss_fn = None
+    if a.kd > 0:  # the same distillation for every fine-tuned method
+        teacher = copy.deepcopy(fp32).eval()
+        hp.update(kd=a.kd, kd_temperature=a.kd_temperature)
+
+        def loss_fn(m, xb, yb):
+            out = m(xb)
+            with torch.no_grad():
+                t = teacher(xb)
+            kd = torchdkm.distillation_loss(out, t, temperature=a.kd_temperature)
+            return (1 - a.kd) * torch.nn.functional.cross_entropy(out, yb) + a.kd * kd
 
     def fit(m, after_step=None, lr_mult=None):
         common.train(m, x, y, steps=a.steps, lr=hp["lr"], seed=seed, after_step=after_step, lr_mult=lr_mult,
-                     progress=not a.no_progress, desc=f"{method} {budget} s{seed}")
+                     progress=not a.no_progress, desc=f"{method} {budget} s{seed}", loss_fn=loss_fn)
 
     t0, c0 = time.perf_counter(), time.process_time()
     model, size = METHOD_FNS[method](model, fp32, cfg, hp, fit, log)
     if model is None:
         return None
+    if a.bn_recal:  # BatchNorm statistics of the final weights, the same for every method
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(y), generator=g)[: 128 * a.bn_recal].split(128)
+        torchdkm.recalibrate_batchnorm(model, (x[i] for i in idx))
+        hp = dict(hp, bn_recal=a.bn_recal)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     accs = {("top1" if e == "test" else f"{e}_top1"): common.accuracy(model, *data[e]) for e in evals}
     return dict(method=method, budget=budget, bits=bits, dim=dim, seed=seed, hp=hp, **accs, wall_s=wall, cpu_s=cpu,
@@ -221,7 +250,8 @@ def fp32_for(name, a, data, log):
 def run_model(name, a, data, log):
     path = a.out / f"{a.tag}_{name}.json"
     settings = {k: getattr(a, k) for k in ("data", "steps", "iters", "fp32_epochs", "n_val", "train_subset",
-                                           "val_subset", "test_subset")}
+                                           "val_subset", "test_subset", "tau_scale_end", "hard_forward", "kd",
+                                           "kd_temperature", "bn_recal")}
     t0 = time.perf_counter()
     fp32, info = fp32_for(name, a, data, log)
     key = {"settings": settings, "code": common.code_version(SCRIPT)["sources"], "fp32_sha1": info["sha1"]}
@@ -271,9 +301,17 @@ def run_model(name, a, data, log):
 
 
 def _hp_text(method, hp):
+    extra = ([f"BN re-estimated ({hp['bn_recal']} batches)"] if hp.get("bn_recal") else [])
     if method == "ptq_kmeans":
-        return "-"
-    return f"lr {hp['lr']:g}, {KNOB[method]} {hp[KNOB[method]]:g}"
+        return ", ".join(extra) or "-"
+    parts = [f"lr {hp['lr']:g}", f"{KNOB[method]} {hp[KNOB[method]]:g}"]
+    if hp.get("tau_scale_end") is not None:
+        parts[-1] += f" -> {hp['tau_scale_end']:g} (cosine)"
+    if hp.get("hard_forward"):
+        parts.append("hard forward")
+    if hp.get("kd"):
+        parts.append(f"KD {hp['kd']:g} @T{hp['kd_temperature']:g}")
+    return ", ".join(parts + extra)
 
 
 def summarize(results, a):

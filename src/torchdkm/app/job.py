@@ -12,6 +12,7 @@ evaluates, writes files and shows progress.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
@@ -26,8 +27,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..api import finalize, initialize, prepare
+from ..config import DKMConfig
+from ..distill import distillation_loss
 from ..errors import ConfigError, NonFiniteError
 from ..stats import dkm_layer_stats, weights_and_centroids
+from ..training import recalibrate_batchnorm, soft_weights
+from ..training import step as dkm_step
 from . import distributed as D
 from .build import build_data, build_model, build_optimizer, build_scheduler
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -49,6 +54,7 @@ class Job:
         self.metrics: list = []
         self.summary: dict = {}
         self.saved_at: Optional[str] = None  # "phase epoch" of the last checkpoint written, for Ctrl-C
+        self.teacher: Optional[nn.Module] = None  # the fp32 model, with training.distill > 0
 
     # ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -104,7 +110,14 @@ class Job:
 
         # phase 2: DKM fine-tuning
         comp = self.recipe.compression
-        prepare(model, comp.config, comp.rules)
+        if self.t.distill > 0:  # the fp32 model as it enters compression; kept in DKM checkpoints for resume
+            self.teacher = copy.deepcopy(model).eval()
+            if ckpt is not None and "teacher" in ckpt:
+                self.teacher.load_state_dict(ckpt["teacher"])
+            self.teacher.requires_grad_(False)
+        dkm_steps = self.t.epochs * self._steps_per_epoch()
+        prepare(model, _with_schedule(comp.config, dkm_steps), {k: _with_schedule(c, dkm_steps) if c else c
+                                                                 for k, c in comp.rules.items()})
         dkm_ckpt = ckpt if ckpt is not None and ckpt["phase"] == "dkm" else None
         if dkm_ckpt is not None:
             model.load_state_dict(dkm_ckpt["model"])
@@ -112,6 +125,8 @@ class Job:
             initialize(model)  # k-means now, deterministically on every rank, before DDP sees the model
             self.summary["acc_kmeans_init"] = self._evaluate(model)[1]
         self._train_phase(model, "dkm", self.t.epochs, self.t.lr, dkm_ckpt)
+        if self.t.bn_recal_batches and self.t.epochs:
+            self._recalibrate_bn(model)
 
         # finish: snap to centroids, check ranks agree, write everything
         snapshot = weights_and_centroids(model) if self.ctx.is_main else {}
@@ -192,12 +207,19 @@ class Job:
                 except NonFiniteError as e:  # a DKM layer refused a NaN/inf weight: say when
                     raise self._non_finite(f"at {where}: {e}") from None
                 loss = F.cross_entropy(logits, y)
+                if phase == "dkm" and self.teacher is not None:
+                    with torch.no_grad():
+                        t_logits = _logits(self.teacher, x)
+                    kd = distillation_loss(logits, t_logits, temperature=self.t.distill_temperature)
+                    loss = (1 - self.t.distill) * loss + self.t.distill * kd
                 if not bool(torch.isfinite(loss)):
                     raise self._non_finite(f"at {where}: the loss is {float(loss.detach())}"
                                            f"{_first_non_finite(model, ' (first non-finite tensor: {})')}")
                 loss.backward()
                 opt.step()
                 sched.step()
+                if phase == "dkm":
+                    dkm_step(model)  # the temperature schedule's clock (a buffer: checkpointed with the model)
                 loss_sum += loss.detach()
                 correct += (logits.detach().argmax(1) == y).sum()
             bad = _first_non_finite(model)  # the last step's update may have broken a weight: never checkpoint it
@@ -210,14 +232,33 @@ class Job:
             if ctx.is_main:
                 row["test_loss"], row["test_acc"] = self._evaluate(model)
                 if phase == "dkm":
+                    with soft_weights(model):  # the same network with its soft weights A·C: the gap to close
+                        row["test_loss_soft"], row["test_acc_soft"] = self._evaluate(model)
                     stats = dkm_layer_stats(model)
                     row["dkm"] = stats
-                    row["mean_entropy"] = sum(s["entropy"] for s in stats.values()) / max(len(stats), 1)
+                    for key in ("entropy", "gap"):
+                        row[f"mean_{key}"] = sum(s[key] for s in stats.values()) / max(len(stats), 1)
                 self.metrics.append(row)
                 self._save(phase, epoch + 1, model, opt, sched)
                 tqdm.write(_epoch_line(label, epoch + 1, epochs, row))
                 sys.stdout.flush()  # one line per epoch, visible at once when stdout is a log file
             model.train()
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, as _train_phase's loader makes them (drop_last, batch split over ranks)."""
+        per_rank = len(self.train_set) // self.ctx.world_size
+        return per_rank // (self.t.batch_size // self.ctx.world_size)
+
+    def _recalibrate_bn(self, model: nn.Module) -> None:
+        """BatchNorm statistics of the hard weights, from the first training batches (rank 0's order)."""
+        loader = DataLoader(self.train_set, batch_size=self.t.batch_size, shuffle=False)
+        n = recalibrate_batchnorm(model, (_to(x, self.ctx.device) for x, _ in loader),
+                                  forward=lambda m, x: _logits(m, x), max_batches=self.t.bn_recal_batches)
+        if n and self.ctx.is_main:
+            loss, acc = self._evaluate(model)
+            self.summary.update(acc_after_bn_recal=acc, bn_recal_batches=n)
+            tqdm_write(f"BatchNorm statistics re-estimated on {n} batches under the hard weights: test accuracy "
+                       f"{100 * acc:.2f}%")
 
     def _non_finite(self, what: str) -> NonFiniteError:
         """The error that stops a run gone NaN/inf: what, where, and the last good checkpoint (never overwritten)."""
@@ -234,6 +275,8 @@ class Job:
         state = {"phase": phase, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "rng": rng_state(), "metrics": self.metrics,
                  "summary": self.summary, "recipe": self.recipe.raw, "world_size": self.ctx.world_size}
+        if phase == "dkm" and self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
         save_checkpoint(self.ckpt_path, state)
         write_metrics(self.out, self.metrics)
         self.saved_at = f"{phase} epoch {epoch}"
@@ -262,6 +305,20 @@ def compress(recipe_path, out_dir=None, resume: bool = False) -> dict:
     recipe = load_recipe(recipe_path)
     out = out_dir if out_dir is not None else Path("runs") / Path(recipe_path).stem
     return Job(recipe, out, resume, recipe_path=str(recipe_path)).run()
+
+
+def _with_schedule(cfg: DKMConfig, steps: int) -> DKMConfig:
+    """A config with tau_scale_end but no anneal_steps anneals over all DKM steps of the run."""
+    if cfg.tau_scale_end is not None and not cfg.anneal_steps and steps > 0:
+        return cfg.replace(anneal_steps=steps)
+    return cfg
+
+
+def tqdm_write(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def _to(x, device):
@@ -293,8 +350,10 @@ def _seed_everything(seed: int) -> None:
 def _epoch_line(label: str, epoch: int, epochs: int, row: dict) -> str:
     line = (f"{label} epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, "
             f"test acc {100 * row['test_acc']:.2f}%, {row['epoch_s']:.1f} s")
+    if "test_acc_soft" in row:
+        line += f" (soft weights {100 * row['test_acc_soft']:.2f}%)"
     if "mean_entropy" in row:
-        line += f", attention entropy {row['mean_entropy']:.3f}"
+        line += f", attention entropy {row['mean_entropy']:.3f}, soft-hard gap {row['mean_gap']:.3f}"
     return line
 
 

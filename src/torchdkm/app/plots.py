@@ -44,6 +44,10 @@ def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = No
         label = "fp32 training" if phase == "fp32" else "DKM fine-tuning (eval = hard clusters)"
         ax_loss.plot([x[i] for i in idx], [metrics[i]["train_loss"] for i in idx], "o-", color=color, label=label)
         ax_acc.plot([x[i] for i in idx], [100 * metrics[i]["test_acc"] for i in idx], "o-", color=color, label=label)
+        soft = [i for i in idx if "test_acc_soft" in metrics[i]]
+        if soft:  # the same network with its soft weights A·C: the soft-to-hard gap at a glance
+            ax_acc.plot([x[i] for i in soft], [100 * metrics[i]["test_acc_soft"] for i in soft], "s--", color=color,
+                        alpha=0.6, label="DKM, eval with soft weights A·C")
     n_fp32 = sum(m["phase"] == "fp32" for m in metrics)
     if kmeans_init_acc is not None and any(m["phase"] == "dkm" for m in metrics):
         ax_acc.plot([n_fp32 + 0.5], [100 * kmeans_init_acc], "x", color="tab:red", ms=9,

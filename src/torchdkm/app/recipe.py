@@ -23,9 +23,14 @@ A recipe has four sections (unknown keys anywhere are an error that names them a
       seed: 0
       device: auto                        # auto | cpu | cuda
       eval_batch_size: 1024
+      distill: 0.0                        # weight of distillation from the fp32 model: (1-w) CE + w KD
+      distill_temperature: 2.0
+      bn_recal_batches: 0                 # re-estimate BatchNorm statistics on this many batches before finalize
     compression:                          # DKMConfig fields, then per-layer rules
       bits: 4
       dim: 1
+      tau_scale: 0.05
+      tau_scale_end: null                 # anneal tau_scale to this over the DKM epochs (the steps are counted)
       rules:
         stem.0: null                      # skip this layer
         "re:.*fc": {bits: 8}              # fields override the global ones above
@@ -101,6 +106,9 @@ class TrainingSpec:
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 1024
+    distill: float = 0.0
+    distill_temperature: float = 2.0
+    bn_recal_batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,7 +208,7 @@ def _parse_data(raw) -> DataSpec:
 def _parse_training(raw) -> TrainingSpec:
     _check_mapping("training", raw)
     _check_keys("training", raw, tuple(f.name for f in fields(TrainingSpec)))
-    floats = ("lr", "fp32_lr", "weight_decay", "momentum")  # YAML reads 1e-3 (no dot) as a string
+    floats = ("lr", "fp32_lr", "weight_decay", "momentum", "distill", "distill_temperature")  # YAML reads 1e-3 (no dot) as a string
     t = TrainingSpec(**{k: _float_or_keep(v) if k in floats else v for k, v in raw.items()})
     _int("training.epochs", t.epochs, 0)
     _int("training.fp32_epochs", t.fp32_epochs, 0)
@@ -215,6 +223,11 @@ def _parse_training(raw) -> TrainingSpec:
         _number("training.fp32_lr", t.fp32_lr, positive=True)
     _number("training.weight_decay", t.weight_decay)
     _number("training.momentum", t.momentum)
+    _number("training.distill_temperature", t.distill_temperature, positive=True)
+    _int("training.bn_recal_batches", t.bn_recal_batches, 0)
+    if not (isinstance(t.distill, (int, float)) and not isinstance(t.distill, bool) and 0 <= t.distill <= 1):
+        raise ConfigError(f"training.distill={t.distill!r} is not allowed: give a number in [0, 1] (the weight of "
+                          f"the distillation loss; 0 = off)")
     if t.epochs + t.fp32_epochs == 0:
         raise ConfigError("training.epochs and training.fp32_epochs are both 0: nothing to train")
     return t
@@ -242,7 +255,7 @@ def _parse_compression(raw) -> CompressionSpec:
 
 
 def _dkm_config(where: str, base: DKMConfig, changes: dict) -> DKMConfig:
-    for key in ("tau_scale", "eps"):  # YAML reads 1e-5 as a string; accept numbers written that way
+    for key in ("tau_scale", "tau_scale_end", "eps", "eps_rel"):  # YAML reads 1e-5 as a string; accept numbers written that way
         if isinstance(changes.get(key), str):
             changes = dict(changes, **{key: _float_or_keep(changes[key])})
     if isinstance(changes.get("tau"), str) and changes["tau"] != "auto":

@@ -5,7 +5,7 @@ from .api import finalize, initialize, prepare
 from .compact import compact
 from .config import DKMConfig
 from .distill import distillation_loss
-from .errors import ConfigError, FormatError, TorchDKMError
+from .errors import ConfigError, FormatError, NonFiniteError, TorchDKMError
 from .export import export_onnx
 from .functional import dkm_cluster, dkm_cluster_reference, hard_cluster, nearest_centroid
 from .kmeans import kmeans_init
@@ -19,6 +19,7 @@ __all__ = [
     "DKMConfig",
     "ConfigError",
     "FormatError",
+    "NonFiniteError",
     "TorchDKMError",
     "compact",
     "export_onnx",

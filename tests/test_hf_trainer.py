@@ -65,7 +65,10 @@ def test_trainer_then_finalize_save_and_reload_into_a_plain_model(tiny, tmp_path
     trainer = _trainer(model, train, tmp_path / "ck")
     trainer.train()
     logged = [h for h in trainer.state.log_history if "dkm_entropy" in h]
-    assert logged and all(0 <= h["dkm_entropy"] <= 1 and 0 < h["dkm_centroids_used"] <= 1 for h in logged)
+    assert logged and all(0 <= h["dkm_entropy"] <= 1 and 0 < h["dkm_centroids_used"] <= 1 and h["dkm_gap"] >= 0
+                          for h in logged)
+    steps = {int(m.step) for m in model.modules() if isinstance(m, torchdkm.parametrization.DKMWeight)}
+    assert steps == {12}  # the schedule's clock advanced once per optimizer step
     torchdkm.finalize(model.eval())
     torchdkm.save(model, tmp_path / "m.safetensors")
     plain = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
@@ -87,6 +90,7 @@ def test_trainer_checkpoint_keeps_centroids_and_resume_matches_an_uninterrupted_
     cents = [k for k in ckpt if k.endswith("parametrizations.weight.0.centroids")]
     assert len(cents) == sum(1 for m in full.modules() if torchdkm.parametrization.dkm_parametrization(m) is not None)
     assert all(bool(ckpt[k.replace(".centroids", ".initialized")]) for k in cents)
+    assert all(int(ckpt[k.replace(".centroids", ".step")]) == 6 for k in cents)
 
     resumed = _prepared(folder)
     _trainer(resumed, train, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))

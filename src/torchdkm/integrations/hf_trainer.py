@@ -14,8 +14,9 @@ centroids of step N (no new k-means). ``Trainer.evaluate`` runs in eval mode, i.
 model will be shipped with.
 
 The callback itself only adds what the Trainer cannot know: the k-means initialisation before the first step
-(deterministic, not inside the first forward), DKM statistics in the Trainer's logs (``dkm_entropy``: mean
-attention entropy over layers, 0 = hard; ``dkm_centroids_used``: fraction of the centroids that are some weight's
+(deterministic, not inside the first forward), the temperature schedule's clock (``torchdkm.step`` after every
+optimizer step, so ``DKMConfig(tau_scale_end=..., anneal_steps=...)`` anneals), DKM statistics in the Trainer's logs (``dkm_entropy``: mean
+attention entropy over layers, 0 = hard; ``dkm_gap``: mean soft-to-hard weight gap; ``dkm_centroids_used``: fraction of the centroids that are some weight's
 nearest), and optionally finalize at the end of training.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..api import finalize, initialize
 from ..errors import ConfigError, MissingDependencyError
 from ..parametrization import dkm_parametrization
 from ..stats import dkm_layer_stats
+from ..training import step as dkm_step
 
 try:
     from transformers import TrainerCallback
@@ -49,6 +51,10 @@ class DKMTrainerCallback(TrainerCallback):
                               "torchdkm.prepare(model, config) before building the Trainer")
         initialize(model)  # layers restored from a checkpoint are initialised already and keep their centroids
 
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            dkm_step(model)  # a buffer: Trainer checkpoints keep the schedule's position
+
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
         if not self.log_stats or model is None or logs is None:
             return
@@ -56,6 +62,7 @@ class DKMTrainerCallback(TrainerCallback):
         if not stats:
             return
         extra = {"dkm_entropy": round(sum(s["entropy"] for s in stats.values()) / len(stats), 4),
+                 "dkm_gap": round(sum(s["gap"] for s in stats.values()) / len(stats), 4),
                  "dkm_centroids_used": round(sum(s["used"] for s in stats.values()) /
                                              sum(s["k"] for s in stats.values()), 4)}
         logs.update(extra)

@@ -158,7 +158,7 @@ def method_ptq_kmeans(model, fp32, cfg, hp, fit, log):
 
 def method_dkm(model, fp32, cfg, hp, fit, log):
     sched = {} if hp.get("tau_scale_end") is None else dict(tau_scale_end=hp["tau_scale_end"],
-                                                              anneal_steps=hp["steps"])
+                                                              anneal_steps=hp["anneal_steps"])
     torchdkm.prepare(model, cfg.replace(tau_scale=hp["tau_scale"], hard_forward=hp.get("hard_forward", False),
                                         **sched))
     fit(model, after_step=lambda: torchdkm.step(model))
@@ -202,8 +202,10 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
     cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters)
     x, y = data["train"]
     model = copy.deepcopy(fp32)
-    hp = dict(hp, steps=a.steps, **({"tau_scale_end": a.tau_scale_end, "hard_forward": a.hard_forward}
-                                    if method == "dkm" else {}))
+    if method == "dkm" and a.tau_scale_end is not None:
+        hp = dict(hp, tau_scale_end=a.tau_scale_end, anneal_steps=a.steps)
+    if method == "dkm" and a.hard_forward:
+        hp = dict(hp, hard_forward=True)
     loss_fn = None
     if a.kd > 0:  # the same distillation for every fine-tuned method
         teacher = copy.deepcopy(fp32).eval()

@@ -13,7 +13,7 @@ Workloads (every one trains the same model, batch and optimizer with each method
 
 coremltools clusters exactly the same layers (``module_name_configs``), not its defaults.
 
-Plain training runs once per model (the rows of one model share it).
+Each row times its own plain run right before torchdkm's, so that both see the same machine load.
 
 Warm-up rule: the first ``--warmup`` steps (default 5) of every process are dropped: they include
 torchdkm's k-means initialisation and PyTorch's allocator/kernel warm-up (plain training's first steps are
@@ -262,10 +262,6 @@ def main(argv=None):
         res[wl] = {}
         for m in METHODS:
             if m == "coremltools" and not (cm_ok and (a.coreml_workloads is None or wl in a.coreml_workloads)):
-                continue
-            same = next((res[w]["plain"] for w in res if w != wl and WORKLOADS[w][0] == WORKLOADS[wl][0]), None)
-            if m == "plain" and same is not None:  # plain training of this model was timed for an earlier row
-                res[wl][m] = same
                 continue
             t0 = time.perf_counter()
             res[wl][m] = _child(m, wl, a.coreml_steps if m == "coremltools" else a.steps, a)

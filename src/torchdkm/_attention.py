@@ -149,6 +149,14 @@ class _Block:
             return g * x if plus is None else torch.addcmul(plus[:, None], g, x)
         return g @ x if plus is None else torch.addmm(plus[:, None], g, x)
 
+    def rowdot_add_(self, out: Tensor, x: Tensor, g: Tensor) -> Tensor:
+        """out += rowdot(x, g), in place."""
+        if self.lo is None and x.shape[0] == 1:
+            return out.addcmul_(g, x)
+        if self.lo is None:
+            return out.addmm_(g, x)
+        return out.add_(self.rowdot(x, g))
+
     def softmax_backward_(self, g_a: Tensor) -> Tensor:
         """dL/dlogits = A ⊙ (gA - sum_j(A ⊙ gA)), computed into g_a."""
         # in place, A ⊙ gA - A ⊙ dot: no temporary of the block's size (allocations measured ~3x a mul_)

@@ -156,25 +156,19 @@ class _DKMLean(torch.autograd.Function):
         g_c = torch.zeros_like(cs[-1]) if g_c is None else g_c.clone()
         last, ctx.blocks = ctx.blocks, None  # A_T blocks (from C_{T-1}) saved by forward, or None
 
-        # Output pass: W~ = A_T C_T. Its part of dL/dC_T is a reduction over all rows, needed before the last
-        # iteration's pass; both use A_T, computed once when it fits the budget.
-        g_prev = None
-        if g_out is not None:
-            gt = _transposed(g_out)
-            c_prev, c_last = cs[-2], cs[-1]
-            att = _Attention(c_prev, o.tau, o.window_tol)
-            g_prev = torch.zeros_like(c_prev)
+        # W~ = A_T C_T. Its part of dL/dC_T, A_T^T g_out, is a reduction over all rows needed before the last
+        # iteration's pass: a first pass computes only that. Its part of dL/dA_T (g_out · C_T) goes through the
+        # same softmax as the last iteration's, so it joins that pass (one softmax backward for both).
+        gt = None if g_out is None else _transposed(g_out)
+        if gt is not None:
+            att = _Attention(cs[-2], o.tau, o.window_tol)
             fresh = [] if last is None and ctx.keep else None
             for i, s in enumerate(chunks):
                 blk = last[i] if last is not None else att(x[:, s])
                 if fresh is not None:
                     fresh.append(blk)
                 g_c += blk.colsum(gt[:, s])
-                g_l = blk.softmax_backward_(blk.rowdot(gt[:, s], c_last))
-                g_x[:, s] += blk.logit_grad_w(g_l, c_prev)
-                g_prev += blk.logit_grad_c(g_l, x[:, s], c_prev)
             last = last if last is not None else fresh
-            del gt
 
         # Iterations in reverse: C_t = M_t / S_t with M_t = A_t^T W, S_t = A_t^T 1.
         for t in range(t_run, 0, -1):
@@ -184,13 +178,13 @@ class _DKMLean(torch.autograd.Function):
             g_m = g_c * inv[:, None]  # dL/dM_t
             g_s = -(g_c * c_t).sum(1) * inv  # dL/dS_t
             g_c_prev = torch.where(full[:, None], 0.0, g_c)  # empty clusters pass C_{t-1} through
-            if t == t_run and g_prev is not None:
-                g_c_prev += g_prev
             att = _Attention(c_prev, o.tau, o.window_tol)
             reuse = last if t == t_run else None
+            out_term = gt is not None and t == t_run
             for i, s in enumerate(chunks):
                 blk = reuse[i] if reuse is not None else att(x[:, s])
-                g_l = blk.softmax_backward_(blk.rowdot(x[:, s], g_m, g_s))
+                g_a = blk.rowdot(x[:, s], g_m, g_s)  # dL/dA_t (k × n), then + the output's g_out · C_T
+                g_l = blk.softmax_backward_(blk.rowdot_add_(g_a, gt[:, s], cs[-1]) if out_term else g_a)
                 g_x[:, s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
                 g_c_prev += blk.logit_grad_c(g_l, x[:, s], c_prev)
             last = reuse = None

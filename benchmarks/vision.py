@@ -42,6 +42,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -59,6 +60,8 @@ LABEL = {"fp32": "fp32", "dkm": "DKM (torchdkm)", "ptq_kmeans": "k-means, no fin
 DEFAULTS = {"ptq_kmeans": {}, "dkm": {"lr": 1e-3, "tau_scale": 0.05},
             "st_kmeans": {"lr": 1e-3, "centroid_lr_mult": 1.0}, "qat_lsq": {"lr": 1e-3, "scale_lr_mult": 1.0},
             "coreml_dkm": {"lr": 1e-3, "palett_tau": 1e-4}}
+# Training options outside the tuned settings (flags of this script; tune.py runs without them).
+TRAINING_OPTIONS = {"tau_scale_end": None, "hard_forward": False, "kd": 0.0, "kd_temperature": 2.0, "bn_recal": 0}
 KNOB = {"dkm": "tau_scale", "st_kmeans": "centroid_lr_mult", "qat_lsq": "scale_lr_mult", "coreml_dkm": "palett_tau"}
 SCRIPT = Path(__file__).resolve()
 
@@ -202,21 +205,22 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
     cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters)
     x, y = data["train"]
     model = copy.deepcopy(fp32)
-    if method == "dkm" and a.tau_scale_end is not None:
-        hp = dict(hp, tau_scale_end=a.tau_scale_end, anneal_steps=a.steps)
-    if method == "dkm" and a.hard_forward:
+    o = SimpleNamespace(**{k: getattr(a, k, v) for k, v in TRAINING_OPTIONS.items()})  # tune.py has none of them
+    if method == "dkm" and o.tau_scale_end is not None:
+        hp = dict(hp, tau_scale_end=o.tau_scale_end, anneal_steps=a.steps)
+    if method == "dkm" and o.hard_forward:
         hp = dict(hp, hard_forward=True)
     loss_fn = None
-    if a.kd > 0:  # the same distillation for every fine-tuned method
+    if o.kd > 0:  # the same distillation for every fine-tuned method
         teacher = copy.deepcopy(fp32).eval()
-        hp.update(kd=a.kd, kd_temperature=a.kd_temperature)
+        hp.update(kd=o.kd, kd_temperature=o.kd_temperature)
 
         def loss_fn(m, xb, yb):
             out = m(xb)
             with torch.no_grad():
                 t = teacher(xb)
-            kd = torchdkm.distillation_loss(out, t, temperature=a.kd_temperature)
-            return (1 - a.kd) * torch.nn.functional.cross_entropy(out, yb) + a.kd * kd
+            kd = torchdkm.distillation_loss(out, t, temperature=o.kd_temperature)
+            return (1 - o.kd) * torch.nn.functional.cross_entropy(out, yb) + o.kd * kd
 
     def fit(m, after_step=None, lr_mult=None):
         common.train(m, x, y, steps=a.steps, lr=hp["lr"], seed=seed, after_step=after_step, lr_mult=lr_mult,
@@ -226,11 +230,11 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
     model, size = METHOD_FNS[method](model, fp32, cfg, hp, fit, log)
     if model is None:
         return None
-    if a.bn_recal:  # BatchNorm statistics of the final weights, the same for every method
+    if o.bn_recal:  # BatchNorm statistics of the final weights, the same for every method
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(y), generator=g)[: 128 * a.bn_recal].split(128)
+        idx = torch.randperm(len(y), generator=g)[: 128 * o.bn_recal].split(128)
         torchdkm.recalibrate_batchnorm(model, (x[i] for i in idx))
-        hp = dict(hp, bn_recal=a.bn_recal)
+        hp = dict(hp, bn_recal=o.bn_recal)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     accs = {("top1" if e == "test" else f"{e}_top1"): common.accuracy(model, *data[e]) for e in evals}
     return dict(method=method, budget=budget, bits=bits, dim=dim, seed=seed, hp=hp, **accs, wall_s=wall, cpu_s=cpu,
@@ -252,8 +256,7 @@ def fp32_for(name, a, data, log):
 def run_model(name, a, data, log):
     path = a.out / f"{a.tag}_{name}.json"
     settings = {k: getattr(a, k) for k in ("data", "steps", "iters", "fp32_epochs", "n_val", "train_subset",
-                                           "val_subset", "test_subset", "tau_scale_end", "hard_forward", "kd",
-                                           "kd_temperature", "bn_recal")}
+                                           "val_subset", "test_subset", *TRAINING_OPTIONS)}
     t0 = time.perf_counter()
     fp32, info = fp32_for(name, a, data, log)
     key = {"settings": settings, "code": common.code_version(SCRIPT)["sources"], "fp32_sha1": info["sha1"]}

@@ -400,10 +400,15 @@ def write_summary(a, log=print):
           f"Data: training images minus a seeded validation split of {s['n_val']} (train subset "
           f"{s['train_subset'] or 'none'}); fp32 {s['fp32_epochs']} epoch(s) one-cycle AdamW on the training part "
           f"(cached, one model shared by every seed). Fine-tuning {s['steps']} steps × batch 128, AdamW cosine to 0, "
-          f"the same loop for every method; DKM tau='auto', iters {s['iters']}. Each method's lr and knob (column "
-          f"`settings`) were chosen on the validation split by `benchmarks/tune.py` with the same number of settings "
-          f"per method (see tuning.md); the test set (subset {s['test_subset'] or 'none'}) was evaluated once per run, "
-          f"for this table. Settings came from: {', '.join(sources)}.", "",
+          f"the same loop for every method; DKM tau='auto', iters {s['iters']}. "
+          + ("Every method ran its default settings (column `settings`: the same lr for all), NOT tuned: "
+             "`benchmarks/tune.py` was not run for this table"
+             if sources == ["defaults"] else
+             "Each method's lr and knob (column `settings`) were chosen on the validation split by "
+             "`benchmarks/tune.py` with the same number of settings per method (see tuning.md)")
+          + f"; the test set (subset {s['test_subset'] or 'none'}) was evaluated once per run, for this table. "
+          f"Settings came from: {', '.join(sources)}. Options: "
+          + (", ".join(f"{k}={s[k]}" for k in TRAINING_OPTIONS if k in s) or "none") + ".", "",
           "Columns: `bits/weight (compressed layers)` = stored bits of the compressed layers only (indices + LUTs; "
           "uniform QAT: indices + fp16 scale and offset per output channel) over their weights; `model KiB` = the "
           "whole model as shipped: compressed layers + every other parameter + every buffer (BatchNorm running "

@@ -9,7 +9,7 @@
   wasted index bits.
 
 Entropy is estimated on an evenly spaced sample of at most ``max_rows`` weight vectors, so it costs a small
-fraction of one DKM forward; ``used`` counts every vector.
+fraction of one DKM forward; ``gap`` runs one DKM forward without gradient; ``used`` counts every vector.
 """
 from __future__ import annotations
 

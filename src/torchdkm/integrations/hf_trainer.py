@@ -39,7 +39,7 @@ class DKMTrainerCallback(TrainerCallback):
 
     ``finalize_at_end``: snap to the centroids when training ends (then the model is plain again; keep False if
     you will resume or evaluate the soft model). ``log_stats``: add ``dkm_entropy`` / ``dkm_centroids_used`` to
-    every log line (costs a fraction of one DKM forward per logging step).
+    every log line (costs about one DKM forward of every layer per logging step, for the gap).
     """
 
     def __init__(self, finalize_at_end: bool = False, log_stats: bool = True):

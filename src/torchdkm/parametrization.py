@@ -11,7 +11,7 @@ reading ``module.weight`` rebuilds the dense weight from them and the LUT.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Type
+from typing import Iterator, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -152,6 +152,14 @@ def find_parametrization(module: nn.Module, kind: Type[nn.Module] = DKMWeight) -
 def dkm_parametrization(module: nn.Module) -> Optional[DKMWeight]:
     """The DKMWeight on ``module.weight`` (the layer is prepared for DKM), or None."""
     return find_parametrization(module, DKMWeight)
+
+
+def dkm_layers(model: nn.Module) -> Iterator[DKMWeight]:
+    """Every DKMWeight of ``model``, in module order."""
+    for module in model.modules():
+        p = dkm_parametrization(module)
+        if p is not None:
+            yield p
 
 
 def is_compact(module: nn.Module) -> bool:

@@ -10,27 +10,20 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
-from .parametrization import DKMWeight, dkm_parametrization
-
-
-def _dkm_layers(model: nn.Module) -> Iterator[DKMWeight]:
-    for module in model.modules():
-        p = dkm_parametrization(module)
-        if p is not None:
-            yield p
+from .parametrization import dkm_layers
 
 
 @torch.no_grad()
 def step(model: nn.Module) -> None:
     """Count one training step on every prepared layer (call it after ``optimizer.step()``). The count lives
     in each layer's ``step`` buffer, so it is saved and resumed with the model's ``state_dict``."""
-    for p in _dkm_layers(model):
+    for p in dkm_layers(model):
         p.step.add_(1)
 
 
@@ -38,7 +31,7 @@ def step(model: nn.Module) -> None:
 def soft_weights(model: nn.Module):
     """Within the block, eval-mode forwards of prepared layers compute with the soft DKM weights A·C (the
     current centroids, no update) instead of the hard ones: compare accuracies to see the soft-to-hard gap."""
-    layers = list(_dkm_layers(model))
+    layers = list(dkm_layers(model))
     for p in layers:
         p.soft_eval = True
     try:

@@ -240,8 +240,7 @@ class Job:
                         row[f"mean_{key}"] = sum(s[key] for s in stats.values()) / max(len(stats), 1)
                 self.metrics.append(row)
                 self._save(phase, epoch + 1, model, opt, sched)
-                tqdm.write(_epoch_line(label, epoch + 1, epochs, row))
-                sys.stdout.flush()  # one line per epoch, visible at once when stdout is a log file
+                tqdm_write(_epoch_line(label, epoch + 1, epochs, row))
             model.train()
 
     def _steps_per_epoch(self) -> int:
@@ -315,6 +314,7 @@ def _with_schedule(cfg: DKMConfig, steps: int) -> DKMConfig:
 
 
 def tqdm_write(line: str) -> None:
+    """One line past the progress bars, flushed: visible at once when stdout is a log file."""
     from tqdm.auto import tqdm
 
     tqdm.write(line)

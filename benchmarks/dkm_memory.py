@@ -37,14 +37,16 @@ def _reset_peak_rss() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def run_one(impl: str, d: int, k: int, iters: int, device: str, numel: int = NUMEL) -> dict:
+def run_one(impl: str, d: int, k: int, iters: int, device: str, numel: int = NUMEL, groups: int = 1) -> dict:
     import torch
 
     from torchdkm import dkm_cluster, dkm_cluster_reference, kmeans_init
     from torchdkm.functional import auto_tau
 
     torch.manual_seed(0)
-    w = (0.05 * torch.randn(numel // d, d, device=device)).requires_grad_()
+    # groups > 1: one table per group (grouped LUTs), all groups in one batched call
+    shape = (numel // d, d) if groups == 1 else (groups, numel // (d * groups), d)
+    w = (0.05 * torch.randn(shape, device=device)).requires_grad_()
     c0 = kmeans_init(w, k)
     tau = auto_tau(c0, 0.05)
     up = torch.randn_like(w)
@@ -71,7 +73,8 @@ def run_one(impl: str, d: int, k: int, iters: int, device: str, numel: int = NUM
     else:
         peak = _status_kib("VmHWM") * 1024
     weight = w.numel() * w.element_size()
-    return {"impl": impl, "d": d, "k": k, "iters": iters, "extra_bytes": peak - base, "weight_bytes": weight}
+    return {"impl": impl, "d": d, "k": k, "iters": iters, "groups": groups, "extra_bytes": peak - base,
+            "weight_bytes": weight}
 
 
 def main(argv=None):
@@ -82,25 +85,28 @@ def main(argv=None):
     p.add_argument("--ks", default=",".join(map(str, KS)), help="centroid counts")
     p.add_argument("--numel", type=int, default=NUMEL, help="weights per tensor (a small grid: e.g. 65536)")
     p.add_argument("--impls", default="direct,lean", help="of direct, lean, lean_noreuse (reuse_bytes=0)")
+    p.add_argument("--groups", default="1", help="LUTs per tensor (grouped LUTs: e.g. 1,64)")
     p.add_argument("--out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     ks = tuple(map(int, a.ks.split(",")))
     if a.child:
-        impl, d, k, it = a.child.split(",")
-        print(json.dumps(run_one(impl, int(d), int(k), int(it), a.device, a.numel)))
+        impl, d, k, it, g = a.child.split(",")
+        print(json.dumps(run_one(impl, int(d), int(k), int(it), a.device, a.numel, int(g))))
         return
     rows = []
-    for d in map(int, a.dims.split(",")):
+    groups = list(map(int, a.groups.split(",")))
+    grid = [(g, d) for g in groups for d in map(int, a.dims.split(","))]
+    for g, d in grid:
         for it in map(int, a.iters.split(",")):
             for k in ks:
                 for impl in a.impls.split(","):
                     est = 4 * a.numel * k * it * 4 / 2**30  # ~4 float32 N·k·d tensors kept per iteration
                     if impl == "direct" and est > DIRECT_LIMIT_GIB:
-                        rows.append({"impl": impl, "d": d, "k": k, "iters": it, "skipped": est})
+                        rows.append({"impl": impl, "d": d, "k": k, "iters": it, "groups": g, "skipped": est})
                         continue
                     cmd = [sys.executable, __file__, "--device", a.device, "--numel", str(a.numel),
-                           "--child", f"{impl},{d},{k},{it}"]
+                           "--child", f"{impl},{d},{k},{it},{g}"]
                     # Fixed mmap threshold and immediate trimming: RSS then follows live allocations.
                     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
                     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -112,15 +118,15 @@ def main(argv=None):
     lines = [f"One dkm_cluster forward+backward, {a.numel} weights (float32, {a.numel * 4 / 2**20:g} MiB), "
              f"device {a.device}. Extra memory in MiB and, in brackets, as a multiple of the weight tensor; "
              f"output W~ and gradient dL/dW are 2× of it in any training step.", "",
-             "| d | iters | k | " + " | ".join(f"{i} MiB [× weight]" for i in impls) + " |",
-             "|---|---|---|" + "---|" * len(impls)]
+             "| LUTs | d | iters | k | " + " | ".join(f"{i} MiB [× weight]" for i in impls) + " |",
+             "|---|---|---|---|" + "---|" * len(impls)]
     worst = {i: 0.0 for i in impls if i != "direct"}
-    for d in map(int, a.dims.split(",")):
+    for g, d in grid:
         for it in map(int, a.iters.split(",")):
             for k in ks:
                 cells = []
                 for impl in impls:
-                    r = next(r for r in rows if (r["impl"], r["d"], r["k"], r["iters"]) == (impl, d, k, it))
+                    r = next(r for r in rows if (r["impl"], r["d"], r["k"], r["iters"], r["groups"]) == (impl, d, k, it, g))
                     if "skipped" in r:
                         cells.append(f"skipped (~{r['skipped']:.0f} GiB est.)")
                         continue
@@ -128,7 +134,7 @@ def main(argv=None):
                     if impl in worst:
                         worst[impl] = max(worst[impl], x - 2)
                     cells.append(f"{r['extra_bytes'] / 2**20:.1f} [{x:.2f}]")
-                lines.append(f"| {d} | {it} | {k} | " + " | ".join(cells) + " |")
+                lines.append(f"| {g} | {d} | {it} | {k} | " + " | ".join(cells) + " |")
     lines += [""] + [f"{i}, worst case over the grid: {v:.2f}× the weight tensor beyond output and gradient"
                      for i, v in worst.items()]
     text = "\n".join(lines)

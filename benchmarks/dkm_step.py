@@ -5,6 +5,8 @@ Workloads (every one trains the same model, batch and optimizer with each method
 * ``minilm_*``: all-MiniLM-L6-v2 + a 5-class head on BBC News text, batch 32 × 64 tokens, AdamW (lr 2e-5);
   every Linear layer of the encoder is clustered (4, 2 or 6 bits with 1-D clusters, or 16 centroids of
   4-D vectors = 1 bit per weight).
+* ``minilm_4b_g16s``, ``minilm_3b_g16s``: grouped LUTs, one per 16 output channels, with per-channel scales
+  (``DKMConfig(group_size=16, channel_scale=True)``): 24-96 tables per layer, all clustered in one batched pass.
 * ``minilm_4b_save``: 4 bits with ``DKMConfig(save_attention=True)`` (the forward's attention is held for backward:
   one recomputation less, memory N × k per layer).
 * ``resnet_small_*``, ``mobilenet_small_*``: the vision benchmark's small CNNs on a batch of 128 synthetic
@@ -44,11 +46,15 @@ WORKLOADS = {  # name: (model, bits, dim)
     "minilm_6b": ("minilm", 6, 1),
     "minilm_4b_d4": ("minilm", 4, 4),
     "minilm_4b_save": ("minilm", 4, 1),  # DKMConfig(save_attention=True): memory for one attention pass less
+    "minilm_4b_g16s": ("minilm", 4, 1),  # + GROUPED below
+    "minilm_3b_g16s": ("minilm", 3, 1),
     "resnet_small_2b": ("resnet_small", 2, 1),
     "resnet_small_1b": ("resnet_small", 4, 4),
     "mobilenet_small_2b": ("mobilenet_small", 2, 1),
     "mobilenet_small_1b": ("mobilenet_small", 4, 4),
 }
+GROUPED = {"minilm_4b_g16s": {"group_size": 16, "channel_scale": True},
+           "minilm_3b_g16s": {"group_size": 16, "channel_scale": True}}  # extra DKMConfig fields per workload
 METHODS = ("plain", "torchdkm", "coremltools")
 MINILM_BATCH, SEQ, CLASSES = 32, 64, 5
 CONV_BATCH = 128
@@ -107,7 +113,7 @@ def _conv(name: str, quick: bool, device):
     return model, (x,), y, opt, names, f"batch {batch}×1×28×28"
 
 
-def _coreml(model, names, bits, dim):
+def _coreml(model, names, bits, dim, grouped):
     import contextlib
     import io
     import logging
@@ -116,7 +122,9 @@ def _coreml(model, names, bits, dim):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         from coremltools.optimize.torch.palettization import (DKMPalettizer, DKMPalettizerConfig,
                                                               ModuleDKMPalettizerConfig)
-    cfg = ModuleDKMPalettizerConfig(n_bits=bits, cluster_dim=None if dim == 1 else dim, weight_threshold=0)
+    gran = {} if not grouped else {"granularity": "per_grouped_channel", "group_size": grouped["group_size"],
+                                   "enable_per_channel_scale": grouped["channel_scale"]}
+    cfg = ModuleDKMPalettizerConfig(n_bits=bits, cluster_dim=None if dim == 1 else dim, weight_threshold=0, **gran)
     pal = DKMPalettizer(model, DKMPalettizerConfig(module_name_configs={n: cfg for n in names}))
     model = pal.prepare(inplace=True)
     done = sum(hasattr(m, "weight_fake_quant") for m in model.modules())
@@ -137,13 +145,14 @@ def run_one(method: str, workload: str, steps: int, quick: bool, device: str) ->
         import torchdkm
         from torchdkm.functional import record_iterations
 
-        cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, save_attention=workload.endswith("_save"))
+        cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, save_attention=workload.endswith("_save"),
+                                 **GROUPED.get(workload, {}))
         # exactly the named layers: the global config's size floor leaves every other layer alone
         torchdkm.prepare(model, cfg.replace(min_numel=1 << 62), rules={n: cfg for n in names})
         clustered = sum(1 for m in model.modules() if torchdkm.parametrization.dkm_parametrization(m) is not None)
         iters_log = stack.enter_context(record_iterations())
     elif method == "coremltools":
-        model, hook, clustered = _coreml(model, names, bits, dim)
+        model, hook, clustered = _coreml(model, names, bits, dim, GROUPED.get(workload))
     model.train()
     opt = make_opt(model.parameters())
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -7,6 +7,7 @@ from torch import nn
 
 import torchdkm
 from torchdkm import ConfigError, DKMConfig, TorchDKMError, finalize, prepare, report
+from torchdkm.parametrization import dkm_parametrization
 
 
 class Net(nn.Module):
@@ -148,8 +149,9 @@ def test_report_prints_table(capsys):
     net = prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(bits=3, min_numel=0))
     report(net)
     out = capsys.readouterr().out
-    # the layer's row: name, kind, shape, bits, dim, weights, bits/weight (4096·3 + 8·32) / 4096, KiB 12544/8/1024
-    assert re.search(r"^0 +Linear +\[64, 64\] +3 +1 +4096 +3\.06[23] +1\.53$", out, re.M), out
+    # the layer's row: name, kind, shape, bits, dim, LUTs, scale, weights, bits/weight (4096·3 + 8·32) / 4096,
+    # KiB 12544/8/1024
+    assert re.search(r"^0 +Linear +\[64, 64\] +3 +1 +1 +- +4096 +3\.06[23] +1\.53$", out, re.M), out
     # totals: (4096 + 64)·4 bytes fp32 -> 12544/8 + 64·4 = 1824 bytes = 9.1x
     assert re.search(r"^1 compressed layers; .*fp32 0\.016 MiB -> compressed 0\.002 MiB = 9\.1x smaller$", out, re.M), out
 
@@ -204,8 +206,35 @@ def test_prepare_twice_and_tied_weights():
         prepare(net, DKMConfig(min_numel=0))
     tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     tied[1].weight = tied[0].weight
-    with pytest.raises(ConfigError, match="share one weight"):
-        prepare(tied, DKMConfig(min_numel=0))
+    with pytest.raises(ConfigError, match="share one weight tensor .* different configs"):
+        prepare(tied, DKMConfig(min_numel=0), rules={"1": DKMConfig(bits=2, min_numel=0)})
+    assert dkm_parametrization(tied[0]) is None  # nothing changed
+
+
+def test_tied_weights_are_clustered_once_and_read_by_both():
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 64, bias=False))
+    tied[1].weight = tied[0].weight
+    prepare(tied, DKMConfig(bits=2, min_numel=0))
+    p = dkm_parametrization(tied[0])
+    assert dkm_parametrization(tied[1]) is p and len(list(torchdkm.parametrization.dkm_layers(tied))) == 1
+    ids = torch.arange(8)
+    out = tied(ids)
+    with torch.no_grad():
+        tied.eval()
+        assert torch.equal(tied[1].weight, tied[0].weight)  # the head computes with the clustered weight too
+        assert tied[1].weight.unique().numel() <= 4
+        tied.train()
+    out.square().mean().backward()
+    assert tied[1].parametrizations.weight.original.grad is not None
+    rep = torchdkm.report(tied, print_table=False)
+    assert len(rep.layers) == 1 and rep.layers[0].name == "0"
+    torchdkm.step(tied)
+    assert int(p.step) == 1  # one schedule step, not one per tied layer
+    torchdkm.finalize(tied.eval())
+    assert tied[1].weight is tied[0].weight and dkm_parametrization(tied[1]) is None
+    assert tied[0].weight.unique().numel() <= 4 and torchdkm.layers.finalized_record(tied[1]) is None
+    assert len(torchdkm.report(tied, print_table=False).layers) == 1
 
 
 def test_prepare_rejects_wrong_types():

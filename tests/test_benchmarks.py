@@ -140,9 +140,9 @@ def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache):
 def test_dkm_memory_small_grid(tmp_path):
     import dkm_memory
 
-    rows = dkm_memory.main(["--numel", "16384", "--ks", "4", "--dims", "1", "--iters", "1",
+    rows = dkm_memory.main(["--numel", "16384", "--ks", "4", "--dims", "1", "--iters", "1", "--groups", "1,8",
                             "--out", str(tmp_path / "m.md")])
-    assert {(r["impl"], r["k"]) for r in rows} == {("direct", 4), ("lean", 4)}
+    assert {(r["impl"], r["k"], r["groups"]) for r in rows} == {(i, 4, g) for i in ("direct", "lean") for g in (1, 8)}
     assert all(r["extra_bytes"] > 0 and r["weight_bytes"] == 16384 * 4 for r in rows)
     text = (tmp_path / "m.md").read_text()
-    assert "| 1 | 1 | 4 |" in text and "16384 weights" in text
+    assert "| 1 | 1 | 1 | 4 |" in text and "| 8 | 1 | 1 | 4 |" in text and "16384 weights" in text

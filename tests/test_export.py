@@ -47,7 +47,7 @@ def test_onnx_matches_pytorch_and_stays_compressed(tmp_path, make, x, onnx):
     for row in rep.layers:  # each compressed layer: packed uint8 indices + a k × d LUT, no dense weight
         packed = inits[f"{row.name}.parametrizations.weight.original"]
         assert packed.dtype == np.uint8 and packed.size < row.index_bits / 8 + 7
-        assert inits[f"{row.name}.parametrizations.weight.0.lut"].shape == (2**row.bits, row.dim)
+        assert inits[f"{row.name}.parametrizations.weight.0.lut"].shape == (row.groups, 2**row.bits, row.dim)
     dense_sizes = {r.numel for r in rep.layers}
     assert not [n for n, a in inits.items() if a.dtype == np.float32 and a.size in dense_sizes and "lut" not in n]
 
@@ -103,10 +103,10 @@ def test_coreml_attach_metadata_registers_palettization_buffers():
 
 def test_coreml_check_layers_refuses_a_vector_layout_before_training():
     model = torchdkm.prepare(SmallCNN(), torchdkm.DKMConfig(bits=2), rules={"fc": torchdkm.DKMConfig(bits=2, dim=3)})
-    with pytest.raises(ConfigError, match=r"'fc' \(weight \(10, 32\), dim=3\)"):
+    with pytest.raises(ConfigError, match=r"'fc' \(weight \(10, 32\), dim=3, 1 LUT\(s\)\)"):
         check_layers(model)  # on the prepared model: nothing is trained for a layout Core ML cannot take
     torchdkm.finalize(model)
-    with pytest.raises(ConfigError, match=r"'fc' \(weight \(10, 32\), dim=3\)"):
+    with pytest.raises(ConfigError, match=r"'fc' \(weight \(10, 32\), dim=3, 1 LUT\(s\)\)"):
         attach_metadata(model)
     assert not hasattr(model, "_COREML_/metadata_version")
 

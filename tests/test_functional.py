@@ -141,7 +141,7 @@ def test_windowed_path_matches_dense_path(k):
     from torchdkm._attention import _Attention
 
     w, c0, tau = _realistic(k=k)
-    assert _Attention(c0, tau, 1e-7)(w.detach()[:4096].t()).lo is not None  # the window path is really taken
+    assert _Attention(c0[None], tau, 1e-7)(w.detach()[:4096].t()[None]).lo is not None  # the window path is really taken
     # float64, so that the differences measure the window's approximation, not float32 rounding
     w, c0 = w.detach().double().requires_grad_(), c0.double()
     up = torch.randn(w.shape[0], 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -169,7 +169,7 @@ def test_window_falls_back_to_dense_when_bound_fails():
 
     w, c0, _ = _realistic(k=64)
     big_tau = 10 * float(c0.var())  # soft attention: the neglected mass is not small
-    assert _Attention(c0, big_tau, 1e-7)(w.detach().t()).lo is None
+    assert _Attention(c0[None], big_tau, 1e-7)(w.detach().t()[None]).lo is None
     a = dkm_cluster(w, c0, big_tau, 1, window_tol=1e-7)[0]
     b = dkm_cluster(w, c0, big_tau, 1, window_tol=0.0)[0]
     assert torch.equal(a, b)

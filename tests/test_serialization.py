@@ -108,7 +108,7 @@ def test_inspect_matches_report(cnn_file):
     assert t["factor"] == pytest.approx(rep.factor)
     assert [r["name"] for r in info["layers"]] == [f"{r.name}.weight" for r in rep.layers]
     fc = info["layers"][-1]
-    assert (fc["shape"], fc["bits"], fc["dim"], fc["pad"], fc["lut_shape"]) == ([10, 32], 7, 3, 1, [128, 3])
+    assert (fc["shape"], fc["bits"], fc["dim"], fc["pad"], fc["lut_shape"]) == ([10, 32], 7, 3, 1, [1, 128, 3])
     assert fc["stored_bytes"] == fc["index_bytes"] + fc["lut_bytes"] == -(-107 * 7 // 8) + 128 * 3 * 4
     table = format_inspect(info)
     assert "fc.weight" in table and "[10, 32]" in table and "compressed" in table
@@ -122,11 +122,12 @@ def test_file_is_standard_safetensors(cnn_file):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         assert f.get_tensor("fc.weight.indices").dtype == torch.uint8
-        assert f.get_tensor("fc.weight.lut").shape == (128, 3)
+        assert f.get_tensor("fc.weight.lut").shape == (1, 128, 3)
     info = json.loads(meta["torchdkm"])
-    assert info["format"] == "torchdkm" and info["format_version"] == 1 and info["torchdkm_version"] == torchdkm.__version__
+    assert info["format"] == "torchdkm" and info["format_version"] == 2 and info["torchdkm_version"] == torchdkm.__version__
     assert info["layers"]["fc.weight"] == {"module": "fc", "kind": "Linear", "shape": [10, 32], "dtype": "float32",
-                                           "bits": 7, "dim": 3, "pad": 1, "n_vectors": 107}
+                                           "bits": 7, "dim": 3, "pad": 1, "n_vectors": 107, "groups": 1,
+                                           "channel_scale": False}
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
@@ -224,11 +225,11 @@ def test_plain_safetensors_is_not_a_torchdkm_file(tmp_path):
 
 def test_newer_format_version(tmp_path, cnn_file):
     def newer(meta):
-        meta["format_version"] = 2
+        meta["format_version"] = 3
         meta["torchdkm_version"] = "9.0"
 
     (tmp_path / "new").write_bytes(_rewrite_meta(cnn_file[2], newer))
-    with pytest.raises(FormatError, match="format version 2 .*torchdkm '9.0'.*upgrade"):
+    with pytest.raises(FormatError, match="format version 3 .*torchdkm '9.0'.*upgrade"):
         torchdkm.load(tmp_path / "new")
 
 

@@ -9,8 +9,8 @@ from torch.nn.utils import parametrize
 
 from .config import DKMConfig, Rules
 from .errors import ConfigError
-from .functional import from_vectors, hard_cluster, to_vectors
-from .layers import FinalizedLayer, select_layers
+from .layers import FinalizedLayer, select_layers, tied_partners
+from .lut import indices_to_weight
 from .parametrization import DKMWeight, dkm_parametrization, original_weight, require_plain
 
 
@@ -19,6 +19,9 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
 
     Every supported layer with at least ``config.min_numel`` weights uses ``config``; ``rules`` maps a
     module name or ``"re:<regex>"`` to a DKMConfig or ``None`` (skip) - see torchdkm.config for precedence.
+    Tied weights (an LM head sharing its embedding's tensor) are clustered once, with the first layer's config;
+    the other layers read the same clustered weight (DKM then runs once per read: twice per step for a tied
+    embedding and head). Skip the shared tensor with ``rules={"lm_head": None, "model.embed_tokens": None}``.
     Centroids are initialised by k-means on the first forward (or ``initialize(model)``).
 
     Example::
@@ -31,10 +34,20 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
     if not isinstance(config, DKMConfig):
         raise ConfigError(f"prepare's config must be a DKMConfig, got {type(config).__name__}")
     require_plain(model, "torchdkm.prepare")
-    for name, module, cfg in select_layers(model, config, rules):
+    chosen = select_layers(model, config, rules)
+    partners = tied_partners(chosen)
+    bad = [f"{name!r} (weight {tuple(m.weight.shape)}): {cfg.layout_problem(tuple(m.weight.shape))}"
+           for name, m, cfg in chosen if cfg.layout_problem(tuple(m.weight.shape))]
+    if bad:  # checked for every layer before any is changed
+        raise ConfigError(f"{len(bad)} layer(s) cannot take their config: {'; '.join(bad)}. Give them a config that "
+                          f"fits with rules={{name: DKMConfig(...)}}, or skip them with rules={{name: None}}")
+    for name, module, cfg in chosen:
         # unsafe=True: the safe path evaluates the parametrization once, which would run k-means + a DKM
         # step at prepare time (shape and dtype are preserved by construction).
-        parametrize.register_parametrization(module, "weight", DKMWeight(cfg, module.weight, name), unsafe=True)
+        dkm = DKMWeight(cfg, module.weight, name)
+        parametrize.register_parametrization(module, "weight", dkm, unsafe=True)
+        for _, partner in partners.get(name, ()):  # tied: the same parametrization reads the same tensor
+            parametrize.register_parametrization(partner, "weight", dkm, unsafe=True)
     return model
 
 
@@ -53,24 +66,31 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
     """Snap every prepared layer's weight to its nearest centroid and remove the DKM machinery, in place.
 
     Afterwards each such layer is a plain module whose weight holds at most 2**bits distinct d-vectors;
-    ``module._torchdkm`` records bits, dim, padding and the LUT (k × d). Calling it twice changes nothing.
+    ``module._torchdkm`` records bits, dim, padding, the LUTs (G × k × d) and the per-slice scales (or None). Calling it twice changes nothing.
     Core ML metadata is an export step: ``torchdkm.export.coreml.attach_metadata(model)`` after finalize
     (``coreml=True`` is no longer accepted and says so).
     """
     if coreml:
         raise ConfigError("finalize(model, coreml=True) moved to an export step: call torchdkm.finalize(model), "
                           "then torchdkm.export.coreml.attach_metadata(model)")
+    done = set()
     for module in model.modules():
         p = dkm_parametrization(module)
         if p is None:
             continue
+        if id(p) in done:  # a tied partner: its weight is the tensor just finalized; it keeps no record of its own
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            continue
+        done.add(id(p))
         w = original_weight(module)
         if not bool(p.initialized):
             p.initialize(w)
-        vecs, pad = to_vectors(w, p.config.dim)
-        hard = from_vectors(hard_cluster(vecs, p.centroids), w.shape, pad).to(w.dtype)
+        _, pad, scale = p.split(w)
         lut = p.centroids.to(w.dtype).clone()
+        scale = None if scale is None else scale.reshape(-1).to(w.dtype).clone()
+        # the weight as every later reader rebuilds it (compact mode, ONNX, artifact), so all of them agree
+        hard = indices_to_weight(p.assign(w).reshape(-1), lut, w.shape, w.dtype, scale)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.weight.copy_(hard)
-        module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut)
+        module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut, scale=scale)
     return model

@@ -2,7 +2,7 @@
 
 ``compact(model)`` replaces each finalized layer's dense ``weight`` Parameter by a uint8 buffer of packed
 indices (ceil(N*bits/8) bytes) under a ``torch.nn.utils.parametrize`` parametrization holding the LUT
-(k × d): reading ``module.weight`` unpacks and gathers, so every layer type that reads ``self.weight``
+(G × k × d, and per-slice scales if any): reading ``module.weight`` unpacks and gathers, so every layer type that reads ``self.weight``
 (Linear, Conv1d/2d/3d, Embedding, transformers Conv1D) works unchanged and resident memory reflects the
 compression. Outputs equal the dense model's exactly (the same values, rebuilt). Costs one rebuild of the
 weight per forward; meant for inference (no weight gradients).
@@ -24,14 +24,14 @@ from .parametrization import LUTWeight, is_compact, require_plain
 __all__ = ["LUTWeight", "compact", "compact_layer", "is_compact"]
 
 
-def compact_layer(module: nn.Module, packed: Tensor, lut: Tensor, bits: int, shape) -> None:
-    """Make ``module.weight`` the packed indices (uint8, as pack_bits gives) + LUT (k × d, in the weight's
-    dtype), rebuilt on read."""
+def compact_layer(module: nn.Module, packed: Tensor, lut: Tensor, bits: int, shape, scale=None) -> None:
+    """Make ``module.weight`` the packed indices (uint8, as pack_bits gives) + LUTs (G × k × d) and optional
+    per-slice scales (C0), in the weight's dtype, rebuilt on read."""
     if "weight" in module._parameters:
         del module._parameters["weight"]
     module.register_buffer("weight", pad_to_groups(packed, bits))
     # unsafe: the parametrization changes dtype and shape (uint8 bytes -> float weight) on purpose.
-    parametrize.register_parametrization(module, "weight", LUTWeight(lut, bits, shape), unsafe=True)
+    parametrize.register_parametrization(module, "weight", LUTWeight(lut, bits, shape, scale), unsafe=True)
 
 
 @torch.no_grad()
@@ -52,10 +52,11 @@ def compact(model: nn.Module) -> nn.Module:
     for name, module, fin in layers:
         w = module.weight
         try:
-            idx = weight_to_indices(w, fin.lut, fin.pad)
+            idx = weight_to_indices(w, fin.lut, fin.pad, fin.scale)
         except ConfigError as e:
             raise ConfigError(f"layer {name!r}: {e}") from None
-        compact_layer(module, pack_bits(idx, fin.bits), fin.lut.to(w.dtype).clone(), fin.bits, w.shape)
+        scale = None if fin.scale is None else fin.scale.to(w.dtype).clone()
+        compact_layer(module, pack_bits(idx, fin.bits), fin.lut.to(w.dtype).clone(), fin.bits, w.shape, scale)
         del module._torchdkm  # its record now lives in the parametrization; report() counts dense layers only
     for module, owner in tied:
         rebuild = owner.parametrizations.weight

@@ -47,6 +47,13 @@ class DKMConfig:
                run exactly ``iters`` iterations.
     save_attention: keep the forward's last attention (N × k, up to 64 MiB per layer) until backward, which then
                recomputes it once less; memory is held between forward and backward (default off).
+    group_size: None (default): one k × d LUT per layer ("per-tensor"). g: every g consecutive slices along axis 0
+               (output channels of Linear/Conv, rows of Embedding, input rows of transformers Conv1D) get their own
+               LUT, clustered on their own (Core ML's ``per_grouped_channel``). g must divide the layer's axis-0
+               size, and d its number of weights per group.
+    channel_scale: divide each axis-0 slice by its max |w| before clustering and multiply it back after, so one
+               LUT serves slices of different magnitude (Core ML's per-channel scale); the scales are stored (one
+               per slice, in the LUT's dtype). With dim > 1, dim must divide the slice size.
     min_numel: layers with fewer weights are left alone unless a rule names them.
     seed:      seed of the k-means initialisation.
     chunk_rows: rows per chunk in the memory-lean backward (None = chosen from sizes).
@@ -63,6 +70,8 @@ class DKMConfig:
     eps: float = 0.0
     eps_rel: float = 1e-2
     save_attention: bool = False
+    group_size: Optional[int] = None
+    channel_scale: bool = False
     min_numel: int = 4096
     seed: int = 0
     chunk_rows: Optional[int] = None
@@ -96,12 +105,33 @@ class DKMConfig:
             v = getattr(self, name)
             if not _is_number(v) or not (v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"DKMConfig.{name}={v!r} is not allowed: give a finite float >= 0")
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, 1, None)
+        if not isinstance(self.channel_scale, bool):
+            raise ConfigError(f"DKMConfig.channel_scale={self.channel_scale!r} is not allowed: give True or False")
         if not isinstance(self.save_attention, bool):
             raise ConfigError(f"DKMConfig.save_attention={self.save_attention!r} is not allowed: give True or False")
 
     @property
     def k(self) -> int:
         return 2 ** self.bits
+
+    def groups(self, shape) -> int:
+        """Number of LUTs for a weight of ``shape``."""
+        return 1 if self.group_size is None else shape[0] // self.group_size
+
+    def layout_problem(self, shape) -> Optional[str]:
+        """Why this config cannot lay out a weight of ``shape`` (group_size, channel_scale, dim), or None."""
+        numel = math.prod(shape)
+        rows, g = shape[0], self.group_size
+        if g is not None and rows % g:
+            fits = [x for x in range(1, min(g, rows) + 1) if rows % x == 0][-1]
+            return f"group_size={g} does not divide its {rows} axis-0 slices (the largest divisor up to {g} is {fits})"
+        if g is not None and self.dim > 1 and (numel // rows * g) % self.dim:
+            return f"dim={self.dim} does not divide the {numel // rows * g} weights of a group of {g} slices"
+        if self.channel_scale and self.dim > 1 and (numel // rows) % self.dim:
+            return f"channel_scale with dim={self.dim} needs dim to divide the {numel // rows} weights per slice"
+        return None
 
     def tau_scale_at(self, step: int) -> float:
         """The tau_scale of training step ``step`` (0-based) under the schedule."""

@@ -1,6 +1,7 @@
 """DKM maths as pure tensor functions (no nn.Module).
 
-Shapes: ``w`` is N × d (N vectors of dimension d), ``c`` is k × d (k centroids).
+Shapes: ``w`` is N × d (N vectors of dimension d), ``c`` is k × d (k centroids). Grouped (one LUT per group of
+output channels): ``w`` is G × N × d and ``c`` G × k × d, every group clustered on its own, all in batched ops.
 
 The DKM loop, for t = 1..iters::
 
@@ -26,9 +27,9 @@ from torch import Tensor
 from ._attention import _Attention, attention
 from .errors import ConfigError
 
-__all__ = ["attention", "auto_chunk_rows", "auto_tau", "compute_dtype", "dkm_cluster", "dkm_cluster_reference",
-           "from_vectors", "hard_cluster", "nearest_centroid", "record_iterations", "stop_threshold",
-           "to_vectors"]
+__all__ = ["attention", "auto_chunk_rows", "auto_tau", "channel_scale", "compute_dtype", "dkm_cluster",
+           "dkm_cluster_reference", "from_vectors", "hard_cluster", "lookup", "nearest_centroid", "nearest_gaps",
+           "record_iterations", "stop_threshold", "to_group_vectors", "to_vectors"]
 
 # A cluster whose total attention mass is below this (in units of "weights") counts as empty: it keeps
 # its previous centroid, since dividing by a vanishing mass would blow gradients up.
@@ -57,9 +58,9 @@ def record_iterations() -> Iterator[List[int]]:
 
 
 def _update(mass: Tensor, moment: Tensor, c_prev: Tensor) -> Tensor:
-    """C_t = moment / mass, keeping c_prev for empty clusters. mass: k, moment: k × d."""
+    """C_t = moment / mass, keeping c_prev for empty clusters. mass: (G ×) k, moment: (G ×) k × d."""
     full = mass > EMPTY_MASS
-    return torch.where(full[:, None], moment / torch.where(full, mass, 1.0)[:, None], c_prev)
+    return torch.where(full[..., None], moment / torch.where(full, mass, 1.0)[..., None], c_prev)
 
 
 def _row_chunks(n: int, rows: int):
@@ -80,7 +81,7 @@ def auto_chunk_rows(n: int, k: int, d: int) -> int:
 
 
 class _Opts(NamedTuple):
-    tau: float
+    tau: Union[float, Tensor]  # a float, or G × 1 × 1 (one per group)
     iters: int
     eps: float
     eps_rel: float
@@ -92,51 +93,51 @@ class _Opts(NamedTuple):
 
 
 def _transposed(v: Tensor) -> Tensor:
-    """N × d -> d × N (a free view for d = 1, one copy otherwise: see torchdkm._attention)."""
-    return v.t() if v.shape[1] == 1 else v.t().contiguous()
+    """G × N × d -> G × d × N (a free view for d = 1, one copy otherwise: see torchdkm._attention)."""
+    return v.transpose(1, 2) if v.shape[2] == 1 else v.transpose(1, 2).contiguous()
 
 
 def _untransposed(v: Tensor) -> Tensor:
-    return v.t() if v.shape[0] == 1 else v.t().contiguous()
+    return v.transpose(1, 2) if v.shape[1] == 1 else v.transpose(1, 2).contiguous()
 
 
 class _DKMLean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, c0: Tensor, o: _Opts):
-        n, k = w.shape[0], c0.shape[0]
+        groups, n, k = w.shape[0], w.shape[1], c0.shape[1]
         x = _transposed(w)
         chunks = list(_row_chunks(n, o.rows))
         # Keep an iteration's attention blocks (to reuse them for the output, and in backward) when they fit the
         # budget; with one chunk the block is alive anyway.
-        keep = len(chunks) == 1 or n * k * w.element_size() <= o.reuse_bytes
+        keep = len(chunks) == 1 or groups * n * k * w.element_size() <= o.reuse_bytes
         thr = stop_threshold(c0, o.eps, o.eps_rel) if (o.eps > 0 or o.eps_rel > 0) else None
         cs, masses, blks = [c0], [], None
         for _ in range(o.iters):
             c_prev, blks = cs[-1], None  # drop the previous iteration's blocks before making new ones
             att = _Attention(c_prev, o.tau, o.window_tol)
-            mass = torch.zeros(k, dtype=w.dtype, device=w.device)
+            mass = torch.zeros(groups, k, dtype=w.dtype, device=w.device)
             moment = torch.zeros_like(c0)
             kept = []
             for s in chunks:
-                blk = att(x[:, s])
+                blk = att(x[:, :, s])
                 mass += blk.colsum()
-                moment += blk.colsum(x[:, s])
+                moment += blk.colsum(x[:, :, s])
                 if keep:
                     kept.append(blk)
             blks = kept if keep else None
             c = _update(mass, moment, c_prev)
             cs.append(c)
             masses.append(mass)
-            if thr is not None and bool((c - c_prev).abs().amax() <= thr):  # one host sync per iteration
+            if thr is not None and bool(((c - c_prev).abs().amax((1, 2)) <= thr).all()):  # one host sync
                 break
         c_last = cs[-1]
         if o.hard_output:  # value: nearest centroid of C_T; gradient (backward): the soft output's
-            out = c_last[nearest_centroid(w, c_last)]
+            out = lookup(c_last, nearest_centroid(w, c_last))
         else:
             out_t = torch.empty_like(x)
             att = None if blks is not None else _Attention(cs[-2], o.tau, o.window_tol)
             for i, s in enumerate(chunks):
-                out_t[:, s] = (blks[i] if blks is not None else att(x[:, s])).mix(c_last)
+                out_t[:, :, s] = (blks[i] if blks is not None else att(x[:, :, s])).mix(c_last)
             out = _untransposed(out_t)
         ctx.save_for_backward(w, *cs, *masses)
         ctx.o, ctx.iters_run, ctx.keep = o, len(masses), keep
@@ -151,7 +152,7 @@ class _DKMLean(torch.autograd.Function):
         t_run = ctx.iters_run
         w, cs, masses = saved[0], saved[1 : t_run + 2], saved[t_run + 2 :]
         x = _transposed(w)
-        chunks = list(_row_chunks(w.shape[0], o.rows))
+        chunks = list(_row_chunks(w.shape[1], o.rows))
         g_x = torch.zeros_like(x)
         g_c = torch.zeros_like(cs[-1]) if g_c is None else g_c.clone()
         last, ctx.blocks = ctx.blocks, None  # A_T blocks (from C_{T-1}) saved by forward, or None
@@ -164,10 +165,10 @@ class _DKMLean(torch.autograd.Function):
             att = _Attention(cs[-2], o.tau, o.window_tol)
             fresh = [] if last is None and ctx.keep else None
             for i, s in enumerate(chunks):
-                blk = last[i] if last is not None else att(x[:, s])
+                blk = last[i] if last is not None else att(x[:, :, s])
                 if fresh is not None:
                     fresh.append(blk)
-                g_c += blk.colsum(gt[:, s])
+                g_c += blk.colsum(gt[:, :, s])
             last = last if last is not None else fresh
 
         # Iterations in reverse: C_t = M_t / S_t with M_t = A_t^T W, S_t = A_t^T 1.
@@ -175,54 +176,68 @@ class _DKMLean(torch.autograd.Function):
             c_prev, c_t, mass = cs[t - 1], cs[t], masses[t - 1]
             full = mass > EMPTY_MASS
             inv = torch.where(full, 1.0 / torch.where(full, mass, 1.0), 0.0)
-            g_m = g_c * inv[:, None]  # dL/dM_t
-            g_s = -(g_c * c_t).sum(1) * inv  # dL/dS_t
-            g_c_prev = torch.where(full[:, None], 0.0, g_c)  # empty clusters pass C_{t-1} through
+            g_m = g_c * inv[..., None]  # dL/dM_t
+            g_s = -(g_c * c_t).sum(-1) * inv  # dL/dS_t
+            g_c_prev = torch.where(full[..., None], 0.0, g_c)  # empty clusters pass C_{t-1} through
             att = _Attention(c_prev, o.tau, o.window_tol)
             reuse = last if t == t_run else None
             out_term = gt is not None and t == t_run
             for i, s in enumerate(chunks):
-                blk = reuse[i] if reuse is not None else att(x[:, s])
-                g_a = blk.rowdot(x[:, s], g_m, g_s)  # dL/dA_t (k × n), then + the output's g_out · C_T
-                g_l = blk.softmax_backward_(blk.rowdot_add_(g_a, gt[:, s], cs[-1]) if out_term else g_a)
-                g_x[:, s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
-                g_c_prev += blk.logit_grad_c(g_l, x[:, s], c_prev)
+                xs = x[:, :, s]
+                blk = reuse[i] if reuse is not None else att(xs)
+                g_a = blk.rowdot(xs, g_m, g_s)  # dL/dA_t (G × k × n), then + the output's g_out · C_T
+                g_l = blk.softmax_backward_(blk.rowdot_add_(g_a, gt[:, :, s], cs[-1]) if out_term else g_a)
+                g_x[:, :, s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
+                g_c_prev += blk.logit_grad_c(g_l, xs, c_prev)
             last = reuse = None
             g_c = g_c_prev
         return _untransposed(g_x), None, None
 
 
+def nearest_gaps(c: Tensor) -> Tensor:
+    """Euclidean distance of every centroid to its nearest other centroid: c (G ×) k × d -> (G ×) k
+    (inf when k = 1)."""
+    if c.dim() == 2:
+        return nearest_gaps(c[None])[0]
+    if c.shape[2] == 1:  # sorted neighbours: O(k log k)
+        v = c[..., 0].sort(1).values
+        gap = v[:, 1:] - v[:, :-1]
+        inf = gap.new_full((gap.shape[0], 1), float("inf"))
+        return torch.minimum(torch.cat([gap, inf], 1), torch.cat([inf, gap], 1))
+    d = torch.cdist(c, c)
+    return d.masked_fill_(torch.eye(c.shape[1], dtype=torch.bool, device=c.device), float("inf")).amin(2)
+
+
 def stop_threshold(c: Tensor, eps: float, eps_rel: float) -> Tensor:
-    """The early-stop threshold max(eps, eps_rel × s) as a 0-d tensor on c's device, s = the median over
-    centroids of the Euclidean distance to the nearest other centroid (0 when k = 1)."""
-    k = c.shape[0]
-    if k < 2 or eps_rel == 0:
-        return c.new_tensor(eps).reshape(())
-    if c.shape[1] == 1:  # sorted neighbours: O(k log k)
-        v = c[:, 0].sort().values
-        gap = v[1:] - v[:-1]
-        inf = gap.new_full((1,), float("inf"))
-        nn = torch.minimum(torch.cat([gap, inf]), torch.cat([inf, gap]))
+    """The early-stop threshold max(eps, eps_rel × s), s = the median over centroids of the Euclidean distance to
+    the nearest other centroid (0 when k = 1): a 0-d tensor for c: k × d, one per group (G) for c: G × k × d."""
+    batched = c.dim() == 3
+    g = c.shape[0] if batched else 1
+    if c.shape[-2] < 2 or eps_rel == 0:
+        out = c.new_full((g,), eps)
     else:
-        d = torch.cdist(c, c)
-        d.fill_diagonal_(float("inf"))
-        nn = d.amin(1)
-    return (nn.median() * eps_rel).clamp(min=eps)
+        out = (nearest_gaps(c.reshape(g, *c.shape[-2:])).median(1).values * eps_rel).clamp(min=eps)
+    return out if batched else out.reshape(())
 
 
-def _check_inputs(w: Tensor, c0: Tensor, tau, iters: int, eps: float):
-    if w.dim() != 2 or c0.dim() != 2 or w.shape[1] != c0.shape[1]:
-        raise ConfigError(f"dkm_cluster wants w: N × d and c0: k × d, got w {tuple(w.shape)} and c0 {tuple(c0.shape)}")
-    if w.shape[0] == 0:
+def _check_inputs(w: Tensor, c0: Tensor, tau, iters: int, eps: float) -> Tensor:
+    """The temperature as a G-vector (float64) after checking every input."""
+    ok = (w.dim() == c0.dim() == 2 and w.shape[1] == c0.shape[1]) or (
+        w.dim() == c0.dim() == 3 and w.shape[0] == c0.shape[0] and w.shape[2] == c0.shape[2])
+    if not ok:
+        raise ConfigError(f"dkm_cluster wants w: N × d and c0: k × d, or grouped w: G × N × d and c0: G × k × d, got w "
+                          f"{tuple(w.shape)} and c0 {tuple(c0.shape)}")
+    if w.shape[-2] == 0:
         raise ConfigError(f"dkm_cluster got w with 0 rows {tuple(w.shape)}: need at least one vector")
-    t = float(tau)
-    if not (t > 0 and math.isfinite(t)):
-        raise ConfigError(f"dkm_cluster got tau={t}: allowed is a finite float > 0")
+    groups = w.shape[0] if w.dim() == 3 else 1
+    t = torch.as_tensor(tau, dtype=torch.float64).detach().cpu().reshape(-1)
+    if t.numel() not in (1, groups) or not bool(((t > 0) & torch.isfinite(t)).all()):
+        raise ConfigError(f"dkm_cluster got tau={tau!r}: allowed is a finite float > 0, or one per group ({groups})")
     if not isinstance(iters, int) or iters < 1:
         raise ConfigError(f"dkm_cluster got iters={iters!r}: allowed is an integer >= 1")
     if not (eps >= 0):
         raise ConfigError(f"dkm_cluster got eps={eps!r}: allowed is a float >= 0")
-    return t
+    return t.expand(groups)
 
 
 def compute_dtype(w: Tensor) -> torch.dtype:
@@ -250,6 +265,8 @@ def dkm_cluster(
     """Differentiable k-means: (W~, C) from w (N × d) and warm-start centroids c0 (k × d, no gradient).
 
     Example: w (1000 × 1), c0 (16 × 1) -> W~ (1000 × 1) clustered weights, C (16 × 1).
+    Grouped: w (G × N × d), c0 (G × k × d) -> W~ (G × N × d), C (G × k × d), each group on its own (batched);
+    ``tau`` is then a float or a G-vector (one temperature per group).
     Gradients reach ``w`` through every iteration; half-precision inputs are computed in float32.
 
     * Early stop after iteration t when max|C_t - C_{t-1}| <= max(eps, eps_rel × s), s = the median distance of
@@ -269,11 +286,20 @@ def dkm_cluster(
     t = _check_inputs(w, c0, tau, iters, eps)
     if not (eps_rel >= 0 and math.isfinite(eps_rel)):
         raise ConfigError(f"dkm_cluster got eps_rel={eps_rel!r}: allowed is a finite float >= 0")
+    if w.dim() == 2:
+        out, c = dkm_cluster(w[None], c0[None], t, iters, eps, eps_rel=eps_rel, chunk_rows=chunk_rows,
+                             window_tol=window_tol, reuse_bytes=reuse_bytes, save_attention=save_attention,
+                             hard_output=hard_output)
+        return out[0], c[0]
     dt = compute_dtype(w)
     wc = w.to(dt)
     c = c0.detach().to(dt, copy=True)  # saved for backward: must not alias the caller's (mutable) buffer
-    rows = chunk_rows or auto_chunk_rows(*wc.shape[:1], c.shape[0], wc.shape[1])
-    o = _Opts(t, iters, float(eps), float(eps_rel), int(rows), float(window_tol), int(reuse_bytes),
+    groups, n, d = wc.shape
+    # chunk_rows counts vectors over all groups; a chunk takes the same columns of every group
+    rows = -(-(chunk_rows or auto_chunk_rows(groups * n, c.shape[1], d)) // groups)
+    # One group: a plain float keeps the scalar kernels (and the windowed path) of the per-tensor case.
+    tau_arg = float(t[0]) if groups == 1 else t.to(dt).to(w.device).view(groups, 1, 1)
+    o = _Opts(tau_arg, iters, float(eps), float(eps_rel), int(rows), float(window_tol), int(reuse_bytes),
               bool(save_attention), bool(hard_output))
     w_tilde, c = _DKMLean.apply(wc, c, o)
     return w_tilde.to(w.dtype), c
@@ -281,16 +307,21 @@ def dkm_cluster(
 
 def dkm_cluster_reference(w: Tensor, c0: Tensor, tau: Tau, iters: int, eps: float = 0.0, *,
                           eps_rel: float = 0.0) -> Tuple[Tensor, Tensor]:
-    """Direct autograd DKM (stores N × k distances and attention of every iteration). Test reference."""
+    """Direct autograd DKM (stores N × k distances and attention of every iteration), plain or grouped like
+    :func:`dkm_cluster`. Test reference."""
     t = _check_inputs(w, c0, tau, iters, eps)
+    if w.dim() == 2:
+        out, c = dkm_cluster_reference(w[None], c0[None], t, iters, eps, eps_rel=eps_rel)
+        return out[0], c[0]
+    t = t.to(w.dtype).to(w.device).view(-1, 1, 1)
     c = c0.detach().to(w.dtype)
-    thr = float(stop_threshold(c, eps, eps_rel))
+    thr = stop_threshold(c, eps, eps_rel)
     a = None
     for _ in range(iters):
-        d2 = ((w[:, None, :] - c[None, :, :]) ** 2).sum(-1)
-        a = torch.softmax(-d2 / t, dim=1)
-        c_new = _update(a.sum(0), a.t() @ w, c)
-        done = (eps > 0 or eps_rel > 0) and bool((c_new - c).abs().max() <= thr)
+        d2 = ((w[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)  # G × N × k
+        a = torch.softmax(-d2 / t, dim=2)
+        c_new = _update(a.sum(1), a.transpose(1, 2) @ w, c)
+        done = (eps > 0 or eps_rel > 0) and bool(((c_new - c).abs().amax((1, 2)) <= thr).all())
         c = c_new
         if done:
             break
@@ -302,34 +333,46 @@ def dkm_cluster_reference(w: Tensor, c0: Tensor, tau: Tau, iters: int, eps: floa
 
 
 def nearest_centroid(w: Tensor, c: Tensor, chunk_rows: int = 1 << 16) -> Tensor:
-    """Index of each vector's nearest centroid (squared Euclidean), int64 of length N."""
+    """Index of each vector's nearest centroid (squared Euclidean): w N × d, c k × d -> int64[N]; grouped,
+    w G × N × d, c G × k × d -> int64 G × N (indices into each group's own table)."""
+    if w.dim() == 2:
+        return nearest_centroid(w[None], c[None], chunk_rows)[0]
     w, c = w.detach(), c.detach().to(w.dtype)
-    cc = (c * c).sum(1)
-    out = torch.empty(w.shape[0], dtype=torch.long, device=w.device)
-    for s in _row_chunks(w.shape[0], chunk_rows):
-        out[s] = torch.addmm(cc, w[s], c.t(), alpha=-2.0).argmin(1)
+    cc = (c * c).sum(2)[:, None, :]  # G × 1 × k
+    ct = c.transpose(1, 2)
+    out = torch.empty(w.shape[:2], dtype=torch.long, device=w.device)
+    for s in _row_chunks(w.shape[1], max(1, chunk_rows // w.shape[0])):
+        out[:, s] = torch.baddbmm(cc, w[:, s], ct, alpha=-2.0).argmin(2)
     return out
 
 
 def hard_cluster(w: Tensor, c: Tensor) -> Tensor:
-    """Each vector replaced by its nearest centroid, N × d."""
-    return c.to(w.dtype)[nearest_centroid(w, c)]
+    """Each vector replaced by its nearest centroid: N × d (or G × N × d, grouped)."""
+    return lookup(c.to(w.dtype), nearest_centroid(w, c))
 
 
-def auto_tau(c: Tensor, scale: float) -> float:
+def lookup(c: Tensor, idx: Tensor) -> Tensor:
+    """Centroid rows by index: c k × d with idx (N) -> N × d; grouped, c G × k × d with idx G × N -> G × N × d."""
+    if c.dim() == 2:
+        return c[idx]
+    return torch.gather(c, 1, idx[..., None].expand(-1, -1, c.shape[2]))
+
+
+def auto_tau(c: Tensor, scale: float) -> Union[float, Tensor]:
     """Scale-free temperature: scale × median over centroids of the squared distance to the nearest other
     centroid. A weight at a centroid then has logit gap ≥ 1/scale to that neighbour, whatever the layer's
-    weight scale."""
+    weight scale. c: k × d -> float; grouped c: G × k × d -> float64 G-vector, one per group."""
+    if c.dim() == 2:
+        return float(auto_tau(c[None], scale)[0])
     c = c.detach().double()
-    if c.shape[0] < 2:
-        return scale
-    d2 = torch.cdist(c, c).pow(2)
-    d2.fill_diagonal_(float("inf"))
-    nn = d2.min(1).values
-    nn = nn[nn > 0]
-    if nn.numel() == 0:  # all centroids equal: any positive tau gives the same uniform attention
-        return scale * max(float(c.abs().max()) ** 2, 1e-12)
-    return scale * float(nn.median())
+    if c.shape[1] < 2:
+        return torch.full((c.shape[0],), float(scale), dtype=torch.float64)
+    nn = nearest_gaps(c).pow(2)
+    nn = torch.where(nn > 0, nn, float("nan"))  # duplicates do not count
+    med = nn.nanquantile(0.5, dim=1, interpolation="lower")
+    # all centroids of a group equal: any positive tau gives the same uniform attention
+    flat = (c.abs().amax((1, 2)) ** 2).clamp_min(1e-12)
+    return scale * torch.where(torch.isnan(med), flat, med).cpu()
 
 
 def to_vectors(weight: Tensor, dim: int) -> Tuple[Tensor, int]:
@@ -344,8 +387,21 @@ def to_vectors(weight: Tensor, dim: int) -> Tuple[Tensor, int]:
     return flat.view(-1, dim), pad
 
 
+def to_group_vectors(weight: Tensor, dim: int, groups: int) -> Tuple[Tensor, int]:
+    """``weight`` as G × (N/G) × dim vectors, group g holding axis-0 slices g·C0/G .. (g+1)·C0/G - 1 (contiguous in
+    row-major order); returns (vectors, pad). With G > 1 each group's numel must be a multiple of dim (pad 0)."""
+    vecs, pad = to_vectors(weight, dim)
+    return vecs.view(groups, -1, dim), pad
+
+
+def channel_scale(weight: Tensor) -> Tensor:
+    """Per-axis-0 scale max|w| over each slice (1 for an all-zero slice), shaped C0 × 1 × ... to broadcast."""
+    s = weight.abs().amax(tuple(range(1, weight.dim())), keepdim=True) if weight.dim() > 1 else weight.abs()
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
 def from_vectors(vectors: Tensor, shape, pad: int) -> Tensor:
-    """Inverse of :func:`to_vectors`."""
+    """Inverse of :func:`to_vectors` (and of :func:`to_group_vectors`)."""
     flat = vectors.reshape(-1)
     if pad:
         flat = flat[: flat.numel() - pad]

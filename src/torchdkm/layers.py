@@ -28,18 +28,25 @@ def is_supported(module: nn.Module) -> bool:
 class FinalizedLayer:
     """Left on a module by ``finalize`` as ``module._torchdkm``: what will be stored.
 
-    lut: k × d centroids in the weight's dtype (the exact values the weight now holds).
+    lut: G × k × d centroids in the weight's dtype, one table per group of axis-0 slices (G = 1: per-tensor).
     pad: zero entries appended so d divides the weight's numel.
+    scale: per-axis-0-slice scales (C0) in the weight's dtype, or None: the weight is lut[idx] × scale.
     """
 
     bits: int
     dim: int
     pad: int
     lut: Tensor
+    scale: Optional[Tensor] = None
+
+    @property
+    def groups(self) -> int:
+        return self.lut.shape[0]
 
 
 def select_layers(model: nn.Module, config: DKMConfig, rules=None) -> List[Tuple[str, nn.Module, DKMConfig]]:
-    """(name, module, config) of every layer to compress, by the precedence documented in config.py."""
+    """(name, module, config) of every layer to compress, by the precedence documented in config.py (layers
+    sharing a weight are all listed: see :func:`tied_partners`)."""
     rules = check_rules(rules)
     used, shadowed = set(), set()
     chosen = []
@@ -71,26 +78,38 @@ def select_layers(model: nn.Module, config: DKMConfig, rules=None) -> List[Tuple
         names = [n for n, m in model.named_modules() if is_supported(m)]
         shown = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
         raise ConfigError(f"rule(s) {unused} match no supported layer of this model; its supported layers are: {shown}")
-    _check_chosen(chosen)
     return chosen
 
 
-def _check_chosen(chosen) -> None:
-    owner: Dict[int, str] = {}
-    for name, module, _ in chosen:
+def tied_partners(chosen) -> Dict[str, List[Tuple[str, nn.Module]]]:
+    """Chosen layers that share one weight tensor (tied weights, e.g. an LM head tied to its embedding): {first
+    layer's name: [(name, module) of the others]}; the others are removed from ``chosen`` in place. The shared
+    tensor is clustered once, with the first layer's config; a layer that a rule skips (None) was never chosen."""
+    owner: Dict[int, int] = {}
+    partners: Dict[str, List[Tuple[str, nn.Module]]] = {}
+    keep = []
+    for name, module, cfg in chosen:
         w = module.weight
         if id(w) in owner:
-            raise ConfigError(
-                f"layers {owner[id(w)]!r} and {name!r} share one weight tensor (tied weights); torchdkm "
-                f"clusters each layer's own weight: skip one of them with rules={{{name!r}: None}} or untie them"
-            )
-        owner[id(w)] = name
+            first_name, _, first_cfg = keep[owner[id(w)]]
+            if cfg != first_cfg:
+                raise ConfigError(
+                    f"layers {first_name!r} and {name!r} share one weight tensor (tied weights) but get different "
+                    f"configs; the shared tensor is clustered once: give both the same config, or skip one with "
+                    f"rules={{{name!r}: None}}"
+                )
+            partners.setdefault(first_name, []).append((name, module))
+            continue
+        owner[id(w)] = len(keep)
+        keep.append((name, module, cfg))
         if not torch.isfinite(w).all():
             bad = int((~torch.isfinite(w)).sum())
             raise ConfigError(
                 f"layer {name!r} has {bad} non-finite weight(s) (NaN/inf) out of {w.numel()}: "
                 f"DKM needs finite weights; fix or skip this layer"
             )
+    chosen[:] = keep
+    return partners
 
 
 def finalized_record(module: nn.Module) -> Optional[FinalizedLayer]:

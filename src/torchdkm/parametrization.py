@@ -11,14 +11,15 @@ reading ``module.weight`` rebuilds the dense weight from them and the LUT.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple, Type
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
 
 from .config import DKMConfig
 from .errors import ConfigError, NonFiniteError
-from .functional import auto_tau, compute_dtype, dkm_cluster, from_vectors, hard_cluster, to_vectors
+from .functional import (auto_tau, channel_scale, compute_dtype, dkm_cluster, from_vectors, hard_cluster,
+                         nearest_centroid, to_group_vectors)
 from .kmeans import kmeans_init
 from .layers import finalized_record
 from .lut import indices_to_weight
@@ -31,7 +32,7 @@ class DKMWeight(nn.Module):
     Eval mode: hard assignment to the nearest current centroid (``soft_eval = True``: the soft DKM output with
     the current centroids, no update; for diagnostics, see torchdkm.training.soft_weights).
 
-    Buffers: ``centroids`` (k × d, float32/64), ``initialized`` (bool scalar), ``step`` (int64 scalar: the
+    Buffers: ``centroids`` (G × k × d, float32/64: one table per group, G = 1 per-tensor), ``initialized`` (bool scalar), ``step`` (int64 scalar: the
     training steps counted by ``torchdkm.step``, which drive the temperature schedule). ``name`` (the layer's name in
     the model) only labels errors: a centroid update that would be NaN/inf raises :class:`NonFiniteError`
     and leaves the centroids at their last finite values.
@@ -39,10 +40,15 @@ class DKMWeight(nn.Module):
 
     def __init__(self, config: DKMConfig, weight: Tensor, name: str = ""):
         super().__init__()
+        problem = config.layout_problem(tuple(weight.shape))
+        if problem:
+            raise ConfigError(f"layer {name!r} (weight {tuple(weight.shape)}): {problem}")
         self.config = config
         self.name = name
+        self.groups = config.groups(weight.shape)
         dt = compute_dtype(weight)
-        self.register_buffer("centroids", torch.zeros(config.k, config.dim, dtype=dt, device=weight.device))
+        self.register_buffer("centroids", torch.zeros(self.groups, config.k, config.dim, dtype=dt,
+                                                      device=weight.device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=weight.device))
         self.soft_eval = False
@@ -50,39 +56,60 @@ class DKMWeight(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the schedule existed have no step counter: they resume at step 0.
         state_dict.setdefault(prefix + "step", torch.zeros((), dtype=torch.int64))
+        c = state_dict.get(prefix + "centroids")
+        if c is not None and c.dim() == 2:  # written before grouped LUTs: k × d, one table
+            state_dict[prefix + "centroids"] = c[None]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def split(self, weight: Tensor) -> Tuple[Tensor, int, Optional[Tensor]]:
+        """(vectors G × N × d, pad, scale C0 × 1 × ... or None): the weight as DKM clusters it, each axis-0 slice
+        divided by its scale when ``channel_scale`` is on."""
+        scale = channel_scale(weight) if self.config.channel_scale else None
+        vecs, pad = to_group_vectors(weight if scale is None else weight / scale, self.config.dim, self.groups)
+        return vecs, pad, scale
+
+    @staticmethod
+    def join(vecs: Tensor, shape, pad: int, scale: Optional[Tensor]) -> Tensor:
+        """Inverse of :meth:`split`."""
+        out = from_vectors(vecs, shape, pad)
+        return out if scale is None else out * scale
 
     @torch.no_grad()
     def initialize(self, weight: Tensor) -> None:
         """k-means on the current weight (done by the first forward if not called before)."""
-        vecs, _ = to_vectors(weight.detach(), self.config.dim)
+        vecs, _, _ = self.split(weight.detach())
         self._check_finite(vecs, weight.numel(), "k-means initialisation")
         c = kmeans_init(vecs, self.config.k, seed=self.config.seed)
         self.centroids.copy_(c)
         self.initialized.fill_(True)
 
-    def tau(self) -> float:
+    def tau(self) -> Union[float, Tensor]:
         """The temperature of the next forward: absolute, or tau_scale (at this step of the schedule) times the
-        median squared nearest-centroid distance."""
+        median squared nearest-centroid distance of each group's table (a G-vector)."""
         cfg = self.config
         return auto_tau(self.centroids, cfg.tau_scale_at(int(self.step))) if cfg.tau == "auto" else float(cfg.tau)
+
+    @torch.no_grad()
+    def assign(self, weight: Tensor) -> Tensor:
+        """Each vector's nearest centroid index in its group's table: G × N."""
+        return nearest_centroid(self.split(weight)[0], self.centroids)
 
     def soft(self, weight: Tensor) -> Tensor:
         """The soft DKM output A·C for the current centroids, without updating them (diagnostics)."""
         cfg = self.config
-        vecs, pad = to_vectors(weight, cfg.dim)
+        vecs, pad, scale = self.split(weight)
         w_tilde, _ = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, eps_rel=cfg.eps_rel,
                                  chunk_rows=cfg.chunk_rows)
-        return from_vectors(w_tilde, weight.shape, pad)
+        return self.join(w_tilde, weight.shape, pad, scale)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not bool(self.initialized):
             self.initialize(weight)
         if not self.training and self.soft_eval:
             return self.soft(weight)
-        vecs, pad = to_vectors(weight, self.config.dim)
+        vecs, pad, scale = self.split(weight)
         if not self.training:
-            return from_vectors(hard_cluster(vecs, self.centroids), weight.shape, pad)
+            return self.join(hard_cluster(vecs, self.centroids), weight.shape, pad, scale)
         cfg = self.config
         # hard_forward: the value is C[nearest] (the shipped weight), the gradient the soft output's
         w_tilde, c = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, eps_rel=cfg.eps_rel,
@@ -97,7 +124,7 @@ class DKMWeight(nn.Module):
                                  f"last finite values")
         with torch.no_grad():
             self.centroids.copy_(c)  # warm start of the next step
-        return from_vectors(w_tilde, weight.shape, pad)
+        return self.join(w_tilde, weight.shape, pad, scale)
 
     def _check_finite(self, vecs: Tensor, numel: int, action: str) -> None:
         if not bool(torch.isfinite(vecs).all()):  # vecs: the weight as N × d vectors (a zero-padded tail)
@@ -108,7 +135,10 @@ class DKMWeight(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         sched = f", tau_scale {c.tau_scale}->{c.tau_scale_end} over {c.anneal_steps} steps" if c.anneal_steps else ""
-        return f"bits={c.bits}, dim={c.dim}, tau={c.tau!r}, iters={c.iters}{sched}, hard_forward={c.hard_forward}"
+        gran = (f", groups={self.groups} of {c.group_size}" if c.group_size else "") + (
+            ", channel_scale" if c.channel_scale else "")
+        return (f"bits={c.bits}, dim={c.dim}{gran}, tau={c.tau!r}, iters={c.iters}{sched}, "
+                f"hard_forward={c.hard_forward}")
 
 
 def _count_bad(t: Tensor) -> int:
@@ -116,22 +146,26 @@ def _count_bad(t: Tensor) -> int:
 
 
 class LUTWeight(nn.Module):
-    """Parametrization: packed indices -> dense weight of ``shape`` = lut[idx], entries past numel dropped.
+    """Parametrization: packed indices -> dense weight of ``shape`` = lut[idx] (× scale), entries past numel
+    dropped (see torchdkm.lut.indices_to_weight).
 
     The packed indices (the parametrized tensor) are padded to whole packing groups (at most 6 extra bytes,
-    see torchdkm.packing) so that the rebuild is a few plain ops. Buffer ``lut``: k × d in the weight's dtype.
+    see torchdkm.packing) so that the rebuild is a few plain ops. Buffers ``lut``: G × k × d and ``scale``
+    (C0, or None), in the weight's dtype.
     """
 
-    def __init__(self, lut: Tensor, bits: int, shape: Sequence[int]):
+    def __init__(self, lut: Tensor, bits: int, shape: Sequence[int], scale: Optional[Tensor] = None):
         super().__init__()
         self.register_buffer("lut", lut)
+        self.register_buffer("scale", scale)
         self.bits, self.shape = bits, tuple(shape)
 
     def forward(self, packed: Tensor) -> Tensor:
-        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype)
+        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype, self.scale)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, lut={tuple(self.lut.shape)}, shape={self.shape}"
+        scale = "" if self.scale is None else f", scale={tuple(self.scale.shape)}"
+        return f"bits={self.bits}, lut={tuple(self.lut.shape)}{scale}, shape={self.shape}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,10 +189,12 @@ def dkm_parametrization(module: nn.Module) -> Optional[DKMWeight]:
 
 
 def dkm_layers(model: nn.Module) -> Iterator[DKMWeight]:
-    """Every DKMWeight of ``model``, in module order."""
+    """Every DKMWeight of ``model``, in module order, each once (tied layers share one)."""
+    seen = set()
     for module in model.modules():
         p = dkm_parametrization(module)
-        if p is not None:
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
             yield p
 
 
@@ -173,13 +209,20 @@ def original_weight(module: nn.Module) -> Tensor:
     return plist.original if plist is not None else module.weight
 
 
-def layer_spec(module: nn.Module) -> Optional[Tuple[int, int]]:
-    """(bits, dim) of a layer prepared for DKM or finalized, or None for any other module."""
+class LayerSpec(NamedTuple):
+    bits: int
+    dim: int
+    groups: int  # LUTs (1: per-tensor)
+    scaled: bool  # per-axis-0-slice scales stored
+
+
+def layer_spec(module: nn.Module) -> Optional[LayerSpec]:
+    """The layout of a layer prepared for DKM or finalized, or None for any other module."""
     p = dkm_parametrization(module)
     if p is not None:
-        return p.config.bits, p.config.dim
+        return LayerSpec(p.config.bits, p.config.dim, p.groups, p.config.channel_scale)
     fin = finalized_record(module)
-    return (fin.bits, fin.dim) if fin is not None else None
+    return LayerSpec(fin.bits, fin.dim, fin.groups, fin.scale is not None) if fin is not None else None
 
 
 def require_plain(model: nn.Module, action: str, *, dense: bool = False) -> None:

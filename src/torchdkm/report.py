@@ -14,7 +14,8 @@ MIB = 1024 * 1024
 
 @dataclass
 class LayerRow:
-    """One compressed layer. ``stored_bits`` = index bits (ceil(numel/dim) × bits) + LUT bits (k × dim × lut_bits)."""
+    """One compressed layer. ``stored_bits`` = index bits (ceil(numel/dim) × bits) + LUT bits (groups × k × dim ×
+    lut_bits, with the per-slice scales' C0 × lut_bits when the layer has them)."""
 
     name: str
     kind: str
@@ -24,6 +25,8 @@ class LayerRow:
     numel: int
     index_bits: int
     lut_bits: int
+    groups: int = 1
+    scaled: bool = False
 
     @property
     def stored_bits(self) -> int:
@@ -72,12 +75,14 @@ class Report:
         }
 
     def table(self) -> str:
-        head = f"{'layer':<40} {'kind':<10} {'shape':<20} {'bits':>4} {'dim':>3} {'weights':>10} {'bits/w':>7} {'KiB':>9}"
+        head = (f"{'layer':<40} {'kind':<10} {'shape':<20} {'bits':>4} {'dim':>3} {'LUTs':>5} {'scale':>5} "
+                f"{'weights':>10} {'bits/w':>7} {'KiB':>9}")
         lines = [head, "-" * len(head)]
         for r in self.layers:
             lines.append(
                 f"{r.name[-40:]:<40} {r.kind[:10]:<10} {str(list(r.shape))[:20]:<20} {r.bits:>4} {r.dim:>3} "
-                f"{r.numel:>10} {r.bits_per_weight:>7.3f} {r.stored_bits / 8 / 1024:>9.2f}"
+                f"{r.groups:>5} {'yes' if r.scaled else '-':>5} {r.numel:>10} {r.bits_per_weight:>7.3f} "
+                f"{r.stored_bits / 8 / 1024:>9.2f}"
             )
         lines.append("-" * len(head))
         lines.append(
@@ -102,14 +107,14 @@ def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = Tr
         spec = layer_spec(module)
         if spec is None:
             continue
-        bits, dim = spec
         w = original_weight(module)
+        if id(w) in compressed_ids:  # a tied partner of a layer already counted
+            continue
         compressed_ids.add(id(w))
-        n_vec = -(-w.numel() // dim)
-        rows.append(
-            LayerRow(name, _kind(module), tuple(w.shape), bits, dim, w.numel(), n_vec * bits,
-                     (2 ** bits) * dim * lut_dtype_bits)
-        )
+        n_vec = -(-w.numel() // spec.dim)
+        table_bits = (spec.groups * 2 ** spec.bits * spec.dim + (w.shape[0] if spec.scaled else 0)) * lut_dtype_bits
+        rows.append(LayerRow(name, _kind(module), tuple(w.shape), spec.bits, spec.dim, w.numel(), n_vec * spec.bits,
+                             table_bits, spec.groups, spec.scaled))
     params = {id(p): p for p in model.parameters()}
     fp32 = sum(p.numel() for p in params.values()) * 4
     other = sum(p.numel() * p.element_size() for i, p in params.items() if i not in compressed_ids)

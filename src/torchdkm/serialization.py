@@ -1,13 +1,15 @@
 """The compact artifact: ``save`` / ``load`` / ``inspect_file``.
 
 One safetensors file. Each compressed layer's weight ``<key>`` (e.g. ``fc.weight``) is stored as
-``<key>.lut`` (k × d, float32 or float16) and ``<key>.indices`` (uint8, its N indices bit-packed at exactly
-``bits`` bits, see torchdkm.packing); every other state_dict entry is stored as it is (tied entries once).
-``__metadata__["torchdkm"]`` holds JSON::
+``<key>.lut`` (G × k × d: one table per group of axis-0 slices, float32 or float16), ``<key>.indices`` (uint8, its N
+indices bit-packed at exactly ``bits`` bits in row-major order, each into its group's table, see torchdkm.packing)
+and, for layers with per-slice scales, ``<key>.scale`` (C0, the LUT's dtype); every other state_dict entry is stored
+as it is (tied entries once). ``__metadata__["torchdkm"]`` holds JSON::
 
-    {"format": "torchdkm", "format_version": 1, "torchdkm_version": "0.1.0", "lut_dtype": "float32",
+    {"format": "torchdkm", "format_version": 2, "torchdkm_version": "0.2.0", "lut_dtype": "float32",
      "layers":  {"fc.weight": {"module": "fc", "kind": "Linear", "shape": [256, 512], "dtype": "float32",
-                               "bits": 4, "dim": 1, "pad": 0, "n_vectors": 131072}},
+                               "bits": 4, "dim": 1, "pad": 0, "n_vectors": 131072, "groups": 16,
+                               "channel_scale": true}},
      "aliases": {"head.weight": "embed.weight"},          # tied state_dict entries, stored once
      "buffers": ["bn.running_mean", ...],                 # entries that are buffers, not parameters
      "crc32": [1234567, ...],       # crc32 of every stored tensor's bytes, tensors in sorted-name order
@@ -17,6 +19,9 @@ and ``__metadata__["torchdkm_crc32"]`` the crc32 of that JSON text, so any flipp
 payload is detected (the safetensors package, which writes and parses the file, checks its structure and
 offsets, not its bytes). File size = report(model).compressed_bytes + buffer_bytes + header (8-byte length +
 header JSON, a few KB) + < 1 byte per layer (each layer's indices round up to whole bytes).
+
+Format 1 (torchdkm 0.1) is format 2 with one k × d LUT per layer and no scales, "groups" and "channel_scale"
+absent; it still loads.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from .lut import finalized_layers, indices_to_weight, weight_key, weight_to_indi
 from .packing import pack_bits, packed_size, unpack_bits
 from .parametrization import require_plain
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
@@ -87,10 +92,11 @@ def save(model: nn.Module, path, *, lut_dtype: torch.dtype = torch.float32) -> N
         seen[ident] = key
         if key in layers:
             name, module, fin = layers[key]
-            tensors[f"{key}.lut"], tensors[f"{key}.indices"], meta_layers[key] = _encode(key, name, module, fin, lut_dtype)
+            parts, meta_layers[key] = _encode(name, module, fin, lut_dtype)
+            tensors.update((f"{key}.{part}", v) for part, v in parts.items())
         else:
             tensors[key] = t
-    clash = sorted(set(state) & {n for k in layers for n in (f"{k}.lut", f"{k}.indices")})
+    clash = sorted(set(state) & {f"{k}.{part}" for k in layers for part in PARTS})
     if clash:
         raise ConfigError(f"state_dict entries {clash} clash with the names torchdkm stores compressed weights under")
     tensors = _for_safetensors(tensors)
@@ -142,19 +148,29 @@ def header_checksum(tensors: Dict[str, Tensor]) -> int:
     return zlib.crc32(json.dumps(sorted(rows), separators=(",", ":")).encode("utf-8"))
 
 
-def _encode(key: str, name: str, module: nn.Module, fin: FinalizedLayer, lut_dtype: torch.dtype):
+PARTS = ("lut", "indices", "scale")  # the tensors a compressed weight <key> is stored as: <key>.lut, ...
+
+
+def _encode(name: str, module: nn.Module, fin: FinalizedLayer, lut_dtype: torch.dtype):
+    """({"lut", "indices"[, "scale"]} tensors, metadata) of one finalized layer."""
     w = module.weight
     if w.dtype not in WEIGHT_DTYPES.values():
         raise ConfigError(f"layer {name!r} has weight dtype {w.dtype}; allowed: {', '.join(WEIGHT_DTYPES)}")
-    if tuple(fin.lut.shape) != (2**fin.bits, fin.dim):
-        raise ConfigError(f"layer {name!r}: its LUT has shape {tuple(fin.lut.shape)}, expected {(2**fin.bits, fin.dim)}")
+    want = (fin.groups, 2**fin.bits, fin.dim)
+    if fin.lut.dim() != 3 or tuple(fin.lut.shape) != want or w.shape[0] % fin.groups:
+        raise ConfigError(f"layer {name!r}: its LUT has shape {tuple(fin.lut.shape)}, expected {want} with G dividing "
+                          f"{w.shape[0]}")
     try:
-        idx = weight_to_indices(w, fin.lut, fin.pad)
+        idx = weight_to_indices(w, fin.lut, fin.pad, fin.scale)
     except ConfigError as e:
         raise ConfigError(f"layer {name!r}: {e}; finalize again before saving") from None
     info = {"module": name, "kind": type(module).__name__, "shape": list(w.shape), "dtype": str(w.dtype)[6:],
-            "bits": fin.bits, "dim": fin.dim, "pad": fin.pad, "n_vectors": idx.numel()}
-    return fin.lut.detach().to(lut_dtype).contiguous(), pack_bits(idx, fin.bits), info
+            "bits": fin.bits, "dim": fin.dim, "pad": fin.pad, "n_vectors": idx.numel(), "groups": fin.groups,
+            "channel_scale": fin.scale is not None}
+    parts = {"lut": fin.lut.detach().to(lut_dtype).contiguous(), "indices": pack_bits(idx, fin.bits)}
+    if fin.scale is not None:
+        parts["scale"] = fin.scale.detach().to(lut_dtype).reshape(-1).contiguous()
+    return parts, info
 
 
 def _version() -> str:
@@ -268,7 +284,7 @@ def _check_layers(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:
     lut_dt = LUT_DTYPES[meta["lut_dtype"]]
     parts = set()
     for key, info in meta["layers"].items():
-        bad = _layer_problem(info)
+        bad = _layer_problem(info, meta["format_version"])
         if bad is None and weight_key(info["module"]) != key:
             bad = f"module {info['module']!r} does not own weight {key!r}"
         if bad:
@@ -277,8 +293,18 @@ def _check_layers(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:
         if lut is None or packed is None:
             raise FormatError(f"{where}: layer {key!r} lacks its tensor {key}.lut or {key}.indices")
         k, bits, n = 2 ** info["bits"], info["bits"], info["n_vectors"]
-        if tuple(lut.shape) != (k, info["dim"]) or lut.dtype != lut_dt:
-            raise FormatError(f"{where}: layer {key!r} has a LUT {lut.dtype} {tuple(lut.shape)}, expected {lut_dt} {(k, info['dim'])}")
+        if meta["format_version"] == 1:  # one k × d table, no scales: read as format 2
+            info.update(groups=1, channel_scale=False)
+            lut = tensors[f"{key}.lut"] = lut[None] if lut.dim() == 2 else lut
+        want = (info["groups"], k, info["dim"])
+        if tuple(lut.shape) != want or lut.dtype != lut_dt:
+            raise FormatError(f"{where}: layer {key!r} has a LUT {lut.dtype} {tuple(lut.shape)}, expected {lut_dt} {want}")
+        scale = tensors.get(f"{key}.scale")
+        if info["channel_scale"] != (scale is not None) or (
+                scale is not None and (tuple(scale.shape) != (info["shape"][0],) or scale.dtype != lut_dt)):
+            raise FormatError(f"{where}: layer {key!r} has channel_scale={info['channel_scale']} but a scale tensor "
+                              f"{None if scale is None else (scale.dtype, tuple(scale.shape))}; expected "
+                              f"{(lut_dt, (info['shape'][0],)) if info['channel_scale'] else None}")
         if packed.dtype != torch.uint8 or tuple(packed.shape) != (packed_size(n, bits),):
             raise FormatError(f"{where}: layer {key!r} has indices {packed.dtype} {tuple(packed.shape)}, expected "
                               f"uint8 ({packed_size(n, bits)},) for {n} indices of {bits} bits")
@@ -287,7 +313,7 @@ def _check_layers(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:
         used = n * bits - 8 * (packed.numel() - 1)
         if packed.numel() and int(packed[-1]) >> used:
             raise FormatError(f"{where}: layer {key!r} has non-zero padding bits after its last index")
-        parts.update((f"{key}.lut", f"{key}.indices"))
+        parts.update(f"{key}.{part}" for part in PARTS if f"{key}.{part}" in tensors)
         if key in tensors:
             raise FormatError(f"{where}: {key!r} is stored both compressed and dense")
     dense = set(tensors) - parts
@@ -299,12 +325,14 @@ def _check_layers(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:
         raise FormatError(f"{where}: the buffers list names entries that are not stored")
 
 
-def _layer_problem(info) -> Optional[str]:
+def _layer_problem(info, version: int) -> Optional[str]:
     """What is wrong with one layer's metadata, or None."""
     if not isinstance(info, dict):
         return "not an object"
     fields = {"module": str, "kind": str, "shape": list, "dtype": str, "bits": int, "dim": int, "pad": int,
               "n_vectors": int}
+    if version >= 2:
+        fields.update(groups=int, channel_scale=bool)
     for f, typ in fields.items():
         if type(info.get(f)) is not typ:
             return f"field {f!r} is missing or not a {typ.__name__}"
@@ -320,10 +348,18 @@ def _layer_problem(info) -> Optional[str]:
         numel *= s
     if pad != (-numel) % dim or info["n_vectors"] != (numel + pad) // dim:
         return f"pad={pad}, n_vectors={info['n_vectors']} do not fit shape {shape} with dim={dim}"
+    groups = info.get("groups", 1)
+    if not shape or groups < 1 or shape[0] % groups or (groups > 1 and pad):
+        return f"groups={groups} does not divide axis 0 of shape {shape} into whole vectors"
     return None
 
 
 # ------------------------------------------------------------------------------------------------ load
+
+
+def _stored_parts(art: Artifact) -> set:
+    """Names of the tensors that store compressed weights."""
+    return {f"{key}.{part}" for key in art.meta["layers"] for part in PARTS} & set(art.tensors)
 
 
 def decode(art: Artifact) -> Dict[str, Tensor]:
@@ -331,9 +367,10 @@ def decode(art: Artifact) -> Dict[str, Tensor]:
     state = {}
     for key, info in art.meta["layers"].items():
         idx = unpack_bits(art.tensors[f"{key}.indices"], info["bits"], info["n_vectors"])
-        lut = art.tensors[f"{key}.lut"]
-        state[key] = indices_to_weight(idx, lut, info["shape"], WEIGHT_DTYPES[info["dtype"]])
-    parts = {n for key in art.meta["layers"] for n in (f"{key}.lut", f"{key}.indices")}
+        dtype = WEIGHT_DTYPES[info["dtype"]]
+        state[key] = indices_to_weight(idx, art.tensors[f"{key}.lut"].to(dtype), info["shape"], dtype,
+                                       art.tensors.get(f"{key}.scale"))
+    parts = _stored_parts(art)
     for name, t in art.tensors.items():
         if name not in parts:
             state[name] = t
@@ -367,7 +404,9 @@ def load(path, model: Optional[nn.Module] = None):
     for key, info in art.meta["layers"].items():
         module = model.get_submodule(info["module"]) if info["module"] else model
         lut = art.tensors[f"{key}.lut"].to(module.weight.dtype)
-        module._torchdkm = FinalizedLayer(info["bits"], info["dim"], info["pad"], lut)
+        scale = art.tensors.get(f"{key}.scale")
+        module._torchdkm = FinalizedLayer(info["bits"], info["dim"], info["pad"], lut,
+                                          None if scale is None else scale.to(module.weight.dtype))
     return model
 
 
@@ -385,16 +424,21 @@ def inspect_file(path) -> dict:
     rows, fp32, compressed_bits = [], 0, 0
     for key, info in meta["layers"].items():
         numel = info["n_vectors"] * info["dim"] - info["pad"]
-        k = 2 ** info["bits"]
-        index_bits, lut_bytes = info["n_vectors"] * info["bits"], k * info["dim"] * lut_bytes_per
-        stored = art.tensors[f"{key}.indices"].numel() + lut_bytes
+        lut = art.tensors[f"{key}.lut"]
+        scale = art.tensors.get(f"{key}.scale")
+        index_bits = info["n_vectors"] * info["bits"]
+        lut_bytes = lut.numel() * lut_bytes_per
+        scale_bytes = 0 if scale is None else scale.numel() * lut_bytes_per
+        stored = art.tensors[f"{key}.indices"].numel() + lut_bytes + scale_bytes
         rows.append({"name": key, "module": info["module"], "kind": info["kind"], "shape": info["shape"],
                      "dtype": info["dtype"], "bits": info["bits"], "dim": info["dim"], "pad": info["pad"],
-                     "lut_shape": [k, info["dim"]], "index_bytes": stored - lut_bytes, "lut_bytes": lut_bytes,
-                     "stored_bytes": stored, "bits_per_weight": (index_bits + 8 * lut_bytes) / max(numel, 1)})
+                     "groups": info["groups"], "channel_scale": info["channel_scale"], "lut_shape": list(lut.shape),
+                     "index_bytes": stored - lut_bytes - scale_bytes, "lut_bytes": lut_bytes,
+                     "scale_bytes": scale_bytes, "stored_bytes": stored,
+                     "bits_per_weight": (index_bits + 8 * (lut_bytes + scale_bytes)) / max(numel, 1)})
         fp32 += 4 * numel
-        compressed_bits += index_bits + 8 * lut_bytes
-    layer_parts = {n for key in meta["layers"] for n in (f"{key}.lut", f"{key}.indices")}
+        compressed_bits += index_bits + 8 * (lut_bytes + scale_bytes)
+    layer_parts = _stored_parts(art)
     buffers = set(meta["buffers"])
     other = buf_bytes = 0
     for name, t in art.tensors.items():
@@ -420,13 +464,15 @@ def inspect_file(path) -> dict:
 
 def format_inspect(info: dict) -> str:
     """The table ``torchdkm inspect FILE`` prints, from :func:`inspect_file`'s dict."""
-    head = f"{'layer':<40} {'shape':<20} {'bits':>4} {'dim':>3} {'LUT':>9} {'bits/w':>7} {'stored KiB':>10}"
+    head = (f"{'layer':<40} {'shape':<20} {'bits':>4} {'dim':>3} {'LUTs (GxKxd)':>13} {'scale':>5} {'bits/w':>7} "
+            f"{'stored KiB':>10}")
     lines = [f"{info['path']}: torchdkm format {info['format_version']} (written by torchdkm "
              f"{info['torchdkm_version']}), LUTs in {info['lut_dtype']}", head, "-" * len(head)]
     for r in info["layers"]:
-        lut = f"{r['lut_shape'][0]}x{r['lut_shape'][1]}"
-        lines.append(f"{r['name'][-40:]:<40} {str(r['shape'])[:20]:<20} {r['bits']:>4} {r['dim']:>3} {lut:>9} "
-                     f"{r['bits_per_weight']:>7.3f} {r['stored_bytes'] / 1024:>10.2f}")
+        lut = "x".join(str(n) for n in r["lut_shape"])
+        scale = "yes" if r["channel_scale"] else "-"
+        lines.append(f"{r['name'][-40:]:<40} {str(r['shape'])[:20]:<20} {r['bits']:>4} {r['dim']:>3} {lut:>13} "
+                     f"{scale:>5} {r['bits_per_weight']:>7.3f} {r['stored_bytes'] / 1024:>10.2f}")
     t = info["totals"]
     lines.append("-" * len(head))
     lines.append(f"{t['layers']} compressed layers; other parameters {t['other_param_bytes'] / 1024:.1f} KiB; "

@@ -31,6 +31,8 @@ A recipe has four sections (unknown keys anywhere are an error that names them a
       dim: 1
       tau_scale: 0.05
       tau_scale_end: null                 # anneal tau_scale to this over the DKM epochs (the steps are counted)
+      group_size: null                    # null: one LUT per layer; g: one per g output channels
+      channel_scale: false                # normalise each output channel by its max |w| before clustering
       rules:
         stem.0: null                      # skip this layer
         "re:.*fc": {bits: 8}              # fields override the global ones above

@@ -23,7 +23,8 @@ DATA = Path(__file__).parent / "data"
 def _grouped(groups=3, n=200, d=1, k=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     # groups of very different scale: one shared table could not serve them
-    w = torch.randn(groups, n, d, generator=g, dtype=torch.float64) * torch.tensor([0.01, 1.0, 30.0][:groups])[:, None, None]
+    spread = torch.tensor([0.01, 1.0, 30.0][:groups])[:, None, None]
+    w = torch.randn(groups, n, d, generator=g, dtype=torch.float64) * spread
     c0 = kmeans_init(w, k)
     return w, c0
 
@@ -145,7 +146,8 @@ def test_layout_errors_name_every_layer_and_change_nothing():
     assert dkm_parametrization(net.conv) is None and dkm_parametrization(net.fc) is None
     with pytest.raises(ConfigError, match="'conv' .*dim=2 does not divide the 27 weights.*'fc' .*dim=3 does not divide "
                                           "the 64 weights"):
-        torchdkm.prepare(net, DKMConfig(dim=3, group_size=1, min_numel=0), rules={"conv": DKMConfig(dim=2, group_size=1)})
+        torchdkm.prepare(net, DKMConfig(dim=3, group_size=1, min_numel=0),
+                         rules={"conv": DKMConfig(dim=2, group_size=1)})
     with pytest.raises(ConfigError, match="group_size=0 is not allowed"):
         DKMConfig(group_size=0)
 

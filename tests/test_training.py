@@ -92,10 +92,10 @@ def test_soft_weights_evaluates_the_soft_network_without_updating_centroids():
     with torchdkm.soft_weights(net):
         soft = net[0].weight.detach().clone()
     vecs, _ = to_vectors(w, 1)
-    want, _ = dkm_cluster(vecs, c0, p.tau(), p.config.iters, p.config.eps)
+    want, _ = dkm_cluster(vecs, c0[0], p.tau(), p.config.iters, p.config.eps)  # one table: c0 is 1 × k × d
     assert torch.allclose(soft, want.view_as(w)) and torch.equal(p.centroids, c0)
     assert torch.equal(net[0].weight, hard) and not torch.allclose(soft, hard)  # context left: hard again
-    assert torch.equal(hard.reshape(-1, 1), hard_cluster(vecs, c0))
+    assert torch.equal(hard.reshape(-1, 1), hard_cluster(vecs, c0[0]))
 
 
 def test_gap_statistic_tracks_the_temperature():

@@ -66,7 +66,8 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
     """Snap every prepared layer's weight to its nearest centroid and remove the DKM machinery, in place.
 
     Afterwards each such layer is a plain module whose weight holds at most 2**bits distinct d-vectors;
-    ``module._torchdkm`` records bits, dim, padding, the LUTs (G × k × d) and the per-slice scales (or None). Calling it twice changes nothing.
+    ``module._torchdkm`` records bits, dim, padding, the LUTs (G × k × d) and the per-slice scales (or None).
+    Calling it twice changes nothing.
     Core ML metadata is an export step: ``torchdkm.export.coreml.attach_metadata(model)`` after finalize
     (``coreml=True`` is no longer accepted and says so).
     """

@@ -1,11 +1,11 @@
 """Compact inference mode: finalized layers keep only packed indices + LUT and rebuild the weight per forward.
 
-``compact(model)`` replaces each finalized layer's dense ``weight`` Parameter by a uint8 buffer of packed
-indices (ceil(N*bits/8) bytes) under a ``torch.nn.utils.parametrize`` parametrization holding the LUT
-(G × k × d, and per-slice scales if any): reading ``module.weight`` unpacks and gathers, so every layer type that reads ``self.weight``
+``compact(model)`` replaces each finalized layer's dense ``weight`` Parameter by a uint8 buffer of packed indices
+(ceil(N*bits/8) bytes) under a ``torch.nn.utils.parametrize`` parametrization holding the LUT (G × k × d, and per-
+slice scales if any): reading ``module.weight`` unpacks and gathers, so every layer type that reads ``self.weight``
 (Linear, Conv1d/2d/3d, Embedding, transformers Conv1D) works unchanged and resident memory reflects the
-compression. Outputs equal the dense model's exactly (the same values, rebuilt). Costs one rebuild of the
-weight per forward; meant for inference (no weight gradients).
+compression. Outputs equal the dense model's exactly (the same values, rebuilt). Costs one rebuild of the weight
+per forward; meant for inference (no weight gradients).
 
 Call ``torchdkm.report`` / ``torchdkm.save`` on the dense model, before ``compact``.
 """

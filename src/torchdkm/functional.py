@@ -225,8 +225,8 @@ def _check_inputs(w: Tensor, c0: Tensor, tau, iters: int, eps: float) -> Tensor:
     ok = (w.dim() == c0.dim() == 2 and w.shape[1] == c0.shape[1]) or (
         w.dim() == c0.dim() == 3 and w.shape[0] == c0.shape[0] and w.shape[2] == c0.shape[2])
     if not ok:
-        raise ConfigError(f"dkm_cluster wants w: N × d and c0: k × d, or grouped w: G × N × d and c0: G × k × d, got w "
-                          f"{tuple(w.shape)} and c0 {tuple(c0.shape)}")
+        raise ConfigError(f"dkm_cluster wants w: N × d and c0: k × d, or grouped w: G × N × d and c0: G × k × d, "
+                          f"got w {tuple(w.shape)} and c0 {tuple(c0.shape)}")
     if w.shape[-2] == 0:
         raise ConfigError(f"dkm_cluster got w with 0 rows {tuple(w.shape)}: need at least one vector")
     groups = w.shape[0] if w.dim() == 3 else 1
@@ -352,7 +352,8 @@ def hard_cluster(w: Tensor, c: Tensor) -> Tensor:
 
 
 def lookup(c: Tensor, idx: Tensor) -> Tensor:
-    """Centroid rows by index: c k × d with idx (N) -> N × d; grouped, c G × k × d with idx G × N -> G × N × d."""
+    """Centroid rows by index: c k × d with idx (N) -> N × d; grouped, c G × k × d with idx G × N ->
+    G × N × d."""
     if c.dim() == 2:
         return c[idx]
     return torch.gather(c, 1, idx[..., None].expand(-1, -1, c.shape[2]))

@@ -58,9 +58,9 @@ def weight_to_indices(weight: Tensor, lut: Tensor, pad: int, scale: Optional[Ten
 
 def indices_to_weight(idx: Tensor, lut: Tensor, shape: Sequence[int], dtype: torch.dtype,
                       scale: Optional[Tensor] = None) -> Tensor:
-    """Dense weight of ``shape`` from idx (int[M], M*d >= numel, row-major), lut (G × k × d, or k × d) and an optional
-    per-axis-0 scale (C0): lut[group of the vector][idx] flattened, entries past numel (the tail pad, unused trailing
-    indices) dropped, in ``dtype``, times the scale of each slice."""
+    """Dense weight of ``shape`` from idx (int[M], M*d >= numel, row-major), lut (G × k × d, or k × d) and an
+    optional per-axis-0 scale (C0): lut[group of the vector][idx] flattened, entries past numel (the tail pad,
+    unused trailing indices) dropped, in ``dtype``, times the scale of each slice."""
     numel = math.prod(shape)
     if lut.dim() == 2 or lut.shape[0] == 1:
         flat = lut.reshape(-1, lut.shape[-1])[idx].reshape(-1)

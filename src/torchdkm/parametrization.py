@@ -32,10 +32,10 @@ class DKMWeight(nn.Module):
     Eval mode: hard assignment to the nearest current centroid (``soft_eval = True``: the soft DKM output with
     the current centroids, no update; for diagnostics, see torchdkm.training.soft_weights).
 
-    Buffers: ``centroids`` (G × k × d, float32/64: one table per group, G = 1 per-tensor), ``initialized`` (bool scalar), ``step`` (int64 scalar: the
-    training steps counted by ``torchdkm.step``, which drive the temperature schedule). ``name`` (the layer's name in
-    the model) only labels errors: a centroid update that would be NaN/inf raises :class:`NonFiniteError`
-    and leaves the centroids at their last finite values.
+    Buffers: ``centroids`` (G × k × d, float32/64: one table per group, G = 1 per-tensor), ``initialized`` (bool
+    scalar), ``step`` (int64 scalar: the training steps counted by ``torchdkm.step``, which drive the
+    temperature schedule). ``name`` (the layer's name in the model) only labels errors: a centroid update that
+    would be NaN/inf raises :class:`NonFiniteError` and leaves the centroids at their last finite values.
     """
 
     def __init__(self, config: DKMConfig, weight: Tensor, name: str = ""):
@@ -62,17 +62,19 @@ class DKMWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def split(self, weight: Tensor) -> Tuple[Tensor, int, Optional[Tensor]]:
-        """(vectors G × N × d, pad, scale C0 × 1 × ... or None): the weight as DKM clusters it, each axis-0 slice
-        divided by its scale when ``channel_scale`` is on."""
-        scale = channel_scale(weight) if self.config.channel_scale else None
-        vecs, pad = to_group_vectors(weight if scale is None else weight / scale, self.config.dim, self.groups)
+        """(vectors G × N × d, pad, scale C0 × 1 × ... or None), in the compute dtype (float32 for half weights):
+        the weight as DKM clusters it, each axis-0 slice divided by its scale when ``channel_scale`` is on."""
+        w = weight.to(compute_dtype(weight))
+        scale = channel_scale(w) if self.config.channel_scale else None
+        vecs, pad = to_group_vectors(w if scale is None else w / scale, self.config.dim, self.groups)
         return vecs, pad, scale
 
     @staticmethod
-    def join(vecs: Tensor, shape, pad: int, scale: Optional[Tensor]) -> Tensor:
-        """Inverse of :meth:`split`."""
-        out = from_vectors(vecs, shape, pad)
-        return out if scale is None else out * scale
+    def join(vecs: Tensor, like: Tensor, pad: int, scale: Optional[Tensor]) -> Tensor:
+        """Inverse of :meth:`split`, in ``like``'s shape and dtype; the scale multiplies in that dtype, as
+        torchdkm.lut.indices_to_weight rebuilds finalized weights."""
+        out = from_vectors(vecs, like.shape, pad).to(like.dtype)
+        return out if scale is None else out * scale.to(like.dtype)
 
     @torch.no_grad()
     def initialize(self, weight: Tensor) -> None:
@@ -100,7 +102,7 @@ class DKMWeight(nn.Module):
         vecs, pad, scale = self.split(weight)
         w_tilde, _ = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, eps_rel=cfg.eps_rel,
                                  chunk_rows=cfg.chunk_rows)
-        return self.join(w_tilde, weight.shape, pad, scale)
+        return self.join(w_tilde, weight, pad, scale)
 
     def forward(self, weight: Tensor) -> Tensor:
         if not bool(self.initialized):
@@ -109,7 +111,7 @@ class DKMWeight(nn.Module):
             return self.soft(weight)
         vecs, pad, scale = self.split(weight)
         if not self.training:
-            return self.join(hard_cluster(vecs, self.centroids), weight.shape, pad, scale)
+            return self.join(hard_cluster(vecs, self.centroids), weight, pad, scale)
         cfg = self.config
         # hard_forward: the value is C[nearest] (the shipped weight), the gradient the soft output's
         w_tilde, c = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, eps_rel=cfg.eps_rel,
@@ -124,7 +126,7 @@ class DKMWeight(nn.Module):
                                  f"last finite values")
         with torch.no_grad():
             self.centroids.copy_(c)  # warm start of the next step
-        return self.join(w_tilde, weight.shape, pad, scale)
+        return self.join(w_tilde, weight, pad, scale)
 
     def _check_finite(self, vecs: Tensor, numel: int, action: str) -> None:
         if not bool(torch.isfinite(vecs).all()):  # vecs: the weight as N × d vectors (a zero-padded tail)

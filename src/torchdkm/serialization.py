@@ -1,7 +1,7 @@
 """The compact artifact: ``save`` / ``load`` / ``inspect_file``.
 
-One safetensors file. Each compressed layer's weight ``<key>`` (e.g. ``fc.weight``) is stored as
-``<key>.lut`` (G × k × d: one table per group of axis-0 slices, float32 or float16), ``<key>.indices`` (uint8, its N
+One safetensors file. Each compressed layer's weight ``<key>`` (e.g. ``fc.weight``) is stored as ``<key>.lut``
+(G × k × d: one table per group of axis-0 slices; float32, float16 or bfloat16), ``<key>.indices`` (uint8, its N
 indices bit-packed at exactly ``bits`` bits in row-major order, each into its group's table, see torchdkm.packing)
 and, for layers with per-slice scales, ``<key>.scale`` (C0, the LUT's dtype); every other state_dict entry is stored
 as it is (tied entries once). ``__metadata__["torchdkm"]`` holds JSON::
@@ -45,7 +45,7 @@ from .packing import pack_bits, packed_size, unpack_bits
 from .parametrization import require_plain
 
 FORMAT_VERSION = 2
-LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 COREML_PREFIX = "_COREML_/"  # Core ML metadata buffers (torchdkm.export.coreml) are not part of the artifact
@@ -65,14 +65,15 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
 def save(model: nn.Module, path, *, lut_dtype: torch.dtype = torch.float32) -> None:
     """Write a finalized ``model`` to ``path`` as one safetensors file (atomically: temp file + rename).
 
-    lut_dtype: float32 (default; reload is bit-identical for float32/16/bf16 weights) or float16 (half the
-    LUT bytes; weights are then rounded to float16 LUT values). Example::
+    lut_dtype: float32 (default; reload is bit-identical for float32/16/bf16 weights), float16 or bfloat16 (half
+    the LUT and scale bytes; bit-identical for weights of that dtype, others are rounded to its values). Example::
 
         torchdkm.finalize(model); torchdkm.save(model, "model.safetensors")
     """
     lut_name = next((n for n, dt in LUT_DTYPES.items() if dt == lut_dtype), None)
     if lut_name is None:
-        raise ConfigError(f"save got lut_dtype={lut_dtype!r}: allowed are torch.float32 and torch.float16")
+        raise ConfigError(f"save got lut_dtype={lut_dtype!r}: allowed are torch.float32, torch.float16 and "
+                          f"torch.bfloat16")
     require_plain(model, "torchdkm.save", dense=True)
     state = {k: v for k, v in model.state_dict().items() if COREML_PREFIX not in k}
     layers = {weight_key(name): (name, module, fin) for name, module, fin in finalized_layers(model)}
@@ -298,7 +299,8 @@ def _check_layers(meta: dict, tensors: Dict[str, Tensor], where: str) -> None:
             lut = tensors[f"{key}.lut"] = lut[None] if lut.dim() == 2 else lut
         want = (info["groups"], k, info["dim"])
         if tuple(lut.shape) != want or lut.dtype != lut_dt:
-            raise FormatError(f"{where}: layer {key!r} has a LUT {lut.dtype} {tuple(lut.shape)}, expected {lut_dt} {want}")
+            raise FormatError(f"{where}: layer {key!r} has a LUT {lut.dtype} {tuple(lut.shape)}, expected {lut_dt} "
+                              f"{want}")
         scale = tensors.get(f"{key}.scale")
         if info["channel_scale"] != (scale is not None) or (
                 scale is not None and (tuple(scale.shape) != (info["shape"][0],) or scale.dtype != lut_dt)):

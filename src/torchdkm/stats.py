@@ -46,7 +46,8 @@ def dkm_layer_stats(model: nn.Module, max_rows: int = 16384) -> Dict[str, dict]:
         used = round(float(counts.gt(0).sum(1).float().mean()), 2)
         soft = p.split(p.soft(w).to(c.dtype))[0]
         gap = float((soft - lookup(c, idx)).norm() / vecs.norm().clamp_min(1e-30))
-        out[name] = {"entropy": round(ent, 5), "gap": round(gap, 6), "used": used, "k": k, "tau": float(torch.as_tensor(p.tau()).median()),
+        out[name] = {"entropy": round(ent, 5), "gap": round(gap, 6), "used": used, "k": k,
+                     "tau": float(torch.as_tensor(p.tau()).median()),
                      "tau_scale": p.config.tau_scale_at(int(p.step)), "step": int(p.step)}
     return out
 

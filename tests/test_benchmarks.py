@@ -146,3 +146,13 @@ def test_dkm_memory_small_grid(tmp_path):
     assert all(r["extra_bytes"] > 0 and r["weight_bytes"] == 16384 * 4 for r in rows)
     text = (tmp_path / "m.md").read_text()
     assert "| 1 | 1 | 1 | 4 |" in text and "| 8 | 1 | 1 | 4 |" in text and "16384 weights" in text
+
+
+def test_dkm_sharded_quick(tmp_path):
+    import dkm_sharded
+
+    rows = dkm_sharded.main(["--procs", "1,2", "--steps", "1", "--warmup", "1", "--quick",
+                             "--out", str(tmp_path / "s.md")])
+    assert [(r[0]["procs"], r[0]["shard"]) for r in rows] == [(1, False), (2, False), (2, True)]
+    assert all(len(r["times"]) == 1 and r["times"][0] > 0 for ranks in rows for r in ranks)
+    assert "| 2 | yes |" in (tmp_path / "s.md").read_text()

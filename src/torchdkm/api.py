@@ -11,7 +11,7 @@ from .config import DKMConfig, Rules
 from .errors import ConfigError
 from .layers import FinalizedLayer, select_layers, tied_partners
 from .lut import indices_to_weight
-from .parametrization import DKMWeight, dkm_parametrization, original_weight, require_plain
+from .parametrization import DKMWeight, dkm_parametrization, full_tensor, is_dtensor, original_weight, require_plain
 
 
 def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optional[Rules] = None) -> nn.Module:
@@ -34,6 +34,10 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
     if not isinstance(config, DKMConfig):
         raise ConfigError(f"prepare's config must be a DKMConfig, got {type(config).__name__}")
     require_plain(model, "torchdkm.prepare")
+    sharded = [n for n, t in model.named_parameters() if is_dtensor(t)]
+    if sharded:
+        raise ConfigError(f"prepare got a model whose parameters are already sharded (e.g. {sharded[0]!r} is a "
+                          f"DTensor): call torchdkm.prepare first, then fully_shard / FSDP")
     chosen = select_layers(model, config, rules)
     partners = tied_partners(chosen)
     bad = [f"{name!r} (weight {tuple(m.weight.shape)}): {cfg.layout_problem(tuple(m.weight.shape))}"
@@ -57,7 +61,7 @@ def initialize(model: nn.Module) -> nn.Module:
     for module in model.modules():
         p = dkm_parametrization(module)
         if p is not None and not bool(p.initialized):
-            p.initialize(original_weight(module))
+            p.initialize(full_tensor(original_weight(module)))
     return model
 
 
@@ -74,6 +78,13 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
     if coreml:
         raise ConfigError("finalize(model, coreml=True) moved to an export step: call torchdkm.finalize(model), "
                           "then torchdkm.export.coreml.attach_metadata(model)")
+    sharded = [n for n, m in model.named_modules() if dkm_parametrization(m) is not None
+               and is_dtensor(original_weight(m))]
+    if sharded:  # torch's parametrize cannot remove itself from an FSDP module
+        raise ConfigError(f"finalize got a model sharded by fully_shard (layer {sharded[0]!r}): finalize its full "
+                          f"state dict instead: torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                          f"options=StateDictOptions(full_state_dict=True)), load it into the unsharded model "
+                          f"prepared the same way, then finalize that (see torchdkm.app.distributed)")
     done = set()
     for module in model.modules():
         p = dkm_parametrization(module)

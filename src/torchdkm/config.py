@@ -54,6 +54,11 @@ class DKMConfig:
     channel_scale: divide each axis-0 slice by its max |w| before clustering and multiply it back after, so one
                LUT serves slices of different magnitude (Core ML's per-channel scale); the scales are stored (one
                per slice, in the LUT's dtype). With dim > 1, dim must divide the slice size.
+    shard:     under torch.distributed (a process group of R > 1 ranks, e.g. torchrun + DDP), split this layer's
+               DKM rows across the ranks of the default group: each computes attention for N/R rows, the
+               statistics are all-reduced per iteration and the clustered weight and its gradient all-reduced
+               (results equal one process's to float rounding; see torchdkm.functional.dkm_cluster). No effect in
+               one process.
     min_numel: layers with fewer weights are left alone unless a rule names them.
     seed:      seed of the k-means initialisation.
     chunk_rows: rows per chunk in the memory-lean backward (None = chosen from sizes).
@@ -72,6 +77,7 @@ class DKMConfig:
     save_attention: bool = False
     group_size: Optional[int] = None
     channel_scale: bool = False
+    shard: bool = False
     min_numel: int = 4096
     seed: int = 0
     chunk_rows: Optional[int] = None
@@ -109,6 +115,8 @@ class DKMConfig:
             _check_int("group_size", self.group_size, 1, None)
         if not isinstance(self.channel_scale, bool):
             raise ConfigError(f"DKMConfig.channel_scale={self.channel_scale!r} is not allowed: give True or False")
+        if not isinstance(self.shard, bool):
+            raise ConfigError(f"DKMConfig.shard={self.shard!r} is not allowed: give True or False")
         if not isinstance(self.save_attention, bool):
             raise ConfigError(f"DKMConfig.save_attention={self.save_attention!r} is not allowed: give True or False")
 

@@ -90,6 +90,31 @@ class _Opts(NamedTuple):
     reuse_bytes: int
     save_attention: bool
     hard_output: bool
+    group: object = None  # a torch.distributed process group to shard the rows over, or None
+
+
+def _shard(n: int, group) -> Tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of n rows (all of them without a group)."""
+    if group is None:
+        return 0, n
+    import torch.distributed as dist
+
+    r, size = dist.get_rank(group), dist.get_world_size(group)
+    return n * r // size, n * (r + 1) // size
+
+
+def _sum_ranks_(t: Tensor, group) -> Tensor:
+    """Sum ``t`` over the ranks of ``group``, in place (nothing without a group)."""
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _local_chunks(n: int, o: "_Opts"):
+    lo, hi = _shard(n, o.group)
+    return [slice(lo + s.start, lo + s.stop) for s in _row_chunks(hi - lo, o.rows)] if hi > lo else []
 
 
 def _transposed(v: Tensor) -> Tensor:
@@ -106,7 +131,7 @@ class _DKMLean(torch.autograd.Function):
     def forward(ctx, w: Tensor, c0: Tensor, o: _Opts):
         groups, n, k = w.shape[0], w.shape[1], c0.shape[1]
         x = _transposed(w)
-        chunks = list(_row_chunks(n, o.rows))
+        chunks = _local_chunks(n, o)  # sharded: this rank's rows only; per-iteration sums are all-reduced
         # Keep an iteration's attention blocks (to reuse them for the output, and in backward) when they fit the
         # budget; with one chunk the block is alive anyway.
         keep = len(chunks) == 1 or groups * n * k * w.element_size() <= o.reuse_bytes
@@ -125,6 +150,9 @@ class _DKMLean(torch.autograd.Function):
                 if keep:
                     kept.append(blk)
             blks = kept if keep else None
+            if o.group is not None:  # one all-reduce of the k·(d+1) statistics per group and iteration
+                stats = _sum_ranks_(torch.cat([mass[..., None], moment], 2), o.group)
+                mass, moment = stats[..., 0].contiguous(), stats[..., 1:]
             c = _update(mass, moment, c_prev)
             cs.append(c)
             masses.append(mass)
@@ -134,11 +162,11 @@ class _DKMLean(torch.autograd.Function):
         if o.hard_output:  # value: nearest centroid of C_T; gradient (backward): the soft output's
             out = lookup(c_last, nearest_centroid(w, c_last))
         else:
-            out_t = torch.empty_like(x)
+            out_t = torch.empty_like(x) if o.group is None else torch.zeros_like(x)
             att = None if blks is not None else _Attention(cs[-2], o.tau, o.window_tol)
             for i, s in enumerate(chunks):
                 out_t[:, :, s] = (blks[i] if blks is not None else att(x[:, :, s])).mix(c_last)
-            out = _untransposed(out_t)
+            out = _untransposed(_sum_ranks_(out_t, o.group))  # sharded: every rank's rows, on every rank
         ctx.save_for_backward(w, *cs, *masses)
         ctx.o, ctx.iters_run, ctx.keep = o, len(masses), keep
         ctx.blocks = blks if o.save_attention else None
@@ -152,10 +180,17 @@ class _DKMLean(torch.autograd.Function):
         t_run = ctx.iters_run
         w, cs, masses = saved[0], saved[1 : t_run + 2], saved[t_run + 2 :]
         x = _transposed(w)
-        chunks = list(_row_chunks(w.shape[1], o.rows))
+        chunks = _local_chunks(w.shape[1], o)
         g_x = torch.zeros_like(x)
         g_c = torch.zeros_like(cs[-1]) if g_c is None else g_c.clone()
         last, ctx.blocks = ctx.blocks, None  # A_T blocks (from C_{T-1}) saved by forward, or None
+        if o.group is not None:
+            # Sharded: the backward is linear in the incoming gradients, so the mean over ranks of each rank's
+            # full backward (what data-parallel training averages) is one backward of their mean, which the ranks
+            # now split by rows. Every rank ends with that same full gradient; averaging it again changes nothing.
+            size = float(torch.distributed.get_world_size(o.group))
+            g_out = None if g_out is None else _sum_ranks_(g_out.contiguous().clone(), o.group).div_(size)
+            g_c = _sum_ranks_(g_c, o.group).div_(size)
 
         # W~ = A_T C_T. Its part of dL/dC_T, A_T^T g_out, is a reduction over all rows needed before the last
         # iteration's pass: a first pass computes only that. Its part of dL/dA_T (g_out · C_T) goes through the
@@ -164,11 +199,13 @@ class _DKMLean(torch.autograd.Function):
         if gt is not None:
             att = _Attention(cs[-2], o.tau, o.window_tol)
             fresh = [] if last is None and ctx.keep else None
+            part = torch.zeros_like(g_c)
             for i, s in enumerate(chunks):
                 blk = last[i] if last is not None else att(x[:, :, s])
                 if fresh is not None:
                     fresh.append(blk)
-                g_c += blk.colsum(gt[:, :, s])
+                part += blk.colsum(gt[:, :, s])
+            g_c += _sum_ranks_(part, o.group)
             last = last if last is not None else fresh
 
         # Iterations in reverse: C_t = M_t / S_t with M_t = A_t^T W, S_t = A_t^T 1.
@@ -178,7 +215,7 @@ class _DKMLean(torch.autograd.Function):
             inv = torch.where(full, 1.0 / torch.where(full, mass, 1.0), 0.0)
             g_m = g_c * inv[..., None]  # dL/dM_t
             g_s = -(g_c * c_t).sum(-1) * inv  # dL/dS_t
-            g_c_prev = torch.where(full[..., None], 0.0, g_c)  # empty clusters pass C_{t-1} through
+            g_c_prev = torch.zeros_like(g_c)
             att = _Attention(c_prev, o.tau, o.window_tol)
             reuse = last if t == t_run else None
             out_term = gt is not None and t == t_run
@@ -190,8 +227,9 @@ class _DKMLean(torch.autograd.Function):
                 g_x[:, :, s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
                 g_c_prev += blk.logit_grad_c(g_l, xs, c_prev)
             last = reuse = None
-            g_c = g_c_prev
-        return _untransposed(g_x), None, None
+            # + empty clusters passing C_{t-1} through (the same on every rank: added once, after the sum)
+            g_c = _sum_ranks_(g_c_prev, o.group).add_(torch.where(full[..., None], 0.0, g_c))
+        return _untransposed(_sum_ranks_(g_x, o.group)), None, None
 
 
 def nearest_gaps(c: Tensor) -> Tensor:
@@ -261,6 +299,7 @@ def dkm_cluster(
     reuse_bytes: int = REUSE_BYTES,
     save_attention: bool = False,
     hard_output: bool = False,
+    process_group=None,
 ) -> Tuple[Tensor, Tensor]:
     """Differentiable k-means: (W~, C) from w (N × d) and warm-start centroids c0 (k × d, no gradient).
 
@@ -282,6 +321,10 @@ def dkm_cluster(
       then recomputes one attention fewer; the memory is held between forward and backward.
     * ``hard_output``: the returned W~ is each vector's nearest centroid of C_T (what finalize ships) while the
       gradient is the soft output's (straight-through from soft to hard); skips the forward's output pass.
+    * ``process_group``: a torch.distributed group whose ranks hold the same w and c0 (data-parallel training):
+      each rank computes attention for its own share of the rows, the k·(d+1) statistics are all-reduced per
+      iteration, W~ and the gradient reach every rank whole (all-reduced). The gradient every rank gets is the
+      mean over ranks of the single-process one, which is what data-parallel training then averages to.
     """
     t = _check_inputs(w, c0, tau, iters, eps)
     if not (eps_rel >= 0 and math.isfinite(eps_rel)):
@@ -289,7 +332,7 @@ def dkm_cluster(
     if w.dim() == 2:
         out, c = dkm_cluster(w[None], c0[None], t, iters, eps, eps_rel=eps_rel, chunk_rows=chunk_rows,
                              window_tol=window_tol, reuse_bytes=reuse_bytes, save_attention=save_attention,
-                             hard_output=hard_output)
+                             hard_output=hard_output, process_group=process_group)
         return out[0], c[0]
     dt = compute_dtype(w)
     wc = w.to(dt)
@@ -300,9 +343,18 @@ def dkm_cluster(
     # One group: a plain float keeps the scalar kernels (and the windowed path) of the per-tensor case.
     tau_arg = float(t[0]) if groups == 1 else t.to(dt).to(w.device).view(groups, 1, 1)
     o = _Opts(tau_arg, iters, float(eps), float(eps_rel), int(rows), float(window_tol), int(reuse_bytes),
-              bool(save_attention), bool(hard_output))
+              bool(save_attention), bool(hard_output), _usable_group(process_group))
     w_tilde, c = _DKMLean.apply(wc, c, o)
     return w_tilde.to(w.dtype), c
+
+
+def _usable_group(group):
+    """``group`` when it has more than one rank, else None (one process: nothing to shard)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    return group if dist.is_initialized() and dist.get_world_size(group) > 1 else None
 
 
 def dkm_cluster_reference(w: Tensor, c0: Tensor, tau: Tau, iters: int, eps: float = 0.0, *,

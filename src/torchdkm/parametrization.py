@@ -116,7 +116,7 @@ class DKMWeight(nn.Module):
         # hard_forward: the value is C[nearest] (the shipped weight), the gradient the soft output's
         w_tilde, c = dkm_cluster(vecs, self.centroids, self.tau(), cfg.iters, cfg.eps, eps_rel=cfg.eps_rel,
                                  chunk_rows=cfg.chunk_rows, save_attention=cfg.save_attention,
-                                 hard_output=cfg.hard_forward)
+                                 hard_output=cfg.hard_forward, process_group=_world() if cfg.shard else None)
         # A NaN/inf weight gives NaN outputs (and may give NaN centroids, which would then stay NaN for good):
         # refuse the update and keep the last finite centroids. One sync for both checks.
         if not bool(torch.isfinite(c).all() & torch.isfinite(vecs).all()):
@@ -141,6 +141,23 @@ class DKMWeight(nn.Module):
             ", channel_scale" if c.channel_scale else "")
         return (f"bits={c.bits}, dim={c.dim}{gran}, tau={c.tau!r}, iters={c.iters}{sched}, "
                 f"hard_forward={c.hard_forward}")
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a torch.distributed DTensor (a parameter sharded by FSDP's fully_shard)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor's shards gathered (a collective: every rank must call it), else ``t``."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def _world():
+    """The default process group when torch.distributed runs with more than one rank, else None."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def _count_bad(t: Tensor) -> int:

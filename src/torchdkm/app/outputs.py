@@ -1,7 +1,7 @@
 """What ``torchdkm compress`` leaves in its output folder (rank 0 only), each file written atomically:
 
     model.safetensors   the compressed artifact (torchdkm.save)
-    report.json         per-layer rows, size, factor, accuracy before/after, timings, rank agreement
+    report.json         per-layer rows, size, factor, accuracy (causal LM: perplexity) before/after, timings
     report.md           the same for people
     metrics.jsonl       one JSON line per epoch: loss, accuracy, lr, DKM statistics (see torchdkm.stats)
     curves.png          training curves
@@ -39,17 +39,17 @@ def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: d
     write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
     save(model, out / ARTIFACT_NAME)
     size = size_report(model, print_table=False)
+    metric = "ppl" if recipe.model.is_causal_lm else "acc"
     plots = []
-    if plot_curves(metrics, out / "curves.png", summary.get("acc_kmeans_init")):
+    if plot_curves(metrics, out / "curves.png", summary.get(f"{metric}_kmeans_init"), metric=metric):
         plots.append("curves.png")
     if plot_histograms(snapshot, out / "weights.png"):
         plots.append("weights.png")
     result = {
         "recipe": recipe.name,
         "model": recipe.model.transformers or recipe.model.name,
-        "data": recipe.data.name,
-        "accuracy": {"fp32": summary.get("acc_fp32"), "kmeans_init": summary.get("acc_kmeans_init"),
-                     "final": summary.get("acc_final")},
+        "data": recipe.data.label,
+        **_quality(metric, summary),
         "size": size.to_dict(),
         "epochs": {"fp32": recipe.training.fp32_epochs, "dkm": recipe.training.epochs},
         "wall_time_s": round(summary.get("wall_time_s", math.nan), 1),
@@ -63,23 +63,52 @@ def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: d
     return result
 
 
+def _quality(metric: str, summary: dict) -> dict:
+    """{"accuracy": {fp32, kmeans_init, final}} of a classifier, or {"perplexity": {fp32, kmeans_init, dkm,
+    final}, "eval_tokens": N} of a causal LM (dkm: after the DKM epochs, hard clusters, before finalize)."""
+    if metric == "acc":
+        return {"accuracy": {k: summary.get(f"acc_{k}") for k in ("fp32", "kmeans_init", "final")}}
+    return {"perplexity": {k: summary.get(f"ppl_{k}") for k in ("fp32", "kmeans_init", "dkm", "final")},
+            "eval_tokens": summary.get("eval_tokens")}
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def _pct(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+    return "-" if _missing(x) else f"{100 * x:.2f}%"
+
+
+def _ppl(x) -> str:
+    return "-" if _missing(x) else f"{x:.2f}"
+
+
+def _quality_table(r: dict) -> list:
+    """Markdown rows: test accuracy, or held-out perplexity (lower is better), before and after."""
+    if "accuracy" in r:
+        acc = r["accuracy"]
+        return ["| | test accuracy |", "|---|---|",
+                f"| fp32 (before) | {_pct(acc['fp32'])} |",
+                f"| k-means init, no fine-tuning | {_pct(acc['kmeans_init'])} |",
+                f"| DKM, finalized (after) | {_pct(acc['final'])} |"]
+    ppl = r["perplexity"]
+    return [f"| | held-out perplexity ({r['eval_tokens']} predicted tokens) |", "|---|---|",
+            f"| fp32 (before) | {_ppl(ppl['fp32'])} |",
+            f"| k-means init, no fine-tuning | {_ppl(ppl['kmeans_init'])} |",
+            f"| DKM, hard clusters (last epoch) | {_ppl(ppl['dkm'])} |",
+            f"| DKM, finalized (after) | {_ppl(ppl['final'])} |"]
 
 
 def _markdown(r: dict, size) -> str:
-    acc, s = r["accuracy"], r["size"]
+    s = r["size"]
     lines = [
         f"# torchdkm compress: {r['recipe']}",
         "",
         f"model `{r['model']}`, data `{r['data']}`, {r['epochs']['fp32']} fp32 + {r['epochs']['dkm']} DKM epochs, "
         f"{r['distributed']['world_size']} process(es), wall time {r['wall_time_s']:.0f} s",
         "",
-        "| | test accuracy |",
-        "|---|---|",
-        f"| fp32 (before) | {_pct(acc['fp32'])} |",
-        f"| k-means init, no fine-tuning | {_pct(acc['kmeans_init'])} |",
-        f"| DKM, finalized (after) | {_pct(acc['final'])} |",
+        *_quality_table(r),
         "",
         f"**Size: {s['fp32_mib']:.3f} MiB fp32 -> {s['compressed_mib']:.3f} MiB compressed = "
         f"{s['factor']:.1f}x smaller** (indices + fp32 LUTs; other parameters at their dtype)",
@@ -101,8 +130,12 @@ def _markdown(r: dict, size) -> str:
 
 
 def _summary_line(r: dict, out: Path) -> str:
-    acc, s = r["accuracy"], r["size"]
-    return (f"done in {r['wall_time_s']:.0f} s: accuracy {_pct(acc['fp32'])} fp32 -> {_pct(acc['final'])} DKM; "
+    s = r["size"]
+    if "accuracy" in r:
+        q = f"accuracy {_pct(r['accuracy']['fp32'])} fp32 -> {_pct(r['accuracy']['final'])} DKM"
+    else:
+        q = f"perplexity {_ppl(r['perplexity']['fp32'])} fp32 -> {_ppl(r['perplexity']['final'])} DKM"
+    return (f"done in {r['wall_time_s']:.0f} s: {q}; "
             f"{s['fp32_mib']:.3f} MiB -> {s['compressed_mib']:.3f} MiB ({s['factor']:.1f}x); results in {out}/")
 
 

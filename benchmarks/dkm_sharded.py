@@ -1,6 +1,7 @@
 """Sharded DKM under torchrun: per-rank DKM time and memory for 1, 2 and 4 processes on MiniLM's weights.
 
-Every Linear weight of all-MiniLM-L6-v2's encoder (36 tensors, 10.6 M weights) is clustered by one
+Every 2-D weight of all-MiniLM-L6-v2 but the embeddings (the encoder's 36 Linears and the pooler's, 10.8 M
+weights) is clustered by one
 ``dkm_cluster`` forward + backward per step (4 bits, one LUT per tensor, float32, 3 iterations at most), as in a
 training step of a data-parallel run where every rank holds the same weights. Unsharded, each rank does all of it;
 sharded (``DKMConfig(shard=True)``), each rank takes N/R rows of every tensor and the per-iteration statistics,

@@ -186,8 +186,9 @@ def test_save_refuses_weights_changed_after_finalize(tmp_path):
 
 
 def test_save_rejects_other_lut_dtypes(tmp_path):
-    with pytest.raises(ConfigError, match="float32 and torch.float16"):
-        torchdkm.save(finalized_cnn(), tmp_path / "m.safetensors", lut_dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="lut_dtype=torch.float64: allowed are torch.float32, torch.float16 and "
+                                          "torch.bfloat16"):
+        torchdkm.save(finalized_cnn(), tmp_path / "m.safetensors", lut_dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------------------- load errors

@@ -37,6 +37,16 @@ def functional_case(rank, size):
             "grad": float((grad - ref_grad).abs().max()), "grad_scale": float(ref_grad.abs().max())}
 
 
+def train_two_steps(model, rank):
+    """Two SGD steps on this rank's own batches."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(2):
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(100 * step + rank))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
 def ddp_case(rank, size):
     """A prepared model under DDP with DKMConfig(shard=True): after two steps the ranks agree and match an
     unsharded DDP run."""
@@ -46,12 +56,7 @@ def ddp_case(rank, size):
         net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
         torchdkm.prepare(net, DKMConfig(bits=3, group_size=8, channel_scale=True, min_numel=0, shard=shard))
         ddp = nn.parallel.DistributedDataParallel(net)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-        for step in range(2):
-            x = torch.randn(16, 32, generator=torch.Generator().manual_seed(100 * step + rank))
-            opt.zero_grad()
-            ddp(x).square().mean().backward()
-            opt.step()
+        train_two_steps(ddp, rank)
         results[shard] = torch.cat([p.detach().reshape(-1) for p in net.state_dict().values()
                                     if p.dtype.is_floating_point])
     same = results[True].clone()
@@ -77,12 +82,7 @@ def fsdp_case(rank):
         if isinstance(m, nn.Linear):
             fully_shard(m)
     fully_shard(net)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    for step in range(2):
-        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(100 * step + rank))
-        opt.zero_grad()
-        net(x).square().mean().backward()
-        opt.step()
+    train_two_steps(net, rank)
     try:
         torchdkm.finalize(net)
         refused = False

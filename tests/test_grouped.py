@@ -91,6 +91,7 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("cfg", [DKMConfig(bits=2, group_size=4, min_numel=0),
                                  DKMConfig(bits=3, channel_scale=True, min_numel=0),
+                                 DKMConfig(bits=3, group_size=16, channel_scale="rms", min_numel=0),
                                  DKMConfig(bits=2, dim=2, group_size=8, channel_scale=True, min_numel=0)])
 def test_lifecycle(tmp_path, cfg):
     net = _net(cfg)
@@ -104,6 +105,7 @@ def test_lifecycle(tmp_path, cfg):
     net.eval()
     with torch.no_grad():
         hard = net(X)
+        trained_rms = net.fc.parametrizations.weight.original.square().mean(1).sqrt()
     torchdkm.finalize(net)
     with torch.no_grad():
         assert torch.equal(net(X), hard)  # eval of the prepared model is what finalize ships
@@ -118,6 +120,8 @@ def test_lifecycle(tmp_path, cfg):
     rep = torchdkm.report(net, print_table=False)
     row = next(r for r in rep.layers if r.name == "fc")
     assert row.lut_bits == (fin.groups * cfg.k * cfg.dim + (32 if cfg.channel_scale else 0)) * 32
+    if cfg.channel_scale == "rms":  # the stored scale is each row's root mean square at finalize
+        torch.testing.assert_close(fin.scale, trained_rms, rtol=1e-6, atol=0)
     path = tmp_path / "m.safetensors"
     torchdkm.save(net, path)
     again = torchdkm.load(path, Net().eval())
@@ -150,6 +154,8 @@ def test_layout_errors_name_every_layer_and_change_nothing():
                          rules={"conv": DKMConfig(dim=2, group_size=1)})
     with pytest.raises(ConfigError, match="group_size=0 is not allowed"):
         DKMConfig(group_size=0)
+    with pytest.raises(ConfigError, match="channel_scale='abs' is not allowed: give False, 'max' \\(or True\\) or 'rms'"):
+        DKMConfig(channel_scale="abs")
 
 
 def test_old_centroids_checkpoint_resumes():

@@ -456,9 +456,16 @@ def to_group_vectors(weight: Tensor, dim: int, groups: int) -> Tuple[Tensor, int
     return vecs.view(groups, -1, dim), pad
 
 
-def channel_scale(weight: Tensor) -> Tensor:
-    """Per-axis-0 scale max|w| over each slice (1 for an all-zero slice), shaped C0 × 1 × ... to broadcast."""
-    s = weight.abs().amax(tuple(range(1, weight.dim())), keepdim=True) if weight.dim() > 1 else weight.abs()
+def channel_scale(weight: Tensor, kind: str = "max") -> Tensor:
+    """Per-axis-0 scale of each slice, max |w| (``kind="max"``) or sqrt(mean w²) (``"rms"``), 1 for an all-zero
+    slice, shaped C0 × 1 × ... to broadcast."""
+    dims = tuple(range(1, weight.dim()))
+    if kind == "max":
+        s = weight.abs().amax(dims, keepdim=True) if dims else weight.abs()
+    elif kind == "rms":
+        s = weight.square().mean(dims, keepdim=True).sqrt() if dims else weight.abs()
+    else:
+        raise ConfigError(f"channel_scale got kind={kind!r}: allowed are 'max' and 'rms'")
     return torch.where(s > 0, s, torch.ones_like(s))
 
 

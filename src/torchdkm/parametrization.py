@@ -65,7 +65,8 @@ class DKMWeight(nn.Module):
         """(vectors G × N × d, pad, scale C0 × 1 × ... or None), in the compute dtype (float32 for half weights):
         the weight as DKM clusters it, each axis-0 slice divided by its scale when ``channel_scale`` is on."""
         w = weight.to(compute_dtype(weight))
-        scale = channel_scale(w) if self.config.channel_scale else None
+        kind = self.config.scale_kind
+        scale = channel_scale(w, kind) if kind else None
         vecs, pad = to_group_vectors(w if scale is None else w / scale, self.config.dim, self.groups)
         return vecs, pad, scale
 
@@ -138,7 +139,7 @@ class DKMWeight(nn.Module):
         c = self.config
         sched = f", tau_scale {c.tau_scale}->{c.tau_scale_end} over {c.anneal_steps} steps" if c.anneal_steps else ""
         gran = (f", groups={self.groups} of {c.group_size}" if c.group_size else "") + (
-            ", channel_scale" if c.channel_scale else "")
+            f", channel_scale={c.scale_kind}" if c.scale_kind else "")
         return (f"bits={c.bits}, dim={c.dim}{gran}, tau={c.tau!r}, iters={c.iters}{sched}, "
                 f"hard_forward={c.hard_forward}")
 
@@ -239,7 +240,7 @@ def layer_spec(module: nn.Module) -> Optional[LayerSpec]:
     """The layout of a layer prepared for DKM or finalized, or None for any other module."""
     p = dkm_parametrization(module)
     if p is not None:
-        return LayerSpec(p.config.bits, p.config.dim, p.groups, p.config.channel_scale)
+        return LayerSpec(p.config.bits, p.config.dim, p.groups, p.config.scale_kind is not None)
     fin = finalized_record(module)
     return LayerSpec(fin.bits, fin.dim, fin.groups, fin.scale is not None) if fin is not None else None
 

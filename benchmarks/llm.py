@@ -20,7 +20,8 @@ Methods, on every Linear of the 30 decoder layers (q, k, v, o, gate, up, down: 1
   - lm_head shares its weight with embed_tokens, and the embedding (49152 x 576) is not a Linear but would be
   chosen by the default min_numel, so both are skipped by name. torchdkm's groups are g consecutive *output*
   rows sharing one 2^bits-entry LUT (fp16); channel_scale divides each output row by its max |w| first.
-* DKM fine-tuning with distillation: :func:`dkm_distill` (not written yet: no row until it is).
+* DKM fine-tuning with distillation (:func:`dkm_distill`, benchmarks/llm_dkm.py): g16 + channel scale, a few
+  steps of label-free KL to the fp32 model on PTB + Wikipedia training text (CPU: each step is slow).
 
 Sizes (lm_common.model_size_mib): compressed Linears at their stored bits (indices + scales, zeros, LUTs), every
 other tensor at 16 bits (bf16/fp16, how an LLM ships); the fp32 row is the whole model at 16 bits.
@@ -74,7 +75,7 @@ def row_specs() -> List[dict]:
             for cs in (False, True):
                 key = f"kmeans-{b}b" + (f"-g{g}" if g else "") + ("-cs" if cs else "")
                 rows.append(dict(key=key, kind="kmeans", bits=b, group=g, cs=cs))
-        rows.append(dict(key=f"dkm-distill-{b}b", kind="dkm_distill", bits=b, group=None, cs=False))
+        rows.append(dict(key=f"dkm-distill-{b}b-g16-cs", kind="dkm_distill", bits=b, group=16, cs=True))
     return rows
 
 
@@ -84,7 +85,7 @@ def label(spec: dict) -> str:
     if spec["kind"] == "rtn":
         return f"RTN {spec['bits']}-bit g{spec['group']} (input groups)"
     if spec["kind"] == "dkm_distill":
-        return f"DKM + distillation {spec['bits']}-bit"
+        return f"DKM + distillation {spec['bits']}-bit g16 + channel scale ({DKM_TRAIN['steps']} steps)"
     grp = f"g{spec['group']} (output-row groups)" if spec["group"] else "per-tensor"
     return f"k-means {spec['bits']}-bit {grp}" + (" + channel scale" if spec["cs"] else "")
 
@@ -130,13 +131,19 @@ def rtn(model: nn.Module, spec: dict) -> Dict[str, float]:
     return out
 
 
+DKM_TRAIN = dict(steps=12, batch=4, seq=128, lr=3e-5)  # --dkm-steps etc. override
+
+
 def dkm_distill(model: nn.Module, teacher: nn.Module, train_streams: Callable[[], Dict[str, torch.Tensor]],
                 spec: dict) -> Optional[Dict[str, float]]:
     """DKM fine-tuning of ``model`` with distillation from ``teacher`` (the fp32 model) on the training token
-    streams (PTB train, Wikipedia train), then finalize; returns name -> stored bits like the other methods.
+    streams (PTB train and Wikipedia train, concatenated), then finalize (benchmarks/llm_dkm.py); returns name ->
+    stored bits like the other methods. Starts from the same k-means as the matching k-means row."""
+    from llm_dkm import distill_dkm
 
-    Not written yet (the training part is the lead's): returns None, and the benchmark prints no row for it."""
-    return None
+    ids = torch.cat(list(train_streams().values()))
+    return distill_dkm(model, teacher, ids, kmeans_config(spec), SKIP_RULES, steps=DKM_TRAIN["steps"],
+                       batch=DKM_TRAIN["batch"], seq=DKM_TRAIN["seq"], lr=DKM_TRAIN["lr"], log=print)
 
 
 @torch.no_grad()
@@ -265,7 +272,10 @@ def main(argv=None):
     p.add_argument("--rows", default=None, help="comma list of row keys or globs (e.g. 'fp32,rtn-*,kmeans-4b*')")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/llm[_quick])")
+    for k, v in DKM_TRAIN.items():
+        p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"DKM + distillation: {k} (default {v})")
     a = p.parse_args(argv)
+    DKM_TRAIN.update({k: getattr(a, f"dkm_{k}") for k in DKM_TRAIN})
     a.max_tokens = a.max_tokens or (512 if a.quick else 8192)
     common.setup_threads(a.threads)
     out = a.out or common.RESULTS / ("llm_quick" if a.quick else "llm")

@@ -9,6 +9,9 @@ Baselines implemented here (all fine-tuned with the *same* loop, optimizer, lr s
   (k × d) are trainable parameters (gradient = sum of the gradients of the weights assigned to them) and the
   original weights W get the straight-through gradient; the assignments idx are **re-computed every step**
   (nearest centroid of the current W), as TF-MOT does in training mode. Init: the same k-means as DKM.
+  With ``group_size`` / ``channel_scale`` (same meaning as torchdkm's): one trainable k × d table per group of
+  axis-0 slices (G × k × d), and each slice divided by its max |W| (recomputed every forward, as torchdkm does)
+  before the assignment, multiplied back after: W_hat = s · (C_g[idx(W / s)] + (V - stopgrad V)), V = W / s.
 * ``qat_lsq`` - uniform n-bit quantization-aware training, per-output-channel affine fake-quant with learned step
   size and offset (LSQ+, Bhalgat et al. 2020): w_q = s * clamp(round((w - b) / s), 0, 2^n - 1) + b, round with a
   straight-through gradient, s and b per output channel. Init: the range [b, b + (2^n - 1) s] that minimises the
@@ -50,7 +53,8 @@ from torch.nn.utils import parametrize
 import torchdkm
 from torchdkm._fileio import write_atomic, write_text_atomic
 from torchdkm.app.build import cosine_schedule
-from torchdkm.functional import from_vectors, nearest_centroid, to_vectors
+from torchdkm.functional import (channel_scale, from_vectors, lookup, nearest_centroid, to_group_vectors,
+                                 to_vectors)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -236,9 +240,12 @@ def model_size(model: nn.Module, compressed: Dict[int, float]) -> dict:
             "layers": len(compressed)}
 
 
-def clustered_size(model: nn.Module, config: torchdkm.DKMConfig, rules=None, fp32_layers=()) -> dict:
+def clustered_size(model: nn.Module, config: torchdkm.DKMConfig, rules=None, fp32_layers=(),
+                   lut_dtype_bits: int = 32) -> dict:
     """Size of ``model`` (fp32, unprepared) clustered with ``config``/``rules`` as torchdkm stores it: per layer
-    ceil(numel/dim) × bits index bits + a 2^bits × dim fp32 LUT (torchdkm.report's count), everything else as is.
+    ceil(numel/dim) × bits index bits + its G × 2^bits × dim LUT entries (G = 1 per-tensor) + one scale per
+    axis-0 slice when channel_scale is on, each at ``lut_dtype_bits`` (default fp32; torchdkm.report's count),
+    everything else as is.
     ``fp32_layers``: layers of that selection a method left uncompressed; they count at 32 bits per weight, in
     the whole model and in bits_per_weight alike (which then still covers the same layers as for torchdkm).
 
@@ -247,7 +254,7 @@ def clustered_size(model: nn.Module, config: torchdkm.DKMConfig, rules=None, fp3
     import copy
 
     m = torchdkm.prepare(copy.deepcopy(model), config, rules)
-    r = torchdkm.report(m, print_table=False)
+    r = torchdkm.report(m, lut_dtype_bits=lut_dtype_bits, print_table=False)
     mods = dict(model.named_modules())
     names = {row.name for row in r.layers}
     unknown = sorted(set(fp32_layers) - names)
@@ -273,33 +280,90 @@ def dkm_layers(model: nn.Module, config: torchdkm.DKMConfig, rules=None) -> Dict
     return {name: mod for name, mod, _ in select_layers(model, config, rules)}
 
 
+def fitted_granularity(model: nn.Module, config: torchdkm.DKMConfig, rules=None):
+    """Per-layer changes that let ``config``'s group_size / channel_scale fit every selected layer, so all methods
+    cluster with the same granularity: ({layer name: {field: value}}, notes for the log).
+
+    A group_size g that does not divide the layer's C0 axis-0 slices (or whose groups' weights ``dim`` does not
+    divide) becomes the largest divisor of C0 up to g that fits (None if none does); channel_scale is dropped
+    where ``dim`` does not divide a slice's weights (torchdkm's layout rules, DKMConfig.layout_problem)."""
+    from torchdkm.layers import select_layers
+
+    changes, notes = {}, []
+    for name, mod, cfg in select_layers(model, config, rules):
+        shape = tuple(mod.weight.shape)
+        if cfg.layout_problem(shape) is None:
+            continue
+        rows, per_slice, d = shape[0], mod.weight.numel() // shape[0], cfg.dim
+        c = {}
+        if cfg.scale_kind and d > 1 and per_slice % d:
+            c["channel_scale"] = False
+        if cfg.group_size is not None:
+            fits = [x for x in range(1, min(cfg.group_size, rows) + 1) if rows % x == 0 and (x * per_slice) % d == 0]
+            if not fits or fits[-1] != cfg.group_size:
+                c["group_size"] = fits[-1] if fits else None
+        assert cfg.replace(**c).layout_problem(shape) is None, (name, shape, c)
+        changes[name] = c
+        notes.append(f"{name} {list(shape)}: " + ", ".join(
+            f"group_size {cfg.group_size} -> {c['group_size']} (largest divisor of {rows} up to {cfg.group_size}"
+            f"{f' whose {d}-vectors fit' if d > 1 else ''})" if k == "group_size" else
+            f"no channel scale (dim {d} does not divide its {per_slice} weights per slice)" for k in c))
+    return changes, notes
+
+
+def granularity_rules(config: torchdkm.DKMConfig, changes: Dict[str, dict]) -> Optional[dict]:
+    """torchdkm rules giving each layer of ``changes`` (from :func:`fitted_granularity`) ``config`` with its
+    changes; None when there are none."""
+    return {name: config.replace(**c) for name, c in changes.items()} or None
+
+
 # ------------------------------------------------------------------------------------------------ baselines
 
 
 class _STKMeans(nn.Module):
-    """Parametrization W -> C[nearest(W)] + (W - stopgrad W): TF-MOT style clustering with trainable centroids."""
+    """Parametrization W -> C[nearest(W)] + (W - stopgrad W): TF-MOT style clustering with trainable centroids.
 
-    def __init__(self, centroids: torch.Tensor, dim: int):
+    centroids: k × d (one table) or G × k × d (one per group of consecutive axis-0 slices); scale_kind "max" (or
+    "rms", DKMConfig.scale_kind): each axis-0 slice divided by s = its max |W| (or RMS) before the assignment and
+    multiplied by s after (s recomputed every forward from the current W and differentiable, as in torchdkm)."""
+
+    def __init__(self, centroids: torch.Tensor, dim: int, scale_kind: Optional[str] = None):
         super().__init__()
         self.centroids = nn.Parameter(centroids.clone())
         self.dim = dim
+        self.scale_kind = scale_kind
 
     def forward(self, w):
-        vecs, pad = to_vectors(w, self.dim)
+        scale = channel_scale(w, self.scale_kind) if self.scale_kind else None
+        v = w if scale is None else w / scale
+        if self.centroids.dim() == 2:
+            vecs, pad = to_vectors(v, self.dim)
+        else:
+            vecs, pad = to_group_vectors(v, self.dim, self.centroids.shape[0])
         idx = nearest_centroid(vecs, self.centroids)
-        hard = self.centroids[idx] + (vecs - vecs.detach())
-        return from_vectors(hard, w.shape, pad)
+        hard = lookup(self.centroids, idx) + (vecs - vecs.detach())
+        out = from_vectors(hard, w.shape, pad)
+        return out if scale is None else out * scale
 
 
 def st_kmeans_prepare(model: nn.Module, config: torchdkm.DKMConfig, rules=None, centroid_lr_mult: float = 1.0
                       ) -> Dict[nn.Parameter, float]:
-    """Register the straight-through k-means parametrization (k-means initialised); returns {centroid parameter:
-    lr multiplier} for train()."""
+    """Register the straight-through k-means parametrization (initialised by torchdkm's k-means on the same
+    vectors torchdkm clusters: per group, scaled when channel_scale is on); returns {centroid parameter:
+    lr multiplier} for train(). Each layer takes its own config from ``rules`` like torchdkm.prepare."""
+    from torchdkm.layers import select_layers
+
     mult = {}
-    for _, mod in dkm_layers(model, config, rules).items():
-        vecs, _ = to_vectors(mod.weight.detach(), config.dim)
-        c = torchdkm.kmeans_init(vecs, config.k, seed=config.seed)
-        p = _STKMeans(c, config.dim)
+    for name, mod, cfg in select_layers(model, config, rules):
+        w = mod.weight.detach()
+        problem = cfg.layout_problem(tuple(w.shape))
+        if problem:
+            raise torchdkm.ConfigError(f"layer {name!r} (weight {tuple(w.shape)}): {problem}")
+        v = w / channel_scale(w, cfg.scale_kind) if cfg.scale_kind else w
+        groups = cfg.groups(w.shape)
+        vecs = to_vectors(v, cfg.dim)[0] if groups == 1 else to_group_vectors(v, cfg.dim, groups)[0]
+        c = torchdkm.kmeans_init(vecs, cfg.k, seed=cfg.seed)  # k × d, or G × k × d grouped
+        p = _STKMeans(c, cfg.dim, scale_kind=cfg.scale_kind)
         parametrize.register_parametrization(mod, "weight", p, unsafe=True)
         mult[p.centroids] = centroid_lr_mult
     return mult

@@ -23,6 +23,14 @@ QAT scale/offset lr multiplier, coremltools palett_tau) come from results/tuning
 benchmarks/tune.py from an equal-effort sweep on the validation split (--tuning; --no-tuning uses DEFAULTS;
 --lr / --tau-scale / ... override both). Each run records its settings and where they came from.
 
+LUT granularity (``--group-size G``, ``--channel-scale``; default one LUT per layer): the same for every k-means
+method (ptq_kmeans, st_kmeans, dkm): one LUT per G consecutive output channels and/or each output channel divided
+by its max |w|, as torchdkm.DKMConfig(group_size=G, channel_scale=True). A layer the granularity does not fit
+(C0 not a multiple of G, ...) gets the nearest one that does (common.fitted_granularity, logged). qat_lsq and
+coreml_dkm keep their own granularity (per-channel uniform; coremltools per-tensor). Sizes count every LUT and
+scale (fp32 in ``bits_per_weight``/``model_kib`` as everywhere here; ``bits_per_weight_lut16`` at fp16).
+``--side-by-side TAG ...`` writes ``<--tag>.md`` comparing runs already made under those tags.
+
 Seeds are fine-tuning seeds (data order, k-means init): the fp32 model is one model, shared by all of them.
 At the key budgets (--key-budgets) every method in --seed-methods (default: all) runs --seeds seeds; elsewhere one.
 
@@ -61,7 +69,9 @@ DEFAULTS = {"ptq_kmeans": {}, "dkm": {"lr": 1e-3, "tau_scale": 0.05},
             "st_kmeans": {"lr": 1e-3, "centroid_lr_mult": 1.0}, "qat_lsq": {"lr": 1e-3, "scale_lr_mult": 1.0},
             "coreml_dkm": {"lr": 1e-3, "palett_tau": 1e-4}}
 # Training options outside the tuned settings (flags of this script; tune.py runs without them).
-TRAINING_OPTIONS = {"tau_scale_end": None, "hard_forward": False, "kd": 0.0, "kd_temperature": 2.0, "bn_recal": 0}
+TRAINING_OPTIONS = {"tau_scale_end": None, "hard_forward": False, "kd": 0.0, "kd_temperature": 2.0, "bn_recal": 0,
+                    "group_size": None, "channel_scale": False}
+CLUSTERED = ("ptq_kmeans", "st_kmeans", "dkm")  # the methods --group-size / --channel-scale apply to
 KNOB = {"dkm": "tau_scale", "st_kmeans": "centroid_lr_mult", "qat_lsq": "scale_lr_mult", "coreml_dkm": "palett_tau"}
 SCRIPT = Path(__file__).resolve()
 
@@ -94,6 +104,12 @@ def parse(argv=None):
     p.add_argument("--kd-temperature", type=float, default=2.0)
     p.add_argument("--bn-recal", type=int, default=0,
                    help="re-estimate BatchNorm statistics on this many training batches after EVERY method")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="k-means methods: one LUT per this many output channels (default: one per layer)")
+    p.add_argument("--channel-scale", action="store_true",
+                   help="k-means methods: divide each output channel by its max |w| before clustering")
+    p.add_argument("--side-by-side", nargs="+", default=None, metavar="TAG",
+                   help="run nothing: write <--tag>.md comparing the results under these tags")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--fp32-epochs", type=int, default=None)
     p.add_argument("--n-val", type=int, default=None, help="validation examples carved from the training data")
@@ -118,6 +134,7 @@ def parse(argv=None):
         a.n_val = 5000 if a.data == "fashion" else 300
     if a.seed_methods is None:
         a.seed_methods = list(METHODS)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with the results
     return a
 
 
@@ -150,32 +167,42 @@ def method_settings(method: str, model: str, budget: str, a, tuning: dict):
 
 
 # ------------------------------------------------------------------------------------------------ methods
-# Each method: (model copy, fp32 model, DKMConfig of the budget, its settings, fit, log) -> (model, size dict).
-# ``fit(model, after_step=None, lr_mult=None)`` runs the shared fine-tuning loop with the method's lr.
+# Each method: (model copy, fp32 model, DKMConfig of the budget, its settings, fit, log, fitted) -> (model, size
+# dict). ``fit(model, after_step=None, lr_mult=None)`` runs the shared fine-tuning loop with the method's lr;
+# ``fitted``: per-layer granularity changes (common.fitted_granularity) that the k-means methods apply as rules.
 
 
-def method_ptq_kmeans(model, fp32, cfg, hp, fit, log):
-    common.ptq_kmeans_apply(model, cfg)
-    return model, common.clustered_size(fp32, cfg)
+def clustered_sizes(fp32, cfg, fitted):
+    """common.clustered_size (LUTs and scales at fp32), plus bits_per_weight_lut16 (at fp16)."""
+    rules = common.granularity_rules(cfg, fitted)
+    size = common.clustered_size(fp32, cfg, rules)
+    return dict(size, bits_per_weight_lut16=common.clustered_size(fp32, cfg, rules, lut_dtype_bits=16)[
+        "bits_per_weight"])
 
 
-def method_dkm(model, fp32, cfg, hp, fit, log):
+def method_ptq_kmeans(model, fp32, cfg, hp, fit, log, fitted):
+    common.ptq_kmeans_apply(model, cfg, common.granularity_rules(cfg, fitted))
+    return model, clustered_sizes(fp32, cfg, fitted)
+
+
+def method_dkm(model, fp32, cfg, hp, fit, log, fitted):
     sched = {} if hp.get("tau_scale_end") is None else dict(tau_scale_end=hp["tau_scale_end"],
                                                               anneal_steps=hp["anneal_steps"])
-    torchdkm.prepare(model, cfg.replace(tau_scale=hp["tau_scale"], hard_forward=hp.get("hard_forward", False),
-                                        **sched))
+    run_cfg = cfg.replace(tau_scale=hp["tau_scale"], hard_forward=hp.get("hard_forward", False), **sched)
+    torchdkm.prepare(model, run_cfg, common.granularity_rules(run_cfg, fitted))
     fit(model, after_step=lambda: torchdkm.step(model))
     torchdkm.finalize(model)
-    return model, common.clustered_size(fp32, cfg)
+    return model, clustered_sizes(fp32, cfg, fitted)
 
 
-def method_st_kmeans(model, fp32, cfg, hp, fit, log):
-    mult = common.st_kmeans_prepare(model, cfg, centroid_lr_mult=hp["centroid_lr_mult"])
+def method_st_kmeans(model, fp32, cfg, hp, fit, log, fitted):
+    mult = common.st_kmeans_prepare(model, cfg, common.granularity_rules(cfg, fitted),
+                                    centroid_lr_mult=hp["centroid_lr_mult"])
     fit(model, lr_mult=mult)
-    return common.strip_parametrizations(model), common.clustered_size(fp32, cfg)
+    return common.strip_parametrizations(model), clustered_sizes(fp32, cfg, fitted)
 
 
-def method_qat_lsq(model, fp32, cfg, hp, fit, log):
+def method_qat_lsq(model, fp32, cfg, hp, fit, log, fitted):
     if cfg.bits % cfg.dim:
         return None, None  # uniform quantization has no fractional bits per weight
     qb = cfg.bits // cfg.dim
@@ -184,7 +211,7 @@ def method_qat_lsq(model, fp32, cfg, hp, fit, log):
     return common.qat_finalize(model), common.uniform_size(fp32, common.dkm_layers(fp32, cfg), qb)
 
 
-def method_coreml_dkm(model, fp32, cfg, hp, fit, log):
+def method_coreml_dkm(model, fp32, cfg, hp, fit, log, fitted):
     layers = list(common.dkm_layers(model, cfg))
     model, pal = common.coreml_prepare(model, layers, cfg.bits, cfg.dim, palett_tau=hp["palett_tau"])
     fit(model, after_step=pal.step)
@@ -197,15 +224,30 @@ def method_coreml_dkm(model, fp32, cfg, hp, fit, log):
 
 
 METHOD_FNS = {name: globals()[f"method_{name}"] for name in METHODS}
+_NOTED = set()  # granularity notes already logged by this process
+
+
+def granularity(o) -> str:
+    """Short name of the LUT granularity of options ``o`` (group_size, channel_scale)."""
+    parts = ([f"g{o.group_size}"] if o.group_size else []) + (["channel scale"] if o.channel_scale else [])
+    return " + ".join(parts) or "per-tensor"
 
 
 def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test")):
     """Compress a copy of fp32 with one method; returns a result dict (accuracies on ``evals``, size, wall)."""
     bits, dim = BUDGETS[budget]
-    cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters)
     x, y = data["train"]
     model = copy.deepcopy(fp32)
     o = SimpleNamespace(**{k: getattr(a, k, v) for k, v in TRAINING_OPTIONS.items()})  # tune.py has none of them
+    if method not in CLUSTERED:  # qat_lsq, coreml_dkm: their own granularity
+        o.group_size, o.channel_scale = None, False
+    cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters, group_size=o.group_size,
+                             channel_scale=o.channel_scale)
+    fitted, notes = common.fitted_granularity(fp32, cfg)
+    for note in notes:
+        if (budget, note) not in _NOTED:
+            _NOTED.add((budget, note))
+            log(f"  {budget}: {note} (every k-means method alike)")
     if method == "dkm" and o.tau_scale_end is not None:
         hp = dict(hp, tau_scale_end=o.tau_scale_end, anneal_steps=a.steps)
     if method == "dkm" and o.hard_forward:
@@ -227,7 +269,7 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
                      progress=not a.no_progress, desc=f"{method} {budget} s{seed}", loss_fn=loss_fn)
 
     t0, c0 = time.perf_counter(), time.process_time()
-    model, size = METHOD_FNS[method](model, fp32, cfg, hp, fit, log)
+    model, size = METHOD_FNS[method](model, fp32, cfg, hp, fit, log, fitted)
     if model is None:
         return None
     if o.bn_recal:  # BatchNorm statistics of the final weights, the same for every method
@@ -238,7 +280,7 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     accs = {("top1" if e == "test" else f"{e}_top1"): common.accuracy(model, *data[e]) for e in evals}
     return dict(method=method, budget=budget, bits=bits, dim=dim, seed=seed, hp=hp, **accs, wall_s=wall, cpu_s=cpu,
-                **size)
+                granularity=granularity(o) if method in CLUSTERED else "its own", fitted_layers=fitted, **size)
 
 
 # ------------------------------------------------------------------------------------------------ one model
@@ -270,10 +312,11 @@ def run_model(name, a, data, log):
     result = dict(model=name, key=key, code=common.code_version(SCRIPT), settings=settings,
                   fp32=dict(info, top1=fp32_acc["test"], val_top1=fp32_acc["val"], model_kib=fp32_size["model_kib"],
                             params=sum(p.numel() for p in fp32.parameters())),
-                  runs=runs, threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine())
+                  runs=runs, threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),
+                  command=" ".join(["python benchmarks/vision.py", *a.argv]))
     log(f"[{name}] fp32 top-1 val {100 * fp32_acc['val']:.2f}% test {100 * fp32_acc['test']:.2f}% "
         f"({fp32_size['model_kib']:.1f} KiB)")
-    have_coreml = common.coreml_available()
+    have_coreml = "coreml_dkm" in a.methods and common.coreml_available()  # its import takes seconds
     tuning = load_tuning(a.tuning)
 
     def do(method, budget, seed):
@@ -407,9 +450,11 @@ def write_summary(a, log=print):
              "Each method's lr and knob (column `settings`) were chosen on the validation split by "
              "`benchmarks/tune.py` with the same number of settings per method (see tuning.md)")
           + f"; the test set (subset {s['test_subset'] or 'none'}) was evaluated once per run, for this table. "
+          f"LUT granularity of the k-means methods: {granularity(_options(s))}. "
           f"Settings came from: {', '.join(sources)}. Options: "
           + (", ".join(f"{k}={s[k]}" for k in TRAINING_OPTIONS if k in s) or "none") + ".", "",
-          "Columns: `bits/weight (compressed layers)` = stored bits of the compressed layers only (indices + LUTs; "
+          "Columns: `bits/weight (compressed layers)` = stored bits of the compressed layers only (indices + LUTs "
+          "and per-channel scales when on, at fp32; "
           "uniform QAT: indices + fp16 scale and offset per output channel) over their weights; `model KiB` = the "
           "whole model as shipped: compressed layers + every other parameter + every buffer (BatchNorm running "
           "statistics included) at fp32; `factor` = fp32 model / model KiB. coremltools: layers it left "
@@ -417,6 +462,81 @@ def write_summary(a, log=print):
           f"`fine-tuning seeds`: runs from the one fp32 model with different data order and k-means seeds (mean ± "
           f"std). Wall time (this run, including fp32 training when not cached): {walls}.", "",
           table, "", f"![top-1 vs size]({a.tag}.png)", ""]
+    common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
+    log("\n" + table)
+    return table
+
+
+def _options(settings: dict) -> SimpleNamespace:
+    """TRAINING_OPTIONS as recorded in a result's settings (older results lack the newer ones: defaults)."""
+    return SimpleNamespace(**{k: settings.get(k, v) for k, v in TRAINING_OPTIONS.items()})
+
+
+def side_by_side(a, log=print):
+    """``<a.tag>.md``: the results under the tags ``a.side_by_side`` (e.g. per-tensor and grouped LUTs of the same
+    settings) in one table, one row per model × budget × method, one column group per tag."""
+    res = {}
+    for tag in a.side_by_side:
+        for p in sorted(a.out.glob(f"{tag}_*.json")):
+            r = json.loads(p.read_text())
+            if "key" in r and p.stem == f"{tag}_{r['model']}":
+                res[(tag, r["model"])] = r
+    if not res:
+        raise SystemExit(f"no results under tags {a.side_by_side} in {a.out}")
+    order = {b: i for i, b in enumerate(BUDGETS)}
+    models = sorted({m for _, m in res})
+    gran = {t: granularity(_options(r["settings"])) for (t, _), r in res.items()}
+    header = ["model", "budget", "method"]
+    for t in a.side_by_side:
+        header += [f"{gran.get(t, t)}: bits/w (fp32 LUT+scale)", "bits/w (fp16)", "val top-1 %", "test top-1 %"]
+    rows = []
+    for model in models:
+        groups = {}
+        for t in a.side_by_side:
+            for r in res.get((t, model), {}).get("runs", []):
+                groups.setdefault((r["budget"], r["method"]), {}).setdefault(t, []).append(r)
+        fp = next(r["fp32"] for (_, m), r in res.items() if m == model)
+        rows.append([model, "fp32", "-"] + ["32", "-", f"{100 * fp['val_top1']:.2f}", f"{100 * fp['top1']:.2f}"]
+                    * len(a.side_by_side))
+        for (budget, method), by_tag in sorted(groups.items(), key=lambda kv: (order[kv[0][0]],
+                                                                             METHODS.index(kv[0][1]))):
+            r0 = next(iter(by_tag.values()))[0]
+            row = [model, f"{budget} ({2 ** r0['bits']}×{r0['dim']}-d)", LABEL[method]]
+            for t in a.side_by_side:
+                rs = sorted(by_tag.get(t, []), key=lambda r: r["seed"])
+                if not rs:
+                    row += ["-"] * 4
+                    continue
+                b16 = rs[0].get("bits_per_weight_lut16")
+                row += [f"{rs[0]['bits_per_weight']:.3f}", "-" if b16 is None else f"{b16:.3f}",
+                        common.fmt_acc([r["val_top1"] for r in rs]) + f" (n={len(rs)})",
+                        common.fmt_acc([r["top1"] for r in rs])]
+            rows.append(row)
+    table = common.markdown_table(header, rows)
+    first = next(iter(res.values()))
+    shared = {k: v for k, v in first["settings"].items() if k not in ("group_size", "channel_scale")}
+    differ = sorted(k for r in res.values() for k, v in shared.items() if r["settings"].get(k) != v)
+    fitted = sorted({f"`{t}` {run['budget']} {name}: " + ", ".join(f"{k}={v}" for k, v in c.items())
+                     for (t, _), r in res.items() for run in r["runs"]
+                     for name, c in run.get("fitted_layers", {}).items()})
+    sources = sorted({run.get("hp_source", "?") for r in res.values() for run in r["runs"]})
+    tags = ", ".join(f"`{t}` ({gran.get(t, t)})" for t in a.side_by_side)
+    md = [f"# Vision benchmark, LUT granularity side by side: {tags}", "",
+          "Commands (each with the code that ran it: `git describe`, sha1 of the library and benchmark sources):", ""]
+    md += [f"    {r.get('command', '?')}  # {r['code'].get('git', '?')}, sources {r['code']['sources']}"
+           for r in res.values()]
+    md += ["", f"torch {first['torch']}, {first['threads']} thread(s) per process, {first['machine']}. "
+           f"Settings of `{a.side_by_side[0]}` "
+           + (f"(the other tags differ in {differ} as well as the granularity): " if differ else
+              "(the same for every tag apart from the granularity): ")
+           + ", ".join(f"{k}={v}" for k, v in shared.items()) + f". Fine-tuning lr/knobs: {', '.join(sources)}.", "",
+           "bits/w: stored bits of the compressed layers (indices + every LUT + every per-channel scale) over their "
+           "weights, LUT entries and scales at fp32 (as in vision.md) and at fp16; the models are evaluated with "
+           "fp32 LUTs and scales. Accuracies: mean ± std over the fine-tuning seeds (n), one fp32 model.", "",
+           table, ""]
+    if fitted:
+        md += ["Layers the granularity did not fit, given the nearest one that does (every k-means method alike): "
+               + "; ".join(fitted) + ".", ""]
     common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
     log("\n" + table)
     return table
@@ -439,6 +559,8 @@ def load_data(a, log=print):
 
 def main(argv=None):
     a = parse(argv)
+    if a.side_by_side:
+        return side_by_side(a)
     common.setup_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     data = load_data(a)

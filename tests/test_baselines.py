@@ -1,4 +1,6 @@
 """The benchmarks' baselines and size accounting (benchmarks/common.py), checked on small models in seconds."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -176,3 +178,65 @@ def test_fp32_cache_key_is_unchanged(tmp_path):
     model, info = common.fp32_model("resnet_small", lambda: build_model("resnet_small"), None, y, None, None,
                                     epochs=4, lr=3e-3, cache=tmp_path, log=lambda *_: None)
     assert info["top1"] == 0.5 and info["sha1"] == common.state_hash(model)
+
+
+def _grouped_ste(scaled=True):
+    """Layers 0 and 2 (32 output rows each; model[2] 32 × 32) under the STE with groups of 8 rows (4 LUTs of 4
+    entries per layer); the 10-row head is too small for min_numel and stays dense."""
+    model = _mlp()
+    cfg = DKMConfig(bits=2, min_numel=500, group_size=8, channel_scale=scaled)
+    common.st_kmeans_prepare(model, cfg)
+    return model, cfg
+
+
+@pytest.mark.parametrize("kind", [True, "rms"])
+def test_ste_grouped_init_is_torchdkms_kmeans(kind):
+    model, cfg = _grouped_ste(kind)
+    ref = torchdkm.initialize(torchdkm.prepare(_mlp(), cfg))
+    assert not hasattr(model[4], "parametrizations")
+    for i in (0, 2):
+        ours = model[i].parametrizations.weight[0].centroids
+        theirs = ref[i].parametrizations.weight[0].centroids
+        assert ours.shape == theirs.shape == (model[i].weight.shape[0] // 8, 4, 1)
+        assert torch.equal(ours.detach(), theirs)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_ste_grouped_forward_is_nearest_centroid_times_scale_and_gradient_per_group(scaled):
+    model, _ = _grouped_ste(scaled)
+    layer = model[2]
+    w = layer.parametrizations.weight.original
+    st = layer.parametrizations.weight[0]
+    c = st.centroids.detach()  # 4 groups × 4 centroids × 1
+    hard = layer.weight
+    s = w.detach().abs().amax(1, keepdim=True) if scaled else torch.ones(32, 1)
+    v = (w.detach() / s).reshape(4, 8 * 32)  # group g = rows 8g .. 8g + 7
+    idx = (v[..., None] - c[:, None, :, 0]).abs().argmin(2)  # 4 × 256: nearest centroid of its own group
+    expected = c[:, :, 0].gather(1, idx).reshape(32, 32) * s  # each row: its group's centroid × its scale
+    torch.testing.assert_close(hard.detach(), expected, rtol=0, atol=0)
+    grad = torch.randn_like(hard)
+    (hard * grad).sum().backward()
+    gs = (grad * s).reshape(4, 8 * 32)  # d W_hat / d C_g[i] = s of each weight assigned to it
+    per_centroid = torch.zeros(4, 4).scatter_add_(1, idx, gs)
+    torch.testing.assert_close(st.centroids.grad[..., 0], per_centroid)
+    # straight through to W; with scales, each row's max |W| also carries the scale's gradient
+    off_max = torch.ones_like(w, dtype=torch.bool)
+    if scaled:
+        off_max.scatter_(1, w.detach().abs().argmax(1, keepdim=True), False)
+    torch.testing.assert_close(w.grad[off_max], grad[off_max])
+
+
+def test_fitted_granularity_takes_the_largest_divisor_and_drops_scales_that_do_not_fit():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.Flatten(), nn.Linear(16 * 36, 12), nn.Linear(12, 10))
+    cfg = DKMConfig(bits=4, dim=4, min_numel=0, group_size=8, channel_scale=True)
+    changes, notes = common.fitted_granularity(model, cfg)
+    # conv: 9 weights per slice, dim 4 does not divide them; Linear(12, 10): 10 rows -> groups of 5 ...
+    # ... but 5 × 12 = 60 weights hold whole 4-vectors, fine; Linear(576, 12): 12 rows -> groups of 6
+    assert changes == {"0": {"channel_scale": False}, "2": {"group_size": 6}, "3": {"group_size": 5}}
+    assert len(notes) == 3 and "largest divisor of 12 up to 8" in notes[1]
+    rules = common.granularity_rules(cfg, changes)
+    torchdkm.prepare(copy.deepcopy(model), cfg, rules)  # torchdkm accepts them
+    common.st_kmeans_prepare(model, cfg, rules)
+    assert model[2].parametrizations.weight[0].centroids.shape == (2, 16, 4)
+    with pytest.raises(torchdkm.ConfigError, match="group_size=8 does not divide"):
+        common.st_kmeans_prepare(nn.Sequential(nn.Linear(4, 12)), cfg)

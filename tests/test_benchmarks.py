@@ -156,3 +156,41 @@ def test_dkm_sharded_quick(tmp_path):
     assert [(r[0]["procs"], r[0]["shard"]) for r in rows] == [(1, False), (2, False), (2, True)]
     assert all(len(r["times"]) == 1 and r["times"][0] > 0 for ranks in rows for r in ranks)
     assert "| 2 | yes |" in (tmp_path / "s.md").read_text()
+
+
+def test_vision_grouped_luts_on_digits_every_kmeans_method(tmp_path, cache):
+    """--group-size / --channel-scale reach ptq_kmeans, st_kmeans and dkm alike, sizes count every LUT and scale,
+    the flags are part of the run key, and --side-by-side puts two granularities in one table."""
+    base = ["--data", "digits", "--models", "resnet_small", "--budgets", "1bit", "--fp32-epochs", "1", "--steps", "1",
+            "--seeds", "1", "--no-progress", "--no-tuning", "--out", str(tmp_path)]
+    kmeans = ["--methods", "ptq_kmeans", "st_kmeans", "dkm"]
+    vision.main(base + kmeans + ["--group-size", "16", "--channel-scale", "--tag", "g"])
+    vision.main(base + ["--methods", "ptq_kmeans", "--tag", "p"])
+    res = json.loads((tmp_path / "g_resnet_small.json").read_text())
+    assert res["key"]["settings"]["group_size"] == 16 and res["key"]["settings"]["channel_scale"] is True
+    assert {r["method"] for r in res["runs"]} == {"ptq_kmeans", "st_kmeans", "dkm"}
+    # fc has 10 output channels: one group of 10; the stem's 9 weights per channel take no 4-vectors: no scale
+    fitted = {"fc": {"group_size": 10}, "stem.0": {"channel_scale": False}}
+    assert all(r["fitted_layers"] == fitted and r["granularity"] == "g16 + channel scale" for r in res["runs"])
+
+    from torchdkm.app.zoo.models import build_model
+
+    bits = n_w = 0  # by hand: 1-bit indices + 16 × 4 LUT entries per group + a scale per channel, all at fp32
+    for name, m in common.dkm_layers(build_model("resnet_small"), torchdkm.DKMConfig(min_numel=0)).items():
+        rows, n = m.weight.shape[0], m.weight.numel()
+        groups = rows // fitted.get(name, {}).get("group_size", 16)
+        scales = 0 if name == "stem.0" else rows
+        bits, n_w = bits + n + (groups * 16 * 4 + scales) * 32, n_w + n
+    for r in res["runs"]:
+        assert r["bits_per_weight"] == pytest.approx(bits / n_w)
+        assert 1 < r["bits_per_weight_lut16"] < r["bits_per_weight"]
+    per_tensor = json.loads((tmp_path / "p_resnet_small.json").read_text())["runs"][0]
+    assert per_tensor["granularity"] == "per-tensor" and per_tensor["bits_per_weight"] < bits / n_w
+    assert "LUT granularity of the k-means methods: g16 + channel scale" in (tmp_path / "g.md").read_text()
+
+    vision.main(["--side-by-side", "p", "g", "--out", str(tmp_path), "--tag", "s"])
+    md = (tmp_path / "s.md").read_text()
+    assert "per-tensor: bits/w" in md and "g16 + channel scale: bits/w" in md and "--group-size 16" in md
+    row = next(line for line in md.splitlines() if "k-means, no fine-tuning" in line)
+    assert f"{per_tensor['bits_per_weight']:.3f}" in row and f"{bits / n_w:.3f}" in row
+    assert next(line for line in md.splitlines() if "DKM (torchdkm)" in line).count(" - ") == 4  # no per-tensor run

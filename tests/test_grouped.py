@@ -128,7 +128,13 @@ def test_lifecycle(tmp_path, cfg):
     with torch.no_grad():
         assert torch.equal(again(X), hard)
         assert torch.equal(torchdkm.compact(copy.deepcopy(net))(X), hard)
-    assert torchdkm.inspect_file(path)["totals"]["compressed_bytes"] == pytest.approx(rep.compressed_bytes)
+    info = torchdkm.inspect_file(path)
+    assert info["totals"]["compressed_bytes"] == pytest.approx(rep.compressed_bytes)
+    from torchdkm.serialization import format_inspect
+
+    fc_line = next(line for line in format_inspect(info).splitlines() if line.startswith("fc.weight"))
+    lut = f"{fin.groups}x{cfg.k}x{cfg.dim}"  # `torchdkm inspect` shows the granularity
+    assert lut in fc_line and ("yes" in fc_line) == bool(cfg.channel_scale), fc_line
 
 
 def test_grouped_onnx_matches(tmp_path):

@@ -84,7 +84,7 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
         raise ConfigError(f"finalize got a model sharded by fully_shard (layer {sharded[0]!r}): finalize its full "
                           f"state dict instead: torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
                           f"options=StateDictOptions(full_state_dict=True)), load it into the unsharded model "
-                          f"prepared the same way, then finalize that (see torchdkm.app.distributed)")
+                          f"prepared the same way, then finalize that (README: Several processes)")
     done = set()
     for module in model.modules():
         p = dkm_parametrization(module)

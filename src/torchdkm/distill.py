@@ -5,7 +5,6 @@ and the only one when the original labels are gone (language models on unlabelle
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 

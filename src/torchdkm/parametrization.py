@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import DKMConfig
 from .errors import ConfigError, NonFiniteError
 from .functional import (auto_tau, channel_scale, compute_dtype, dkm_cluster, from_vectors, hard_cluster,
-                         nearest_centroid, to_group_vectors)
+                         to_group_vectors)
 from .kmeans import kmeans_init
 from .layers import finalized_record
 from .lut import indices_to_weight
@@ -91,11 +91,6 @@ class DKMWeight(nn.Module):
         median squared nearest-centroid distance of each group's table (a G-vector)."""
         cfg = self.config
         return auto_tau(self.centroids, cfg.tau_scale_at(int(self.step))) if cfg.tau == "auto" else float(cfg.tau)
-
-    @torch.no_grad()
-    def assign(self, weight: Tensor) -> Tensor:
-        """Each vector's nearest centroid index in its group's table: G × N."""
-        return nearest_centroid(self.split(weight)[0], self.centroids)
 
     def soft(self, weight: Tensor) -> Tensor:
         """The soft DKM output A·C for the current centroids, without updating them (diagnostics)."""

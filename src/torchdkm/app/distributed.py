@@ -1,4 +1,6 @@
-"""Multi-process training under ``torchrun``: process group set-up from the launcher's environment variables.
+"""Multi-process training under ``torchrun``: process group set-up from the launcher's environment variables,
+and the two ways of wrapping the model (recipe ``distributed.strategy``): DistributedDataParallel (``ddp``) or
+PyTorch's FSDP2 ``fully_shard`` (``fsdp``), with the full state dicts an FSDP run checkpoints and finalizes from.
 
 Without ``WORLD_SIZE`` > 1 in the environment everything runs in one process and these helpers are no-ops.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -15,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers import is_supported
+from ..parametrization import dkm_parametrization, original_weight
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    strategy: str = "ddp"  # ddp | fsdp (recipe distributed.strategy)
 
     @property
     def is_main(self) -> bool:
@@ -31,23 +37,28 @@ class Context:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is trained sharded by fully_shard (fsdp with more than one process)."""
+        return self.distributed and self.strategy == "fsdp"
 
-def setup(device: str = "auto") -> Context:
+
+def setup(device: str = "auto", strategy: str = "ddp") -> Context:
     """Join the process group that torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (gloo on
-    CPU, nccl on CUDA); pick this process's device. ``device``: auto | cpu | cuda."""
+    CPU, nccl on CUDA); pick this process's device. ``device``: auto | cpu | cuda; ``strategy``: ddp | fsdp."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
+        return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"), strategy)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Context(dist.get_rank(), dist.get_world_size(), dev)
+    return Context(dist.get_rank(), dist.get_world_size(), dev, strategy)
 
 
 def teardown(ctx: Context) -> None:
@@ -56,7 +67,8 @@ def teardown(ctx: Context) -> None:
 
 
 def wrap(model: nn.Module, ctx: Context) -> nn.Module:
-    """DistributedDataParallel around ``model`` when running multi-process, else ``model`` itself.
+    """DistributedDataParallel around ``model`` when running multi-process (fsdp: ``model`` sharded in place,
+    see :func:`fully_shard_model`), else ``model`` itself.
 
     DKM centroids are buffers, but they need no broadcast: every rank recomputes them in each training
     forward from its own weights, which DDP keeps identical (same initial state, same all-reduced gradients).
@@ -65,6 +77,8 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
     """
     if not ctx.distributed:
         return model
+    if ctx.sharded:
+        return fully_shard_model(model)
     other_buffers = any(".parametrizations." not in f".{n}" for n, _ in model.named_buffers())
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel
@@ -73,6 +87,63 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
     key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters \
         else "broadcast_buffers"
     return ddp(model, device_ids=ids, **{key: other_buffers})
+
+
+def fully_shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place with FSDP2: every layer torchdkm can compress (prepared or not) is its own unit,
+    so weights are gathered layer by layer, not all at once; the root takes the rest (biases, norms, ...).
+
+    A DKM layer's weight is gathered whole by FSDP for its forward, so DKM sees the whole tensor and every rank
+    computes the same centroids (buffers, which FSDP leaves unsharded). A weight shared by several layers (a
+    tied LM head) stays with the root: FSDP cannot put one parameter into two units."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [m for m in model.modules() if m is not model and is_supported(m)]
+    users = Counter(id(_weight(m)) for m in layers)
+    for m in layers:
+        if users[id(_weight(m))] == 1:
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def _weight(module: nn.Module):
+    return original_weight(module) if dkm_parametrization(module) is not None else module.weight
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: nn.Module, everywhere: bool) -> Dict[str, torch.Tensor]:
+    """The whole state dict of a model sharded by :func:`fully_shard_model`, with the plain model's keys (DKM
+    centroids included). A collective: every rank must call it. ``everywhere``: every rank gets it (on its
+    device); else only rank 0 does (on the CPU), the others get {}."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=not everywhere))
+
+
+def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state keyed by parameter name, on rank 0 ({} elsewhere): a collective. Written by
+    every fsdp run, one process included, so a checkpoint resumes with any number of processes."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load :func:`full_optimizer_state`'s dict (given on every rank) into a fresh optimizer of ``model``, sharded
+    or not (call it before any backward: torch initialises the state to load into with a zero-gradient step)."""
+    if not state["state"]:  # a stateless optimizer (SGD without momentum): torch's loader needs a state tensor
+        for group, saved in zip(opt.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state, options=_options())
 
 
 def mean_over_ranks(value: float, ctx: Context) -> float:

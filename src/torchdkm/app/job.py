@@ -12,6 +12,12 @@ ends with the same weights as an uninterrupted one.
 Under ``torchrun`` each rank takes ``batch_size / world_size`` samples of every global batch (the same
 global batches as one process), gradients are averaged by DistributedDataParallel, and only rank 0
 evaluates, writes files and shows progress.
+
+With ``distributed: {strategy: fsdp}`` the model is instead sharded in place by FSDP2's ``fully_shard`` for each
+phase (after prepare and the k-means init). A sharded model can neither be evaluated by rank 0 alone (its
+forward is a collective) nor finalized, so every process keeps an unsharded copy: at each epoch's end all ranks
+gather the full state dict (and the optimizer's) into rank 0's copy, which is evaluated and checkpointed; after
+a phase's last epoch every rank's copy gets it and training, finalize and the outputs go on from that copy.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from ..api import finalize, initialize, prepare
 from ..config import DKMConfig
 from ..distill import distillation_loss
 from ..errors import ConfigError, NonFiniteError
+from ..parametrization import is_dtensor
 from ..stats import dkm_layer_stats, weights_and_centroids
 from ..training import recalibrate_batchnorm, soft_weights
 from ..training import step as dkm_step
@@ -60,10 +67,12 @@ class Job:
         self.teacher: Optional[nn.Module] = None  # the fp32 model, with training.distill > 0
         self.lm = recipe.model.is_causal_lm
         self.metric = "ppl" if self.lm else "acc"  # what _evaluate measures: perplexity or accuracy
+        # fsdp checkpoints the optimizer keyed by parameter name (with one process too, so any number resumes)
+        self.fsdp = recipe.distributed.strategy == "fsdp"
 
     # ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        self.ctx = D.setup(self.t.device)
+        self.ctx = D.setup(self.t.device, self.recipe.distributed.strategy)
         try:
             return self._run()
         except KeyboardInterrupt:
@@ -116,7 +125,7 @@ class Job:
         if fp32_ckpt is not None:
             model.load_state_dict(fp32_ckpt["model"])
         if ckpt is None or fp32_ckpt is not None:
-            self._train_phase(model, "fp32", self.t.fp32_epochs, self.t.fp32_lr or self.t.lr, fp32_ckpt)
+            model = self._train_phase(model, "fp32", self.t.fp32_epochs, self.t.fp32_lr or self.t.lr, fp32_ckpt)
             self.summary[f"{self.metric}_fp32"] = self._evaluate(model)[1]
 
         # phase 2: DKM fine-tuning
@@ -135,7 +144,7 @@ class Job:
         else:
             initialize(model)  # k-means now, deterministically on every rank, before DDP sees the model
             self.summary[f"{self.metric}_kmeans_init"] = self._evaluate(model)[1]
-        self._train_phase(model, "dkm", self.t.epochs, self.t.lr, dkm_ckpt)
+        model = self._train_phase(model, "dkm", self.t.epochs, self.t.lr, dkm_ckpt)
         if self.metrics and self.metrics[-1]["phase"] == "dkm":  # after DKM, hard clusters, before finalize
             self.summary[f"{self.metric}_dkm"] = self.metrics[-1][f"test_{self.metric}"]
         if self.t.bn_recal_batches and self.t.epochs:
@@ -179,9 +188,11 @@ class Job:
                               f"it, or choose another --out folder (nothing was overwritten)")
         return None
 
-    def _train_phase(self, model: nn.Module, phase: str, epochs: int, lr: float, ckpt: Optional[dict]) -> None:
+    def _train_phase(self, model: nn.Module, phase: str, epochs: int, lr: float, ckpt: Optional[dict]) -> nn.Module:
+        """Train ``model`` for the phase's epochs; returns the model to go on with: ``model`` itself, or under fsdp
+        its unsharded copy holding the trained weights (``model`` is left sharded)."""
         if epochs == 0:
-            return
+            return model
         ctx, t = self.ctx, self.t
         # The same global batches for any world size: DistributedSampler deals every rank a strided slice of
         # one (seed + epoch) permutation; with drop_last and a batch that is a multiple of the world size,
@@ -191,15 +202,19 @@ class Job:
         loader = DataLoader(self.train_set, batch_size=t.batch_size // ctx.world_size, sampler=sampler,
                             drop_last=True)
         steps = len(loader)
-        opt = build_optimizer(model.parameters(), t, lr)
+        full = copy.deepcopy(model) if ctx.sharded else model  # taken before fully_shard changes model in place
+        net = D.wrap(model, ctx)
+        opt = build_optimizer(model.parameters(), t, lr)  # after wrap: fully_shard replaces the parameters
         sched = build_scheduler(opt, t, epochs * steps)
         start = 0
         if ckpt is not None:
-            opt.load_state_dict(ckpt["optimizer"])
+            if self.fsdp:
+                D.load_optimizer_state(model, opt, ckpt["optimizer"])
+            else:
+                opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             set_rng_state(ckpt["rng"])
             start = ckpt["epoch"]
-        net = D.wrap(model, ctx)
         epoch_offset = 0 if phase == "fp32" else t.fp32_epochs  # data order keyed by the run's global epoch
         show = ctx.is_main and sys.stdout.isatty()
         label = "fp32" if phase == "fp32" else "DKM"
@@ -241,20 +256,35 @@ class Job:
             train_acc = D.mean_over_ranks(float(correct) / predicted, ctx)
             row = {"phase": phase, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_epoch, 3)}
+            opt_state = self._gather(model, full, opt, everywhere=epoch + 1 == epochs)
             if ctx.is_main:
                 m = self.metric
-                row["test_loss"], row[f"test_{m}"] = self._evaluate(model)
+                row["test_loss"], row[f"test_{m}"] = self._evaluate(full)
                 if phase == "dkm":
-                    with soft_weights(model):  # the same network with its soft weights A·C: the gap to close
-                        row["test_loss_soft"], row[f"test_{m}_soft"] = self._evaluate(model)
-                    stats = dkm_layer_stats(model)
+                    with soft_weights(full):  # the same network with its soft weights A·C: the gap to close
+                        row["test_loss_soft"], row[f"test_{m}_soft"] = self._evaluate(full)
+                    stats = dkm_layer_stats(full)
                     row["dkm"] = stats
                     for key in ("entropy", "gap"):
                         row[f"mean_{key}"] = sum(s[key] for s in stats.values()) / max(len(stats), 1)
                 self.metrics.append(row)
-                self._save(phase, epoch + 1, model, opt, sched)
+                self._save(phase, epoch + 1, full, opt_state, sched)
                 tqdm_write(_epoch_line(label, epoch + 1, epochs, row, m))
             model.train()
+        return full
+
+    def _gather(self, model: nn.Module, full: nn.Module, opt, everywhere: bool) -> Optional[dict]:
+        """At an epoch's end: under fsdp, the sharded ``model``'s whole state into the unsharded ``full`` (rank 0's
+        only, unless ``everywhere``; a collective, so every rank calls it). Returns the optimizer state to
+        checkpoint (rank 0; None elsewhere under ddp, where only rank 0 asks)."""
+        if self.ctx.sharded:
+            state = D.full_model_state(model, everywhere)
+            if state:
+                full.load_state_dict(state)
+            return D.full_optimizer_state(model, opt)
+        if self.fsdp:  # one process: nothing sharded, but the checkpoint keeps fsdp's name-keyed format
+            return D.full_optimizer_state(model, opt)
+        return opt.state_dict() if self.ctx.is_main else None
 
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch, as _train_phase's loader makes them (drop_last, batch split over ranks)."""
@@ -282,9 +312,9 @@ class Job:
             ckpt = "no checkpoint was written in this run"
         return NonFiniteError(f"the run stopped {what}; {ckpt}")
 
-    def _save(self, phase, epoch, model, opt, sched) -> None:
+    def _save(self, phase, epoch, model, opt_state, sched) -> None:
         self.summary["elapsed_s"] = self._elapsed()
-        state = {"phase": phase, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        state = {"phase": phase, "epoch": epoch, "model": model.state_dict(), "optimizer": opt_state,
                  "scheduler": sched.state_dict(), "rng": rng_state(), "metrics": self.metrics,
                  "summary": self.summary, "recipe": self.recipe.raw, "world_size": self.ctx.world_size}
         if phase == "dkm" and self.teacher is not None:
@@ -389,6 +419,7 @@ def _logits(model, x):
 def _first_non_finite(model: nn.Module, fmt: str = "{}") -> str:
     """'parameter NAME' / 'DKM centroids of layer NAME' of the first NaN/inf tensor (one pass), or ''."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.to_local() if is_dtensor(t) else t  # fsdp: this rank's shard; no collective, so a failing rank exits
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             kind = "DKM centroids" if name.endswith(".centroids") else "parameter"
             return fmt.format(f"{kind} {name!r}")

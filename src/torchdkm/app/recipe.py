@@ -1,6 +1,7 @@
 """YAML recipes for ``torchdkm compress``: which model, which data, how to train, how to compress.
 
-A recipe has four sections (unknown keys anywhere are an error that names them and lists the allowed ones)::
+A recipe has four sections and an optional fifth (unknown keys anywhere are an error that names them and lists
+the allowed ones)::
 
     name: digits-mlp                      # optional, shown in the report
     model:
@@ -36,6 +37,8 @@ A recipe has four sections (unknown keys anywhere are an error that names them a
       rules:
         stem.0: null                      # skip this layer
         "re:.*fc": {bits: 8}              # fields override the global ones above
+    distributed:                          # only read under torchrun with more than one process
+      strategy: ddp                       # ddp: DistributedDataParallel | fsdp: FSDP2 fully_shard (torchdkm.app.job)
 
 A custom model function returns an ``nn.Module``; a custom data function returns ``(train, test)`` datasets
 of ``(input, label)`` pairs (the loss is cross-entropy). Its module is found in the recipe's folder, then the
@@ -83,6 +86,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("sequence-classification", "causal-lm")
 LM_DATA_NAMES = ("ptb",)
 DTYPES = ("float32", "bfloat16")
+STRATEGIES = ("ddp", "fsdp")
 _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -148,6 +152,11 @@ class CompressionSpec:
 
 
 @dataclass(frozen=True)
+class DistributedSpec:
+    strategy: str = "ddp"  # ddp | fsdp: how the model is wrapped under torchrun with more than one process
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelSpec
@@ -156,6 +165,7 @@ class Recipe:
     compression: CompressionSpec
     raw: Dict[str, Any]  # the validated mapping as written (stored in checkpoints and reports)
     folder: Optional[str] = None  # the recipe file's folder: user modules and relative model paths are found there
+    distributed: DistributedSpec = DistributedSpec()
 
 
 def load_recipe(path) -> Recipe:
@@ -181,7 +191,7 @@ def parse_recipe(raw, default_name: str = "recipe", folder: Optional[str] = None
     """Validate a recipe mapping (as loaded from YAML) into a :class:`Recipe`; ``folder``: where the recipe file
     lies (its user modules are importable from there)."""
     _check_mapping("recipe", raw)
-    _check_keys("recipe", raw, ("name", "model", "data", "training", "compression"),
+    _check_keys("recipe", raw, ("name", "model", "data", "training", "compression", "distributed"),
                 required=("model", "data"))
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name:
@@ -199,6 +209,7 @@ def parse_recipe(raw, default_name: str = "recipe", folder: Optional[str] = None
         compression=_parse_compression(raw.get("compression") or {}),
         raw=raw,
         folder=folder,
+        distributed=_parse_distributed(raw.get("distributed") or {}),
     )
 
 
@@ -335,6 +346,14 @@ def _parse_compression(raw) -> CompressionSpec:
         _check_keys(where, value, cfg_keys)
         rules[key] = _dkm_config(where, glob, value)
     return CompressionSpec(glob, rules)
+
+
+def _parse_distributed(raw) -> DistributedSpec:
+    _check_mapping("distributed", raw)
+    _check_keys("distributed", raw, tuple(f.name for f in fields(DistributedSpec)))
+    spec = DistributedSpec(**raw)
+    _choice("distributed.strategy", spec.strategy, STRATEGIES)
+    return spec
 
 
 def _dkm_config(where: str, base: DKMConfig, changes: dict) -> DKMConfig:

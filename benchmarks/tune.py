@@ -64,6 +64,11 @@ def parse(argv=None):
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--val-subset", type=int, default=None)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--kd", type=float, default=0.0, help="distillation weight for every method (as vision.py)")
+    p.add_argument("--kd-temperature", type=float, default=2.0)
+    p.add_argument("--bn-recal", type=int, default=0, help="BatchNorm re-estimation batches after every method")
+    p.add_argument("--merge", nargs="+", default=None, metavar="TAG",
+                   help="run nothing: write <--tag>.json/.md from sweeps run under these tags (parallel processes)")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--tag", default="tuning")
     p.add_argument("--threads", type=int, default=None)
@@ -89,7 +94,7 @@ def tune_model(name, a, data, old, log):
     """Sweep every (budget, method) of ``name``; returns (runs, chosen) and keeps ``old`` runs of the same key."""
     fp32, info = vision.fp32_for(name, a, data, log)
     key = {"settings": {k: getattr(a, k) for k in ("data", "steps", "iters", "fp32_epochs", "n_val", "train_subset",
-                                                   "val_subset")},
+                                                   "val_subset", "kd", "kd_temperature", "bn_recal")},
            "code": common.code_version(SCRIPT, vision.SCRIPT)["sources"], "fp32_sha1": info["sha1"]}
     prev = old.get("models", {}).get(name, {})
     runs = prev.get("runs", []) if prev.get("key") == key else []
@@ -135,17 +140,33 @@ def write_md(res, a):
           f"Data: {s['data']}, validation = {s['n_val']} images carved from the training data (seed 0); the test set "
           f"is not used. Each fine-tuned method: lr in {s['lrs']} × its knob's 3 values, seed 0, {s['steps']} "
           f"steps of batch 128, AdamW cosine to 0 (the vision benchmark's loop). Settings per (model, budget, "
-          f"method): {sorted(set(counts.values()))}. The chosen setting (best validation top-1, first in grid "
+          f"method): {sorted(set(counts.values()))}. Every method alike: distillation weight {s.get('kd', 0)}, "
+          f"BatchNorm re-estimated on {s.get('bn_recal', 0)} batches after training. The chosen setting (best validation top-1, first in grid "
           f"order among equals) is what `benchmarks/vision.py` uses.", "",
           common.markdown_table(["model", "budget", "method", "lr", "knob value", "knob", "val top-1 %", ""], rows),
           ""]
     common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
 
 
+def merge(a):
+    """Combine sweeps run in parallel processes (one --tag each) into <--tag>.json / .md."""
+    parts = [json.loads((a.out / f"{tag}.json").read_text()) for tag in a.merge]
+    res = dict(parts[0], models={}, chosen={})
+    for part in parts:
+        res["models"].update(part["models"])
+        res["chosen"].update(part["chosen"])
+    res["wall_s"] = sum(part["wall_s"] for part in parts)
+    common.write_json(a.out / f"{a.tag}.json", res)
+    write_md(res, a)
+    return res
+
+
 def main(argv=None):
     a = parse(argv)
-    common.setup_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        return merge(a)
+    common.setup_threads(a.threads)
     data = vision.load_data(a)
     del data["test"]  # tuning never sees the test set
     path = a.out / f"{a.tag}.json"
@@ -157,7 +178,8 @@ def main(argv=None):
         chosen[name] = {**chosen.get(name, {}), **new}
         old.setdefault("models", {})[name] = {"key": key, "runs": runs}
     res = dict(old, chosen=chosen, code=common.code_version(SCRIPT, vision.SCRIPT),
-               settings={"data": a.data, "steps": a.steps, "lrs": a.lrs, "knobs": {m: KNOBS[m] for m in a.methods},
+               settings={"data": a.data, "steps": a.steps, "kd": a.kd, "kd_temperature": a.kd_temperature,
+                         "bn_recal": a.bn_recal, "lrs": a.lrs, "knobs": {m: KNOBS[m] for m in a.methods},
                          "n_val": a.n_val, "fp32_epochs": a.fp32_epochs, "train_subset": a.train_subset},
                wall_s=time.perf_counter() - t0)
     common.write_json(path, res)

@@ -255,3 +255,19 @@ def test_hf_conv1d_supported():
     net(torch.randn(3, 16)).sum().backward()
     finalize(net)
     assert _distinct_vectors(net[0].weight, 1) <= 4
+
+
+def test_finalizing_a_deep_copy_leaves_the_prepared_original_working():
+    # torch's deepcopy of a parametrized module shares its generated class; removing the weight property from
+    # that class (finalize) used to make the original's ``weight`` vanish (AttributeError on the next forward)
+    torch.manual_seed(0)
+    net = torchdkm.initialize(torchdkm.prepare(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)),
+                                               DKMConfig(bits=2, min_numel=0)))
+    x = torch.randn(5, 8)
+    net.eval()
+    before = net(x)
+    shipped = torchdkm.finalize(copy.deepcopy(net))
+    assert torch.equal(shipped(x), before)
+    assert torch.equal(net(x), before)  # the original still computes (and is still prepared)
+    assert torch.equal(torchdkm.finalize(net)(x), before)  # and finalizes to the same model
+    assert torch.equal(shipped(x), before)  # which leaves the copy working too

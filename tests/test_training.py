@@ -123,3 +123,60 @@ def test_recalibrate_batchnorm_gives_the_statistics_of_the_hard_network():
     with pytest.raises(ConfigError, match="no input batch"):
         torchdkm.recalibrate_batchnorm(net, [])
     assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)  # a failed call leaves the statistics alone
+
+
+def _blobs(n, seed):
+    """Four Gaussian classes in 8-d, overlapping enough that 2-bit weights lose accuracy: (x n × 8, y n)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, 8, generator=torch.Generator().manual_seed(99)) * 1.2
+    y = torch.randint(0, 4, (n,), generator=g)
+    return means[y] + torch.randn(n, 8, generator=g), y
+
+
+def test_schedule_hard_forward_and_distillation_train_and_finalize_ships_the_last_hard_eval():
+    x, y = _blobs(2048, 0)
+    xv, yv = _blobs(1024, 1)
+    teacher = _mlp(bn=True)
+    opt = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    for i in range(200):
+        idx = torch.arange(i * 64, i * 64 + 64) % len(y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(teacher(x[idx]), y[idx]).backward()
+        opt.step()
+    teacher.eval()
+
+    def acc(m):
+        m.eval()
+        with torch.no_grad():
+            return (m(xv).argmax(1) == yv).float().mean().item()
+
+    import copy
+    steps = 120
+    cfg = DKMConfig(bits=1, min_numel=0, tau_scale=0.3, tau_scale_end=0.02, anneal_steps=steps, hard_forward=True)
+    student = torchdkm.initialize(torchdkm.prepare(copy.deepcopy(teacher), cfg))
+    kmeans_only = acc(torchdkm.finalize(copy.deepcopy(student)))
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    taus = []
+    for i in range(steps):
+        student.train()
+        idx = torch.arange(i * 64, i * 64 + 64) % len(y)
+        out = student(x[idx])
+        with torch.no_grad():
+            t = teacher(x[idx])
+        loss = 0.5 * nn.functional.cross_entropy(out, y[idx]) + 0.5 * torchdkm.distillation_loss(out, t, 2.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        torchdkm.step(student)
+        taus.append(dkm_parametrization(student[0]).config.tau_scale_at(int(dkm_parametrization(student[0]).step)))
+    assert taus[0] > taus[steps // 2] > taus[-1] == pytest.approx(0.02)
+    torchdkm.recalibrate_batchnorm(student, x.split(256))
+    last = acc(student)  # the last evaluation during training: hard weights, BN statistics of the hard network
+    with torch.no_grad():
+        last_logits = student(xv)
+    torchdkm.finalize(student)
+    with torch.no_grad():
+        assert torch.equal(student(xv), last_logits)  # finalize ships exactly what was last evaluated
+    assert acc(student) == last
+    # the fine-tuning does real work: it recovers most of what 1-bit k-means alone lost
+    assert acc(teacher) - last < 0.5 * (acc(teacher) - kmeans_only), (acc(teacher), kmeans_only, last)

@@ -12,7 +12,8 @@ from .errors import ConfigError
 from .layers import FinalizedLayer, select_layers, tied_partners
 from .functional import nearest_centroid
 from .lut import indices_to_weight
-from .parametrization import DKMWeight, dkm_parametrization, full_tensor, is_dtensor, original_weight, require_plain
+from .parametrization import (DKMWeight, dkm_parametrization, full_tensor, is_dtensor, original_weight,
+                              remove_weight_parametrizations, require_plain)
 
 
 def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optional[Rules] = None) -> nn.Module:
@@ -92,7 +93,7 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
         if p is None:
             continue
         if id(p) in done:  # a tied partner: its weight is the tensor just finalized; it keeps no record of its own
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            remove_weight_parametrizations(module)
             continue
         done.add(id(p))
         w = original_weight(module)
@@ -104,7 +105,7 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
         scale = None if scale is None else scale.reshape(-1).to(w.dtype).clone()
         # the weight as every later reader rebuilds it (compact mode, ONNX, artifact), so all of them agree
         hard = indices_to_weight(idx, lut, w.shape, w.dtype, scale)
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        remove_weight_parametrizations(module)
         module.weight.copy_(hard)
         module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut, scale=scale)
     return model

@@ -15,6 +15,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .config import DKMConfig
 from .errors import ConfigError, NonFiniteError
@@ -211,6 +212,17 @@ def dkm_layers(model: nn.Module) -> Iterator[DKMWeight]:
         if p is not None and id(p) not in seen:
             seen.add(id(p))
             yield p
+
+
+def remove_weight_parametrizations(module: nn.Module) -> None:
+    """Remove ``module.weight``'s parametrizations, leaving the original tensor as the plain weight.
+
+    torch gives a parametrized module a generated class holding the ``weight`` property, and ``copy.deepcopy``
+    makes the copy share that class; removing the property from it would break every copy (its ``weight`` would
+    vanish). So the module first gets a class of its own."""
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
 def is_compact(module: nn.Module) -> bool:

@@ -120,21 +120,46 @@ def test_tune_tiny_sweeps_equally_on_validation_and_vision_uses_its_choice(tmp_p
     assert {r["hp"]["lr"] for r in json.loads((out / "t_resnet_small.json").read_text())["runs"]} >= {5e-4}
 
 
-def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache):
+def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache, monkeypatch):
+    """STE and DKM with two fine-tuning seeds at the seed budget (mean ± std rows, STE at DKM's size), then
+    ptq_kmeans added by a second invocation that keeps the runs of the first (same key)."""
     pytest.importorskip("transformers")  # the [transformers] / [all] extra
     import nlp
 
-    res = nlp.main(["--budgets", "2bit", "--methods", "ptq_kmeans", "dkm", "--train-subset", "16",
-                    "--test-subset", "8", "--max-len", "16", "--steps", "2", "--fp32-epochs", "1", "--out",
-                    str(tmp_path), "--no-progress"])
-    runs = {r["method"]: r for r in res["runs"]}
-    assert set(runs) == {"ptq_kmeans", "dkm"}
+    common_args = ["--budgets", "2bit", "--train-subset", "16", "--test-subset", "8", "--max-len", "16", "--steps",
+                   "2", "--fp32-epochs", "1", "--out", str(tmp_path), "--no-progress"]
+    res = nlp.main(common_args + ["--methods", "st_kmeans", "dkm", "--seeds", "2", "--seed-budgets", "2bit"])
+    assert sorted((r["method"], r["seed"]) for r in res["runs"]) == [(m, s) for m in ("dkm", "st_kmeans")
+                                                                      for s in (0, 1)]
     emb = ["encoder.embeddings.position_embeddings.weight", "encoder.embeddings.word_embeddings.weight"]
-    assert runs["dkm"]["frozen"] == emb  # k-means once, then frozen: the embeddings and nothing else
-    assert runs["dkm"]["mib"] == runs["ptq_kmeans"]["mib"] and runs["dkm"]["factor"] > 10
-    assert runs["dkm"]["bits_per_weight"] == pytest.approx(2.0, abs=0.01)
-    assert (tmp_path / "nlp.md").read_text().count("\n|") >= 4
-    assert json.loads((tmp_path / "nlp.json").read_text())["key"]["fp32_sha1"]
+    assert all(r["frozen"] == emb for r in res["runs"])  # k-means once, then frozen: the embeddings only
+    saved = json.loads((tmp_path / "nlp.json").read_text())
+    assert saved["key"]["fp32_sha1"] and "seed" not in saved["key"]["settings"]
+
+    def rows():
+        md = (tmp_path / "nlp.md").read_text()
+        assert "fine-tuning seeds" in md
+        return {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| ")}
+
+    ste, dkm = rows()["k-means + STE fine-tuning"], rows()["DKM (torchdkm)"]
+    for row in (ste, dkm):
+        assert " ± " in row[5] and " ± " in row[7] and row[8] == "2"  # accuracy, F1: mean ± std of 2 seeds
+
+    calls = []
+    real = nlp.run
+    monkeypatch.setattr(nlp, "run", lambda *a, **k: calls.append((a[0], k["seed"])) or real(*a, **k))
+    res = nlp.main(common_args + ["--methods", "ptq_kmeans", "st_kmeans", "dkm", "--seed-budgets", "11.8x"])
+    assert calls == [("ptq_kmeans", 0)]  # 2bit now gets 1 seed: the STE and DKM runs of seed 0 are kept
+    assert len(res["runs"]) == 5
+    for r in res["runs"]:  # the same layers and layout for every k-means method: the same size
+        assert r["mib"] == res["runs"][0]["mib"] and r["factor"] > 10
+        assert r["bits_per_weight"] == pytest.approx(2.0, abs=0.01)
+        assert r["max_distinct"] <= 4  # the finalized Linear layers hold at most 2^2 distinct weights
+    r = rows()
+    ptq, ste, dkm = r["k-means, no fine-tuning"], r["k-means + STE fine-tuning"], r["DKM (torchdkm)"]
+    assert ptq[8] == "1" and " ± " not in ptq[5] and ste[8] == dkm[8] == "2"  # kept rows: still 2 seeds
+    assert ste[3] == dkm[3] == ptq[3] == f"{res['runs'][0]['mib']:.2f}"  # whole-model MiB: STE's = DKM's
+    assert ste[2] == dkm[2] == "2.000"
 
 
 def test_dkm_memory_small_grid(tmp_path):

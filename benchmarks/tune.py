@@ -98,10 +98,8 @@ def tune_model(name, a, data, old, log):
            "code": common.code_version(SCRIPT, vision.SCRIPT)["sources"], "fp32_sha1": info["sha1"]}
     prev = old.get("models", {}).get(name, {})
     runs = prev.get("runs", []) if prev.get("key") == key else []
-    chosen = {}
     for budget in a.budgets:
         for method in a.methods:
-            tried = []
             for hp in grid(method, a.lrs):
                 r = next((r for r in runs if (r["budget"], r["method"], r["hp"]) == (budget, method, hp)), None)
                 if r is None:
@@ -112,12 +110,21 @@ def tune_model(name, a, data, old, log):
                     old.setdefault("models", {})[name] = {"key": key, "runs": runs}  # progress, for a re-run
                     common.write_json(a.out / f"{a.tag}.json", old)
                     log(f"[{name}] {budget} {method:<11} {hp}: val {100 * r['val_top1']:.2f}%  {r['wall_s']:.0f} s")
-                tried.append(r)
-            if tried:
-                best = max(tried, key=lambda r: r["val_top1"])  # first of equals: grid order
-                chosen.setdefault(budget, {})[method] = {"settings": best["hp"], "val_top1": best["val_top1"],
-                                                         "settings_tried": len(tried)}
-    return key, runs, chosen
+    return key, runs, choose(runs)
+
+
+def choose(runs) -> dict:
+    """{budget: {method: the setting with the best validation top-1 (first of equals in grid order), its score
+    and how many settings were tried}}."""
+    chosen = {}
+    for r in runs:
+        best = chosen.setdefault(r["budget"], {}).get(r["method"])
+        if best is None or r["val_top1"] > best["val_top1"]:
+            tried = best["settings_tried"] if best else 0
+            chosen[r["budget"]][r["method"]] = {"settings": r["hp"], "val_top1": r["val_top1"],
+                                                "settings_tried": tried}
+        chosen[r["budget"]][r["method"]]["settings_tried"] += 1
+    return chosen
 
 
 def write_md(res, a):
@@ -152,10 +159,10 @@ def merge(a):
     """Combine sweeps run in parallel processes (one --tag each) into <--tag>.json / .md."""
     parts = [json.loads((a.out / f"{tag}.json").read_text()) for tag in a.merge]
     res = dict(parts[0], models={}, chosen={})
-    for part in parts:
+    for part in parts:  # a sweep stopped early has its runs but no choice yet: choose from the runs
         res["models"].update(part["models"])
-        res["chosen"].update(part["chosen"])
-    res["wall_s"] = sum(part["wall_s"] for part in parts)
+        res["chosen"].update({name: choose(m["runs"]) for name, m in part["models"].items()})
+    res["wall_s"] = sum(r["wall_s"] for part in parts for m in part["models"].values() for r in m["runs"])
     common.write_json(a.out / f"{a.tag}.json", res)
     write_md(res, a)
     return res

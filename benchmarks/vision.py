@@ -436,8 +436,8 @@ def write_summary(a, log=print):
     sources = sorted({r.get("hp_source", "?") for res in results for r in res["runs"]})
     data = "Fashion-MNIST" if s["data"] == "fashion" else "scikit-learn digits (8x8)"
     md = [f"# Vision benchmark: {data} ({'quick' if a.quick else 'full'} run)", "",
-          f"Command: `python benchmarks/vision.py{' --quick' if a.quick else ''}` (per model: "
-          f"`--models resnet_small` / `--models mobilenet_small` in parallel processes). "
+          "Command" + ("s" if len(results) > 1 else "") + ": " + ", ".join(f"`{r['command']}`" for r in results)
+          + (" (in parallel processes)" if len(results) > 1 else "") + ". "
           f"torch {results[0]['torch']}, {results[0]['threads']} thread(s) per process, 2 CPU cores. "
           f"Code {results[0]['code']}.", "",
           f"Data: training images minus a seeded validation split of {s['n_val']} (train subset "

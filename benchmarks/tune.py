@@ -141,15 +141,19 @@ def write_md(res, a):
             counts.setdefault((name, r["budget"], r["method"]), 0)
             counts[(name, r["budget"], r["method"])] += 1
     s = res["settings"]
+    unswept = [m for m in KNOBS if m not in s["knobs"]]
     md = [f"# Hyperparameter sweep on the validation split ({'tiny' if a.tiny else 'full'} run)", "",
-          f"Command: `python benchmarks/tune.py{' --tiny' if a.tiny else ''}`; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s). Code {res['code']}.", "",
+          "Command: " + res.get("command", f"`python benchmarks/tune.py{' --tiny' if a.tiny else ''}`")
+          + f"; torch {torch.__version__}, 1 thread per process. Code {res['code']}.", "",
           f"Data: {s['data']}, validation = {s['n_val']} images carved from the training data (seed 0); the test set "
           f"is not used. Each fine-tuned method: lr in {s['lrs']} × its knob's 3 values, seed 0, {s['steps']} "
           f"steps of batch 128, AdamW cosine to 0 (the vision benchmark's loop). Settings per (model, budget, "
           f"method): {sorted(set(counts.values()))}. Every method alike: distillation weight {s.get('kd', 0)}, "
-          f"BatchNorm re-estimated on {s.get('bn_recal', 0)} batches after training. The chosen setting (best validation top-1, first in grid "
-          f"order among equals) is what `benchmarks/vision.py` uses.", "",
+          f"BatchNorm re-estimated on {s.get('bn_recal', 0)} batches after training. "
+          + (f"Not swept here (vision.py runs its defaults): {', '.join(vision.LABEL[m] for m in unswept)}. "
+             if unswept else "")
+          + "The chosen setting (best validation top-1, first in grid "
+          "order among equals) is what `benchmarks/vision.py` uses.", "",
           common.markdown_table(["model", "budget", "method", "lr", "knob value", "knob", "val top-1 %", ""], rows),
           ""]
     common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
@@ -163,6 +167,18 @@ def merge(a):
         res["models"].update(part["models"])
         res["chosen"].update({name: choose(m["runs"]) for name, m in part["models"].items()})
     res["wall_s"] = sum(r["wall_s"] for part in parts for m in part["models"].values() for r in m["runs"])
+    runs = [r for m in res["models"].values() for r in m["runs"]]
+    if "settings" not in res:  # a stopped sweep wrote its runs and keys only: the settings are in them
+        s = next(iter(res["models"].values()))["key"]["settings"]
+        methods = sorted({r["method"] for r in runs})
+        res["settings"] = dict(s, lrs=sorted({r["hp"]["lr"] for r in runs}), knobs={m: KNOBS[m] for m in methods})
+        st = res["settings"]
+        flags = (f"--methods {' '.join(methods)} --lrs {' '.join(f'{lr:g}' for lr in st['lrs'])} --kd {st['kd']:g} "
+                 f"--bn-recal {st['bn_recal']}")
+        res["command"] = ("per model, in parallel: " + ", ".join(
+            f"`python benchmarks/tune.py --models {name} {flags} --tag {tag}`" for name, tag in
+            zip(res["models"], a.merge)) + f"; then `python benchmarks/tune.py --merge {' '.join(a.merge)}`")
+    res["code"] = res.get("code") or common.code_version(SCRIPT, vision.SCRIPT)
     common.write_json(a.out / f"{a.tag}.json", res)
     write_md(res, a)
     return res

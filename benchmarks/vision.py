@@ -233,6 +233,22 @@ def granularity(o) -> str:
     return " + ".join(parts) or "per-tensor"
 
 
+def run_settings(method: str, hp: dict, a) -> dict:
+    """``hp`` plus the training options that apply to ``method`` (what a run records, and how a finished run is
+    recognised on a re-run)."""
+    o = SimpleNamespace(**{k: getattr(a, k, v) for k, v in TRAINING_OPTIONS.items()})
+    hp = dict(hp)
+    if method == "dkm" and o.tau_scale_end is not None:
+        hp.update(tau_scale_end=o.tau_scale_end, anneal_steps=a.steps)
+    if method == "dkm" and o.hard_forward:
+        hp.update(hard_forward=True)
+    if o.kd > 0:
+        hp.update(kd=o.kd, kd_temperature=o.kd_temperature)
+    if o.bn_recal:
+        hp.update(bn_recal=o.bn_recal)
+    return hp
+
+
 def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test")):
     """Compress a copy of fp32 with one method; returns a result dict (accuracies on ``evals``, size, wall)."""
     bits, dim = BUDGETS[budget]
@@ -248,14 +264,10 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
         if (budget, note) not in _NOTED:
             _NOTED.add((budget, note))
             log(f"  {budget}: {note} (every k-means method alike)")
-    if method == "dkm" and o.tau_scale_end is not None:
-        hp = dict(hp, tau_scale_end=o.tau_scale_end, anneal_steps=a.steps)
-    if method == "dkm" and o.hard_forward:
-        hp = dict(hp, hard_forward=True)
+    hp = run_settings(method, hp, a)
     loss_fn = None
     if o.kd > 0:  # the same distillation for every fine-tuned method
         teacher = copy.deepcopy(fp32).eval()
-        hp.update(kd=o.kd, kd_temperature=o.kd_temperature)
 
         def loss_fn(m, xb, yb):
             out = m(xb)
@@ -276,7 +288,6 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(y), generator=g)[: 128 * o.bn_recal].split(128)
         torchdkm.recalibrate_batchnorm(model, (x[i] for i in idx))
-        hp = dict(hp, bn_recal=o.bn_recal)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     accs = {("top1" if e == "test" else f"{e}_top1"): common.accuracy(model, *data[e]) for e in evals}
     return dict(method=method, budget=budget, bits=bits, dim=dim, seed=seed, hp=hp, **accs, wall_s=wall, cpu_s=cpu,
@@ -321,7 +332,8 @@ def run_model(name, a, data, log):
 
     def do(method, budget, seed):
         hp, source = method_settings(method, name, budget, a, tuning)
-        if any(r["method"] == method and r["budget"] == budget and r["seed"] == seed and r["hp"] == hp
+        done = run_settings(method, hp, a)
+        if any(r["method"] == method and r["budget"] == budget and r["seed"] == seed and r["hp"] == done
                for r in runs):
             return
         r = run_one(method, fp32, budget, seed, data, a, log, hp)
@@ -434,6 +446,13 @@ def write_summary(a, log=print):
     s = results[0]["settings"]
     walls = ", ".join(f"{r['model']} {r.get('wall_s', 0) / 60:.1f} min" for r in results)
     sources = sorted({r.get("hp_source", "?") for res in results for r in res["runs"]})
+    by_method = {}
+    for res in results:
+        for r in res["runs"]:
+            if r["method"] in KNOB:  # fine-tuned methods (k-means alone has no settings)
+                by_method.setdefault(r["method"], set()).add(r.get("hp_source", "?").startswith("tuning.json"))
+    tuned = [m for m in METHODS if by_method.get(m) == {True}]
+    untuned = [m for m in METHODS if m in by_method and m not in tuned]
     data = "Fashion-MNIST" if s["data"] == "fashion" else "scikit-learn digits (8x8)"
     md = [f"# Vision benchmark: {data} ({'quick' if a.quick else 'full'} run)", "",
           "Command" + ("s" if len(results) > 1 else "") + ": " + ", ".join(f"`{r['command']}`" for r in results)
@@ -447,8 +466,9 @@ def write_summary(a, log=print):
           + ("Every method ran its default settings (column `settings`: the same lr for all), NOT tuned: "
              "`benchmarks/tune.py` was not run for this table"
              if sources == ["defaults"] else
-             "Each method's lr and knob (column `settings`) were chosen on the validation split by "
-             "`benchmarks/tune.py` with the same number of settings per method (see tuning.md)")
+             f"{', '.join(LABEL[m] for m in tuned)}: lr and knob (column `settings`) chosen on the validation split "
+             "by `benchmarks/tune.py` with the same number of settings per method (see tuning.md)"
+             + (f"; {', '.join(LABEL[m] for m in untuned)}: their defaults, not tuned" if untuned else ""))
           + f"; the test set (subset {s['test_subset'] or 'none'}) was evaluated once per run, for this table. "
           f"LUT granularity of the k-means methods: {granularity(_options(s))}. "
           f"Settings came from: {', '.join(sources)}. Options: "

@@ -78,7 +78,9 @@ def test_vision_benchmark_on_digits_every_method(tmp_path, cache):
 
 
 def test_vision_reuses_runs_only_from_the_same_code_and_fp32_model(tmp_path, cache, monkeypatch):
-    args = VISION_TINY + ["--methods", "ptq_kmeans", "--out", str(tmp_path), "--tag", "r", "--no-tuning"]
+    # --kd / --bn-recal: recorded in each run's settings, which the re-run must still recognise
+    args = VISION_TINY + ["--methods", "ptq_kmeans", "--out", str(tmp_path), "--tag", "r", "--no-tuning", "--kd", "0.5",
+                          "--bn-recal", "1"]
     vision.main(args)
     first = json.loads((tmp_path / "r_resnet_small.json").read_text())
     assert len(first["runs"]) == 2 and first["key"]["fp32_sha1"] and first["key"]["code"]

@@ -71,7 +71,7 @@ class DKMConfig:
     bits: int = 4
     dim: int = 1
     tau: TauSpec = "auto"
-    tau_scale: float = 0.05
+    tau_scale: float = 0.1
     tau_scale_end: Optional[float] = None
     anneal_steps: int = 0
     hard_forward: bool = False

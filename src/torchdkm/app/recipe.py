@@ -30,7 +30,7 @@ the allowed ones)::
     compression:                          # DKMConfig fields, then per-layer rules
       bits: 4
       dim: 1
-      tau_scale: 0.05
+      tau_scale: 0.1
       tau_scale_end: null                 # anneal tau_scale to this over the DKM epochs (the steps are counted)
       group_size: null                    # null: one LUT per layer; g: one per g output channels
       channel_scale: false                # normalise each output channel by its max |w| before clustering

@@ -37,12 +37,13 @@ def test_gradcheck_float64(d, k, iters, rows):
     assert torch.autograd.gradcheck(lambda x: dkm_cluster(x, c0, 0.7, iters, chunk_rows=rows), (w,))
 
 
-def test_gradients_match_reference_on_realistic_size_float32():
+@pytest.mark.parametrize("value_grid", [False, True])
+def test_gradients_match_reference_on_realistic_size_float32(value_grid):
     g = torch.Generator().manual_seed(3)
     w = (0.02 * torch.randn(20000, 1, generator=g)).requires_grad_()
     c0 = kmeans_init(w, 16)
     tau = auto_tau(c0, 0.05)
-    a, ca = dkm_cluster(w, c0, tau, 3, chunk_rows=3000)
+    a, ca = dkm_cluster(w, c0, tau, 3, chunk_rows=3000, value_grid=value_grid)
     b, cb = dkm_cluster_reference(w, c0, tau, 3)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     up = torch.randn_like(a, generator=None)
@@ -147,7 +148,7 @@ def test_windowed_path_matches_dense_path(k):
     up = torch.randn(w.shape[0], 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     outs = []
     for tol in (0.0, 1e-7):
-        wt, c = dkm_cluster(w, c0, tau, 2, chunk_rows=7000, window_tol=tol)
+        wt, c = dkm_cluster(w, c0, tau, 2, chunk_rows=7000, window_tol=tol, value_grid=False)
         g = torch.autograd.grad((wt * up).sum() + c.sum(), w)[0]
         outs.append((wt, c, g))
     (a, ca, ga), (b, cb, gb) = outs
@@ -170,8 +171,8 @@ def test_window_falls_back_to_dense_when_bound_fails():
     w, c0, _ = _realistic(k=64)
     big_tau = 10 * float(c0.var())  # soft attention: the neglected mass is not small
     assert _Attention(c0[None], big_tau, 1e-7)(w.detach().t()[None]).lo is None
-    a = dkm_cluster(w, c0, big_tau, 1, window_tol=1e-7)[0]
-    b = dkm_cluster(w, c0, big_tau, 1, window_tol=0.0)[0]
+    a = dkm_cluster(w, c0, big_tau, 1, window_tol=1e-7, value_grid=False)[0]
+    b = dkm_cluster(w, c0, big_tau, 1, window_tol=0.0, value_grid=False)[0]
     assert torch.equal(a, b)
 
 

@@ -12,8 +12,8 @@ The DKM loop, for t = 1..iters::
 
 :func:`dkm_cluster` runs it with a memory-lean backward that keeps only the C_t (k × d) and the cluster
 masses (k) of each iteration and recomputes attention in row chunks, so its extra memory is O(N·d)
-whatever k and iters. :func:`dkm_cluster_reference` is the direct autograd version, kept as the
-test reference.
+whatever k and iters; for d = 1 it computes attention on a grid of weight values where a proven bound allows
+(torchdkm._valuegrid). :func:`dkm_cluster_reference` is the direct autograd version, kept as the test reference.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _valuegrid
 from ._attention import _Attention, attention
 from .errors import ConfigError
 
@@ -309,6 +310,7 @@ def dkm_cluster(
     save_attention: bool = False,
     hard_output: bool = False,
     process_group=None,
+    value_grid: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """Differentiable k-means: (W~, C) from w (N × d) and warm-start centroids c0 (k × d, no gradient).
 
@@ -334,6 +336,14 @@ def dkm_cluster(
       each rank computes attention for its own share of the rows, the k·(d+1) statistics are all-reduced per
       iteration, W~ and the gradient reach every rank whole (all-reduced). The gradient every rank gets is the
       mean over ranks of the single-process one, which is what data-parallel training then averages to.
+    * ``value_grid``: for d = 1 without a process group, compute attention on a grid of U weight values and
+      interpolate it at the weights (torchdkm._valuegrid): O(N + U·k) instead of O(N·k), each attention entry
+      within 1e-6 (so W~ within about 1e-6 of the largest centroid gap) and its derivative within about 6e-5 of the
+      steepest attention slope. Used where it meets that bound with U <= N/8 grid values, else (and for False) the
+      exact path. On the grid path ``reuse_bytes`` bounds the temporaries (the grid's, and those of one pass over
+      the weights, ~40 bytes a weight: above it the passes go in chunks), ``save_attention`` holds each weight's
+      grid interval and position (12 bytes per float32 weight) until backward; ``chunk_rows`` and ``window_tol``
+      have no effect.
     """
     t = _check_inputs(w, c0, tau, iters, eps)
     if not (eps_rel >= 0 and math.isfinite(eps_rel)):
@@ -341,7 +351,7 @@ def dkm_cluster(
     if w.dim() == 2:
         out, c = dkm_cluster(w[None], c0[None], t, iters, eps, eps_rel=eps_rel, chunk_rows=chunk_rows,
                              window_tol=window_tol, reuse_bytes=reuse_bytes, save_attention=save_attention,
-                             hard_output=hard_output, process_group=process_group)
+                             hard_output=hard_output, process_group=process_group, value_grid=value_grid)
         return out[0], c[0]
     dt = compute_dtype(w)
     wc = w.to(dt)
@@ -353,8 +363,26 @@ def dkm_cluster(
     tau_arg = float(t[0]) if groups == 1 else t.to(dt).to(w.device).view(groups, 1, 1)
     o = _Opts(tau_arg, iters, float(eps), float(eps_rel), int(rows), float(window_tol), int(reuse_bytes),
               bool(save_attention), bool(hard_output), _usable_group(process_group))
+    if value_grid and d == 1 and o.group is None:
+        got = _grid_cluster(wc, c, o)
+        if got is not None:
+            return got[0].to(w.dtype), got[1]
     w_tilde, c = _DKMLean.apply(wc, c, o)
     return w_tilde.to(w.dtype), c
+
+
+def _grid_cluster(w: Tensor, c0: Tensor, o: _Opts) -> Optional[Tuple[Tensor, Tensor]]:
+    """dkm_cluster on a value grid (d = 1), or None where it does not pay or cannot meet its bound."""
+    thr = stop_threshold(c0, o.eps, o.eps_rel) if (o.eps > 0 or o.eps_rel > 0) else None
+    got = _valuegrid.cluster(
+        w, c0, o.tau, o.iters, update=_update, converged=None if thr is None else lambda c, p: _converged(c, p, thr),
+        hard=(lambda x, c: lookup(c, nearest_centroid(x[..., None], c))[..., 0]) if o.hard_output else None,
+        budget=o.reuse_bytes, keep=o.save_attention)
+    if got is None:
+        return None
+    for log in _ITERATION_LOGS:
+        log.append(got[2])
+    return got[0], got[1]
 
 
 def _usable_group(group):

@@ -6,7 +6,7 @@ is scored by top-1 on the validation images carved from the training data (``com
 test set is not loaded into the sweep at all. The best setting per (model, budget, method) goes to
 results/tuning.json, which vision.py reads; every run is listed in results/tuning.md.
 
-Knobs (3 values each, the library default in the middle where there is one):
+Knobs (3 values each; DKM's grid predates its default of 0.1, which sits at the top):
 
 * DKM ``tau_scale`` - the automatic temperature's scale;
 * k-means + STE ``centroid_lr_mult`` - the centroids' lr as a multiple of the weights' lr;

@@ -233,10 +233,15 @@ def granularity(o) -> str:
     return " + ".join(parts) or "per-tensor"
 
 
+def training_options(a) -> SimpleNamespace:
+    """TRAINING_OPTIONS as given in ``a`` (tune.py gives only some of them: the others keep their defaults)."""
+    return SimpleNamespace(**{k: getattr(a, k, v) for k, v in TRAINING_OPTIONS.items()})
+
+
 def run_settings(method: str, hp: dict, a) -> dict:
     """``hp`` plus the training options that apply to ``method`` (what a run records, and how a finished run is
     recognised on a re-run)."""
-    o = SimpleNamespace(**{k: getattr(a, k, v) for k, v in TRAINING_OPTIONS.items()})
+    o = training_options(a)
     hp = dict(hp)
     if method == "dkm" and o.tau_scale_end is not None:
         hp.update(tau_scale_end=o.tau_scale_end, anneal_steps=a.steps)
@@ -254,7 +259,7 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
     bits, dim = BUDGETS[budget]
     x, y = data["train"]
     model = copy.deepcopy(fp32)
-    o = SimpleNamespace(**{k: getattr(a, k, v) for k, v in TRAINING_OPTIONS.items()})  # tune.py has none of them
+    o = training_options(a)
     if method not in CLUSTERED:  # qat_lsq, coreml_dkm: their own granularity
         o.group_size, o.channel_scale = None, False
     cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters, group_size=o.group_size,

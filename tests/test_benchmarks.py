@@ -122,6 +122,23 @@ def test_tune_tiny_sweeps_equally_on_validation_and_vision_uses_its_choice(tmp_p
     assert {r["hp"]["lr"] for r in json.loads((out / "t_resnet_small.json").read_text())["runs"]} >= {5e-4}
 
 
+def test_tune_merge_unions_sweeps_of_one_model_run_per_method(tmp_path, cache):
+    """Sweeps of the same model by method group (parallel processes) merge into one table: every run kept, each
+    method's choice made over its own runs; sweeps with other settings refuse to merge."""
+    tiny = ["--tiny", "--out", str(tmp_path), "--no-progress", "--fp32-epochs", "3"]
+    a = tune.main(tiny + ["--methods", "st_kmeans", "--tag", "a"])
+    b = tune.main(tiny + ["--methods", "dkm", "--tag", "b"])
+    res = tune.main(["--merge", "a", "b", "--out", str(tmp_path)])
+    runs = res["models"]["resnet_small"]["runs"]
+    assert runs == a["models"]["resnet_small"]["runs"] + b["models"]["resnet_small"]["runs"]
+    assert res["chosen"]["resnet_small"]["1bit"] == {**a["chosen"]["resnet_small"]["1bit"],
+                                                     **b["chosen"]["resnet_small"]["1bit"]}
+    assert "--methods st_kmeans" in res["command"] and "--methods dkm" in res["command"]
+    tune.main(tiny + ["--methods", "dkm", "--kd", "0.5", "--tag", "c"])
+    with pytest.raises(SystemExit, match="different settings"):
+        tune.main(["--merge", "a", "c", "--out", str(tmp_path)])
+
+
 def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache, monkeypatch):
     """STE and DKM with two fine-tuning seeds at the seed budget (mean ± std rows, STE at DKM's size), then
     ptq_kmeans added by a second invocation that keeps the runs of the first (same key)."""

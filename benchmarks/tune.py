@@ -44,10 +44,24 @@ KNOBS = {"dkm": ("tau_scale", (0.02, 0.05, 0.1)),
 SCRIPT = Path(__file__).resolve()
 
 
-def grid(method: str, lrs=LRS):
-    """The settings tried for ``method``: every lr × every knob value (len(lrs) × 3)."""
-    knob, values = KNOBS[method]
-    return [{"lr": lr, knob: v} for lr, v in itertools.product(lrs, values)]
+def grid(method: str, lrs=LRS, values=None):
+    """The settings tried for ``method``: every lr × every knob value (KNOBS' 3 unless ``values`` are given)."""
+    knob, default = KNOBS[method]
+    return [{"lr": lr, knob: v} for lr, v in itertools.product(lrs, values or default)]
+
+
+def knob_values(specs) -> dict:
+    """``["dkm=0.2", "coreml_dkm=0.01,0.1"]`` -> {"dkm": [0.2], "coreml_dkm": [0.01, 0.1]}."""
+    out = {}
+    for spec in specs or []:
+        method, _, values = spec.partition("=")
+        if method not in KNOBS or not values:
+            raise SystemExit(f"--knob-values {spec!r}: expected METHOD=V[,V...] with METHOD one of {list(KNOBS)}")
+        try:
+            out[method] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise SystemExit(f"--knob-values {spec!r}: the values must be numbers") from None
+    return out
 
 
 def parse(argv=None):
@@ -63,6 +77,8 @@ def parse(argv=None):
     p.add_argument("--n-val", type=int, default=None)
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--val-subset", type=int, default=None)
+    p.add_argument("--knob-values", nargs="+", default=None, metavar="METHOD=V,...",
+                   help="try these values of a method's knob instead of KNOBS' (e.g. to extend a grid past its edge)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--kd", type=float, default=0.0, help="distillation weight for every method (as vision.py)")
     p.add_argument("--kd-temperature", type=float, default=2.0)
@@ -84,6 +100,7 @@ def parse(argv=None):
     if a.n_val is None:
         a.n_val = 5000 if a.data == "fashion" else 300
     a.test_subset = None
+    a.knob_values = knob_values(a.knob_values)
     if not common.coreml_available() and "coreml_dkm" in a.methods:
         print("coremltools is not installed: coreml_dkm is not tuned")
         a.methods = [m for m in a.methods if m != "coreml_dkm"]
@@ -100,7 +117,7 @@ def tune_model(name, a, data, old, log):
     runs = prev.get("runs", []) if prev.get("key") == key else []
     for budget in a.budgets:
         for method in a.methods:
-            for hp in grid(method, a.lrs):
+            for hp in grid(method, a.lrs, a.knob_values.get(method)):
                 r = next((r for r in runs if (r["budget"], r["method"], r["hp"]) == (budget, method, hp)), None)
                 if r is None:
                     r = vision.run_one(method, fp32, budget, 0, data, a, log, hp, evals=("val",))
@@ -142,13 +159,18 @@ def write_md(res, a):
             counts[(name, r["budget"], r["method"])] += 1
     s = res["settings"]
     unswept = [m for m in KNOBS if m not in s["knobs"]]
+    tried = {}  # method -> the knob values its runs tried
+    for m in res["models"].values():
+        for r in m["runs"]:
+            tried.setdefault(r["method"], set()).add(r["hp"][KNOBS[r["method"]][0]])
+    values = "; ".join(f"{KNOBS[m][0]} {sorted(v)}" for m, v in tried.items())
     md = [f"# Hyperparameter sweep on the validation split ({'tiny' if a.tiny else 'full'} run)", "",
           "Command: " + res.get("command", f"`python benchmarks/tune.py{' --tiny' if a.tiny else ''}`")
           + f"; torch {torch.__version__}, 1 thread per process. Code {res['code']}.", "",
           f"Data: {s['data']}, validation = {s['n_val']} images carved from the training data (seed 0); the test set "
-          f"is not used. Each fine-tuned method: lr in {s['lrs']} × its knob's 3 values, seed 0, {s['steps']} "
-          f"steps of batch 128, AdamW cosine to 0 (the vision benchmark's loop). Settings per (model, budget, "
-          f"method): {sorted(set(counts.values()))}. Every method alike: distillation weight {s.get('kd', 0)}, "
+          f"is not used. Each fine-tuned method: lr in {s['lrs']} × its knob's values ({values}), seed 0, "
+          f"{s['steps']} steps of batch 128, AdamW cosine to 0 (the vision benchmark's loop). Settings per (model, "
+          f"budget, method): {sorted(set(counts.values()))}. Every method alike: distillation weight {s.get('kd', 0)}, "
           f"BatchNorm re-estimated on {s.get('bn_recal', 0)} batches after training. "
           + (f"Not swept here (vision.py runs its defaults): {', '.join(vision.LABEL[m] for m in unswept)}. "
              if unswept else "")
@@ -171,9 +193,14 @@ def merge(a):
             methods = sorted({r["method"] for r in m["runs"]})
             lrs = sorted({r["hp"]["lr"] for r in m["runs"]})
             s = m["key"]["settings"]
+            values = {meth: sorted({r["hp"][KNOBS[meth][0]] for r in m["runs"] if r["method"] == meth})
+                      for meth in methods}
+            extra = [f"{meth}={','.join(f'{v:g}' for v in vs)}" for meth, vs in values.items()
+                     if vs != sorted(KNOBS[meth][1])]
             res["parts"][f"{tag}/{name}"] = {"key": m["key"], "git": part.get("code", {}).get("git"), "command": (
                 f"`python benchmarks/tune.py --models {name} --methods {' '.join(methods)} --lrs "
-                f"{' '.join(f'{lr:g}' for lr in lrs)} --kd {s['kd']:g} --bn-recal {s['bn_recal']} --tag {tag}`")}
+                f"{' '.join(f'{lr:g}' for lr in lrs)}" + (f" --knob-values {' '.join(extra)}" if extra else "")
+                + f" --kd {s['kd']:g} --bn-recal {s['bn_recal']} --tag {tag}`")}
     res["chosen"] = {name: choose(m["runs"]) for name, m in res["models"].items()}
     runs = [r for m in res["models"].values() for r in m["runs"]]
     res["wall_s"] = sum(r["wall_s"] for r in runs)

@@ -127,13 +127,17 @@ def test_tune_merge_unions_sweeps_of_one_model_run_per_method(tmp_path, cache):
     method's choice made over its own runs; sweeps with other settings refuse to merge."""
     tiny = ["--tiny", "--out", str(tmp_path), "--no-progress", "--fp32-epochs", "3"]
     a = tune.main(tiny + ["--methods", "st_kmeans", "--tag", "a"])
-    b = tune.main(tiny + ["--methods", "dkm", "--tag", "b"])
+    b = tune.main(tiny + ["--methods", "dkm", "--knob-values", "dkm=0.2,0.3", "--tag", "b"])
+    assert [r["hp"] for r in b["models"]["resnet_small"]["runs"]] == [{"lr": 1e-3, "tau_scale": 0.2},
+                                                                      {"lr": 1e-3, "tau_scale": 0.3}]
     res = tune.main(["--merge", "a", "b", "--out", str(tmp_path)])
     runs = res["models"]["resnet_small"]["runs"]
     assert runs == a["models"]["resnet_small"]["runs"] + b["models"]["resnet_small"]["runs"]
     assert res["chosen"]["resnet_small"]["1bit"] == {**a["chosen"]["resnet_small"]["1bit"],
                                                      **b["chosen"]["resnet_small"]["1bit"]}
     assert "--methods st_kmeans" in res["command"] and "--methods dkm" in res["command"]
+    assert "tau_scale [0.2, 0.3]" in (tmp_path / "tuning.md").read_text()
+    assert "--knob-values dkm=0.2,0.3" in res["command"]
     tune.main(tiny + ["--methods", "dkm", "--kd", "0.5", "--tag", "c"])
     with pytest.raises(SystemExit, match="different settings"):
         tune.main(["--merge", "a", "c", "--out", str(tmp_path)])

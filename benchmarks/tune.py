@@ -207,6 +207,11 @@ def merge(a):
     keys = [p["key"]["settings"] for p in res["parts"].values()]
     if any(k != keys[0] for k in keys):
         raise SystemExit(f"the sweeps {a.merge} used different settings, so their runs do not compare: {keys}")
+    fp32 = {}  # every part of a model must have fine-tuned the same fp32 weights
+    for part, p in res["parts"].items():
+        name = part.split("/", 1)[1]
+        if fp32.setdefault(name, p["key"]["fp32_sha1"]) != p["key"]["fp32_sha1"]:
+            raise SystemExit(f"the sweeps of {name} in {a.merge} started from different fp32 weights; re-run one")
     methods = sorted({r["method"] for r in runs})
     res["settings"] = dict(keys[0], lrs=sorted({r["hp"]["lr"] for r in runs}), knobs={m: KNOBS[m] for m in methods})
     res["command"] = ("in separate processes: " + ", ".join(p["command"] for p in res["parts"].values())

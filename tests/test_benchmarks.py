@@ -141,6 +141,11 @@ def test_tune_merge_unions_sweeps_of_one_model_run_per_method(tmp_path, cache):
     tune.main(tiny + ["--methods", "dkm", "--kd", "0.5", "--tag", "c"])
     with pytest.raises(SystemExit, match="different settings"):
         tune.main(["--merge", "a", "c", "--out", str(tmp_path)])
+    other = json.loads((tmp_path / "b.json").read_text())
+    other["models"]["resnet_small"]["key"]["fp32_sha1"] = "another fp32 model"
+    (tmp_path / "d.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different fp32 weights"):
+        tune.main(["--merge", "a", "d", "--out", str(tmp_path)])
 
 
 def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache, monkeypatch):

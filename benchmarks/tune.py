@@ -197,10 +197,11 @@ def merge(a):
                       for meth in methods}
             extra = [f"{meth}={','.join(f'{v:g}' for v in vs)}" for meth, vs in values.items()
                      if vs != sorted(KNOBS[meth][1])]
-            res["parts"][f"{tag}/{name}"] = {"key": m["key"], "git": part.get("code", {}).get("git"), "command": (
-                f"`python benchmarks/tune.py --models {name} --methods {' '.join(methods)} --lrs "
-                f"{' '.join(f'{lr:g}' for lr in lrs)}" + (f" --knob-values {' '.join(extra)}" if extra else "")
-                + f" --kd {s['kd']:g} --bn-recal {s['bn_recal']} --tag {tag}`")}
+            command = (f"`python benchmarks/tune.py --models {name} --methods {' '.join(methods)} --lrs "
+                       f"{' '.join(f'{lr:g}' for lr in lrs)}" + (f" --knob-values {' '.join(extra)}" if extra else "")
+                       + f" --kd {s['kd']:g} --bn-recal {s['bn_recal']} --tag {tag}`")
+            res["parts"][f"{tag}/{name}"] = {"model": name, "key": m["key"], "command": command,
+                                             "git": part.get("code", {}).get("git")}
     res["chosen"] = {name: choose(m["runs"]) for name, m in res["models"].items()}
     runs = [r for m in res["models"].values() for r in m["runs"]]
     res["wall_s"] = sum(r["wall_s"] for r in runs)
@@ -208,10 +209,9 @@ def merge(a):
     if any(k != keys[0] for k in keys):
         raise SystemExit(f"the sweeps {a.merge} used different settings, so their runs do not compare: {keys}")
     fp32 = {}  # every part of a model must have fine-tuned the same fp32 weights
-    for part, p in res["parts"].items():
-        name = part.split("/", 1)[1]
-        if fp32.setdefault(name, p["key"]["fp32_sha1"]) != p["key"]["fp32_sha1"]:
-            raise SystemExit(f"the sweeps of {name} in {a.merge} started from different fp32 weights; re-run one")
+    for p in res["parts"].values():
+        if fp32.setdefault(p["model"], p["key"]["fp32_sha1"]) != p["key"]["fp32_sha1"]:
+            raise SystemExit(f"the sweeps of {p['model']} in {a.merge} started from different fp32 weights; re-run one")
     methods = sorted({r["method"] for r in runs})
     res["settings"] = dict(keys[0], lrs=sorted({r["hp"]["lr"] for r in runs}), knobs={m: KNOBS[m] for m in methods})
     res["command"] = ("in separate processes: " + ", ".join(p["command"] for p in res["parts"].values())

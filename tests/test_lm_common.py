@@ -130,3 +130,14 @@ def test_heldout_split_is_deterministic_and_small():
 def test_peak_rss_positive():
     lm.reset_peak_rss()
     assert lm.peak_rss_mib() > 0
+
+
+def test_llm_benchmark_refuses_fewer_tokens_than_one_window(capsys):
+    """A --max-tokens below one window used to fail deep in the model with a reshape error; now argparse says why
+    before anything loads."""
+    import llm
+
+    with pytest.raises(SystemExit):
+        llm.main(["--max-tokens", "128"])
+    err = capsys.readouterr().err
+    assert "--max-tokens 128" in err and "--window (512)" in err

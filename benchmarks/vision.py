@@ -25,8 +25,8 @@ benchmarks/tune.py from an equal-effort sweep on the validation split (--tuning;
 
 LUT granularity (``--group-size G``, ``--channel-scale``; default one LUT per layer): the same for every k-means
 method (ptq_kmeans, st_kmeans, dkm): one LUT per G consecutive output channels and/or each output channel divided
-by its max |w|, as torchdkm.DKMConfig(group_size=G, channel_scale=True). A layer the granularity does not fit
-(C0 not a multiple of G, ...) gets the nearest one that does (common.fitted_granularity, logged). qat_lsq and
+by its max |w| (``--channel-scale rms``: by its RMS), as torchdkm.DKMConfig(group_size=G, channel_scale=...). A
+layer the granularity does not fit (C0 not a multiple of G, ...) gets the nearest one that does (common.fitted_granularity, logged). qat_lsq and
 coreml_dkm keep their own granularity (per-channel uniform; coremltools per-tensor). Sizes count every LUT and
 scale (fp32 in ``bits_per_weight``/``model_kib`` as everywhere here; ``bits_per_weight_lut16`` at fp16).
 ``--side-by-side TAG ...`` writes ``<--tag>.md`` comparing runs already made under those tags.
@@ -106,8 +106,9 @@ def parse(argv=None):
                    help="re-estimate BatchNorm statistics on this many training batches after EVERY method")
     p.add_argument("--group-size", type=int, default=None,
                    help="k-means methods: one LUT per this many output channels (default: one per layer)")
-    p.add_argument("--channel-scale", action="store_true",
-                   help="k-means methods: divide each output channel by its max |w| before clustering")
+    p.add_argument("--channel-scale", nargs="?", const=True, default=False, choices=[True, "max", "rms"],
+                   help="k-means methods: divide each output channel by its max |w| (or 'rms': its RMS) before "
+                        "clustering")
     p.add_argument("--side-by-side", nargs="+", default=None, metavar="TAG",
                    help="run nothing: write <--tag>.md comparing the results under these tags")
     p.add_argument("--iters", type=int, default=3)
@@ -229,7 +230,7 @@ _NOTED = set()  # granularity notes already logged by this process
 
 def granularity(o) -> str:
     """Short name of the LUT granularity of options ``o`` (group_size, channel_scale)."""
-    parts = ([f"g{o.group_size}"] if o.group_size else []) + (["channel scale"] if o.channel_scale else [])
+    parts = ([f"g{o.group_size}"] if o.group_size else []) + ([f"channel scale{' (rms)' if o.channel_scale == 'rms' else ''}"] if o.channel_scale else [])
     return " + ".join(parts) or "per-tensor"
 
 

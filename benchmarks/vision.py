@@ -460,9 +460,10 @@ def write_summary(a, log=print):
     tuned = [m for m in METHODS if by_method.get(m) == {True}]
     untuned = [m for m in METHODS if m in by_method and m not in tuned]
     data = "Fashion-MNIST" if s["data"] == "fashion" else "scikit-learn digits (8x8)"
+    commands = list(dict.fromkeys(r["command"] for r in results))  # one process may have run both models
     md = [f"# Vision benchmark: {data} ({'quick' if a.quick else 'full'} run)", "",
-          "Command" + ("s" if len(results) > 1 else "") + ": " + ", ".join(f"`{r['command']}`" for r in results)
-          + (" (in parallel processes)" if len(results) > 1 else "") + ". "
+          "Command" + ("s" if len(commands) > 1 else "") + ": " + ", ".join(f"`{c}`" for c in commands)
+          + (" (in parallel processes)" if len(commands) > 1 else "") + ". "
           f"torch {results[0]['torch']}, {results[0]['threads']} thread(s) per process, 2 CPU cores. "
           f"Code {results[0]['code']}.", "",
           f"Data: training images minus a seeded validation split of {s['n_val']} (train subset "

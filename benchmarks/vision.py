@@ -26,9 +26,10 @@ benchmarks/tune.py from an equal-effort sweep on the validation split (--tuning;
 LUT granularity (``--group-size G``, ``--channel-scale``; default one LUT per layer): the same for every k-means
 method (ptq_kmeans, st_kmeans, dkm): one LUT per G consecutive output channels and/or each output channel divided
 by its max |w| (``--channel-scale rms``: by its RMS), as torchdkm.DKMConfig(group_size=G, channel_scale=...). A
-layer the granularity does not fit (C0 not a multiple of G, ...) gets the nearest one that does (common.fitted_granularity, logged). qat_lsq and
-coreml_dkm keep their own granularity (per-channel uniform; coremltools per-tensor). Sizes count every LUT and
-scale (fp32 in ``bits_per_weight``/``model_kib`` as everywhere here; ``bits_per_weight_lut16`` at fp16).
+layer the granularity does not fit (C0 not a multiple of G, ...) gets the nearest one that does
+(common.fitted_granularity, logged). qat_lsq and coreml_dkm keep their own granularity (per-channel uniform;
+coremltools per-tensor). Sizes count every LUT and scale (fp32 in ``bits_per_weight``/``model_kib`` as everywhere
+here; ``bits_per_weight_lut16`` at fp16).
 ``--side-by-side TAG ...`` writes ``<--tag>.md`` comparing runs already made under those tags.
 
 Seeds are fine-tuning seeds (data order, k-means init): the fp32 model is one model, shared by all of them.
@@ -230,7 +231,8 @@ _NOTED = set()  # granularity notes already logged by this process
 
 def granularity(o) -> str:
     """Short name of the LUT granularity of options ``o`` (group_size, channel_scale)."""
-    parts = ([f"g{o.group_size}"] if o.group_size else []) + ([f"channel scale{' (rms)' if o.channel_scale == 'rms' else ''}"] if o.channel_scale else [])
+    scale = "channel scale" + (" (rms)" if o.channel_scale == "rms" else "")
+    parts = ([f"g{o.group_size}"] if o.group_size else []) + ([scale] if o.channel_scale else [])
     return " + ".join(parts) or "per-tensor"
 
 

@@ -36,6 +36,7 @@ every buffer (BatchNorm running statistics, num_batches_tracked), each uncompres
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -152,6 +153,23 @@ def train(model: nn.Module, x, y, *, steps: int, lr: float, batch: int = 128, se
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     return time.perf_counter() - t0
+
+
+def kd_loss(teacher: nn.Module, alpha: float, temperature: float = 2.0):
+    """``loss_fn(model, xb, yb)`` for :func:`train`: (1 - alpha) cross-entropy + alpha KL to ``teacher``'s logits
+    (torchdkm.distillation_loss at ``temperature``); the teacher is a frozen eval-mode copy. None when alpha = 0."""
+    if alpha <= 0:
+        return None
+    teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+
+    def loss_fn(m, xb, yb):
+        out = m(xb)
+        with torch.no_grad():
+            t = teacher(xb)
+        kd = torchdkm.distillation_loss(out, t, temperature=temperature)
+        return (1 - alpha) * nn.functional.cross_entropy(out, yb) + alpha * kd
+
+    return loss_fn
 
 
 @torch.no_grad()

@@ -164,7 +164,7 @@ def run(method, fp32, budget, data, a, log, seed=0):
     lin = {n: c for n, c in rules.items() if n not in emb}
     fp32_layers = []
     kw = dict(steps=a.steps, lr=a.lr, batch=16, seed=seed, progress=not a.no_progress,
-              desc=f"{method} {budget} s{seed}")
+              desc=f"{method} {budget} s{seed}", loss_fn=common.kd_loss(fp32, a.kd, a.kd_temperature))
     t0, c0 = time.perf_counter(), time.process_time()
     if method == "ptq_kmeans":
         torchdkm.finalize(torchdkm.prepare(model, glob, rules))
@@ -229,6 +229,9 @@ def parse(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--centroid-lr-mult", type=float, default=1.0, help="STE centroid lr multiplier")
     p.add_argument("--palett-tau", type=float, default=1e-4, help="coremltools DKMPalettizer temperature")
+    p.add_argument("--kd", type=float, default=0.0,
+                   help="distillation weight alpha for EVERY fine-tuned method: (1-alpha) CE + alpha KD(fp32 teacher)")
+    p.add_argument("--kd-temperature", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0, help="the first fine-tuning seed")
     p.add_argument("--seeds", type=int, default=None,
                    help="fine-tuning seeds at --seed-budgets, for every method (default 3; --quick 1)")
@@ -280,7 +283,7 @@ def main(argv=None):
     # --methods coreml_dkm or more --seeds later, or resume an interrupted invocation); anything else starts afresh.
     # The seed is not a setting: it is part of a run's identity (method, budget, seed).
     same = ("max_len", "fp32_epochs", "steps", "lr", "tau_scale", "iters", "centroid_lr_mult", "palett_tau",
-            "train_subset", "test_subset")
+            "kd", "kd_temperature", "train_subset", "test_subset")
     key = {"settings": {k: getattr(a, k) for k in same}, "code": common.code_version(SCRIPT)["sources"],
            "fp32_sha1": info["sha1"]}
     old_path = a.out / f"{a.tag}.json"
@@ -326,7 +329,10 @@ def main(argv=None):
           f"method alike): {a.steps} steps (batch 16) AdamW lr {a.lr} cosine to 0, the same data order per seed; "
           f"DKM tau='auto' tau_scale {a.tau_scale}, iters {a.iters}; k-means + STE: TF-MOT style straight-through "
           f"(hard assignment recomputed every step, trainable centroids at lr × {a.centroid_lr_mult:g}), the same "
-          f"k-means init and layout as DKM; coremltools palett_tau {a.palett_tau}. Embeddings: k-means once and "
+          f"k-means init and layout as DKM; coremltools palett_tau {a.palett_tau}. "
+          + (f"Distillation for every fine-tuned method: (1 - {a.kd:g}) cross-entropy + {a.kd:g} KL to the fp32 "
+             f"model's logits at temperature {a.kd_temperature:g}. " if a.kd > 0 else "No distillation. ")
+          + f"Embeddings: k-means once and "
           f"frozen for every fine-tuned method. Sizes: whole model = compressed layers (indices + fp32 LUTs) + "
           f"every other parameter and buffer; bits/weight = compressed layers only; a layer coremltools left "
           f"uncompressed counts at fp32. `fine-tuning seeds`: runs from the one fp32 model with different data "

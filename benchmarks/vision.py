@@ -273,16 +273,7 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
             _NOTED.add((budget, note))
             log(f"  {budget}: {note} (every k-means method alike)")
     hp = run_settings(method, hp, a)
-    loss_fn = None
-    if o.kd > 0:  # the same distillation for every fine-tuned method
-        teacher = copy.deepcopy(fp32).eval()
-
-        def loss_fn(m, xb, yb):
-            out = m(xb)
-            with torch.no_grad():
-                t = teacher(xb)
-            kd = torchdkm.distillation_loss(out, t, temperature=o.kd_temperature)
-            return (1 - o.kd) * torch.nn.functional.cross_entropy(out, yb) + o.kd * kd
+    loss_fn = common.kd_loss(fp32, o.kd, o.kd_temperature)  # the same for every fine-tuned method
 
     def fit(m, after_step=None, lr_mult=None):
         common.train(m, x, y, steps=a.steps, lr=hp["lr"], seed=seed, after_step=after_step, lr_mult=lr_mult,

@@ -155,7 +155,7 @@ def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache, monkeypatch):
     import nlp
 
     common_args = ["--budgets", "2bit", "--train-subset", "16", "--test-subset", "8", "--max-len", "16", "--steps",
-                   "2", "--fp32-epochs", "1", "--out", str(tmp_path), "--no-progress"]
+                   "2", "--fp32-epochs", "1", "--kd", "0.5", "--out", str(tmp_path), "--no-progress"]
     res = nlp.main(common_args + ["--methods", "st_kmeans", "dkm", "--seeds", "2", "--seed-budgets", "2bit"])
     assert sorted((r["method"], r["seed"]) for r in res["runs"]) == [(m, s) for m in ("dkm", "st_kmeans")
                                                                       for s in (0, 1)]
@@ -166,7 +166,7 @@ def test_nlp_benchmark_on_a_handful_of_articles(tmp_path, cache, monkeypatch):
 
     def rows():
         md = (tmp_path / "nlp.md").read_text()
-        assert "fine-tuning seeds" in md
+        assert "fine-tuning seeds" in md and "Distillation for every fine-tuned method: (1 - 0.5)" in md
         return {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| ")}
 
     ste, dkm = rows()["k-means + STE fine-tuning"], rows()["DKM (torchdkm)"]

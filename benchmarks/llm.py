@@ -22,7 +22,7 @@ Methods, on every Linear of the 30 decoder layers (q, k, v, o, gate, up, down: 1
   - lm_head shares its weight with embed_tokens, and the embedding (49152 x 576) is not a Linear but would be
   chosen by the default min_numel, so both are skipped by name. torchdkm's groups are g consecutive *output*
   rows sharing one 2^bits-entry LUT (fp16); channel_scale divides each output row by its max |w| first.
-* DKM fine-tuning with distillation (:func:`dkm_distill`, benchmarks/llm_dkm.py): g16 + channel scale, a few
+* DKM fine-tuning with distillation (:func:`dkm_distill`, benchmarks/llm_dkm.py): g16 + channel scale or g1, a few
   steps of label-free KL to the fp32 model on PTB + Wikipedia training text (CPU: each step is slow).
 
 Sizes (lm_common.model_size_mib): compressed Linears at their stored bits (indices + scales, zeros, LUTs), every
@@ -69,8 +69,9 @@ QUICK_ROWS = ["fp32", "rtn-4b-g128", "kmeans-4b-g64-cs"]
 
 
 def row_specs() -> List[dict]:
-    """Every row in table order: fp32, then per bit width RTN and GPTQ g32/g64/g128 and k-means (per-tensor, g16, g64, each
-    without and with channel_scale), then DKM + distillation."""
+    """Every row in table order: fp32, then per bit width RTN and GPTQ g32/g64/g128, k-means (per-tensor, g16, g64,
+    each without and with channel_scale; g1, one LUT per output row, without), then DKM + distillation (g16 +
+    channel scale, and g1)."""
     rows = [dict(key="fp32", kind="fp32", bits=None, group=None, cs=False)]
     for b in (4, 3):
         rows += [dict(key=f"{kind}-{b}b-g{g}", kind=kind, bits=b, group=g, cs=False)
@@ -79,7 +80,9 @@ def row_specs() -> List[dict]:
             for cs in (False, True):
                 key = f"kmeans-{b}b" + (f"-g{g}" if g else "") + ("-cs" if cs else "")
                 rows.append(dict(key=key, kind="kmeans", bits=b, group=g, cs=cs))
+        rows.append(dict(key=f"kmeans-{b}b-g1", kind="kmeans", bits=b, group=1, cs=False))
         rows.append(dict(key=f"dkm-distill-{b}b-g16-cs", kind="dkm_distill", bits=b, group=16, cs=True))
+        rows.append(dict(key=f"dkm-distill-{b}b-g1", kind="dkm_distill", bits=b, group=1, cs=False))
     return rows
 
 
@@ -91,11 +94,13 @@ def label(spec: dict) -> str:
     if spec["kind"] == "gptq":
         return (f"GPTQ {spec['bits']}-bit g{spec['group']} (input groups; {GPTQ_CALIB['windows']}×"
                 f"{GPTQ_CALIB['seq']} calibration tokens)")
+    grp = {None: "per-tensor", 1: "g1 (one LUT per output row)"}.get(spec["group"],
+                                                                    f"g{spec['group']} (output-row groups)")
+    grp += " + channel scale" if spec["cs"] else ""
     if spec["kind"] == "dkm_distill":
-        return (f"DKM + distillation {spec['bits']}-bit g16 + channel scale ({DKM_TRAIN['steps']} steps, "
-                f"lr {DKM_TRAIN['lr']:g})")
-    grp = f"g{spec['group']} (output-row groups)" if spec["group"] else "per-tensor"
-    return f"k-means {spec['bits']}-bit {grp}" + (" + channel scale" if spec["cs"] else "")
+        return (f"DKM + distillation {spec['bits']}-bit {grp.replace(' (output-row groups)', '')} "
+                f"({DKM_TRAIN['steps']} steps, lr {DKM_TRAIN['lr']:g})")
+    return f"k-means {spec['bits']}-bit {grp}"
 
 
 def kmeans_config(spec: dict) -> torchdkm.DKMConfig:

@@ -17,6 +17,8 @@ Methods, on every Linear of the 30 decoder layers (q, k, v, o, gate, up, down: 1
   not divide 576 (hidden size): each row's last group is then 64 weights (ceil(in / g) groups counted).
 * ``gptq``: GPTQ (benchmarks/gptq.py) on RTN's grid (same groups, fp16 scale and zero, same size), calibrated on
   --gptq-windows random windows of --gptq-seq tokens of the PTB + Wikipedia training text (seed 0).
+* ``hqq``: torchao's HQQ (pip ``torchao``; IntxWeightOnlyConfig with hqq_scale_only), the post-training peer from
+  PyTorch's own quantization library: a symmetric 2^bits-level grid per group of g input weights, one fp16 scale.
 * ``kmeans``: post-training k-means with torchdkm (prepare -> initialize -> finalize, no training):
   DKMConfig(bits, group_size=g, channel_scale=...) with rules {"lm_head": None, "model.embed_tokens": None}
   - lm_head shares its weight with embed_tokens, and the embedding (49152 x 576) is not a Linear but would be
@@ -76,6 +78,7 @@ def row_specs() -> List[dict]:
     for b in (4, 3):
         rows += [dict(key=f"{kind}-{b}b-g{g}", kind=kind, bits=b, group=g, cs=False)
                  for kind in ("rtn", "gptq") for g in (32, 64, 128)]
+        rows += [dict(key=f"hqq-{b}b-g{g}", kind="hqq", bits=b, group=g, cs=False) for g in (32, 64)]
         for g in (None, 16, 64):
             for cs in (False, True):
                 key = f"kmeans-{b}b" + (f"-g{g}" if g else "") + ("-cs" if cs else "")
@@ -91,6 +94,8 @@ def label(spec: dict) -> str:
         return "fp32 (dequantized Q4_1 GGUF)"
     if spec["kind"] == "rtn":
         return f"RTN {spec['bits']}-bit g{spec['group']} (input groups)"
+    if spec["kind"] == "hqq":
+        return f"torchao HQQ {spec['bits']}-bit g{spec['group']} (input groups, scale only)"
     if spec["kind"] == "gptq":
         return (f"GPTQ {spec['bits']}-bit g{spec['group']} (input groups; {GPTQ_CALIB['windows']}×"
                 f"{GPTQ_CALIB['seq']} calibration tokens)")
@@ -156,6 +161,25 @@ def gptq(model: nn.Module, train_streams: Callable[[], Dict[str, torch.Tensor]],
     return gptq_quantize_(model, calib, spec["bits"], spec["group"], batch=math.gcd(n, 8))
 
 
+@torch.no_grad()
+def hqq(model: nn.Module, spec: dict) -> Dict[str, float]:
+    """torchao's HQQ (IntxWeightOnlyConfig, hqq_scale_only: a symmetric grid per group of g input weights, its fp16
+    scale fitted by half-quadratic optimization) of every decoder Linear, dequantized back in place; returns name
+    -> stored bits (indices + one fp16 scale per group)."""
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
+
+    cfg = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{spec['bits']}"), granularity=PerGroup(spec["group"]),
+                               intx_choose_qparams_algorithm="hqq_scale_only", scale_dtype=torch.float16)
+    out = {}
+    for name, mod in lm.quantizable_linears(model).items():
+        tmp = nn.Sequential(nn.Linear(mod.in_features, mod.out_features, bias=False))
+        tmp[0].weight.copy_(mod.weight)
+        quantize_(tmp, cfg)
+        mod.weight.copy_(tmp[0].weight.dequantize())
+        out[name] = mod.weight.numel() * spec["bits"] + mod.weight.numel() // spec["group"] * 16
+    return out
+
+
 DKM_TRAIN = dict(steps=12, batch=4, seq=128, lr=3e-5)  # --dkm-steps etc. override
 GPTQ_CALIB = dict(windows=32, seq=512)  # --gptq-windows, --gptq-seq
 
@@ -199,8 +223,8 @@ def run_row(base: nn.Module, spec: dict, streams, train_streams, a, log) -> Opti
     elif spec["kind"] == "rtn":
         compressed = rtn(model, spec)
         notes.append(f"max |w - w_fp32| = {max_change(model, base, compressed):.3g}")
-    elif spec["kind"] == "gptq":
-        compressed = gptq(model, train_streams, spec)
+    elif spec["kind"] in ("gptq", "hqq"):
+        compressed = gptq(model, train_streams, spec) if spec["kind"] == "gptq" else hqq(model, spec)
         notes.append(f"max |w - w_fp32| = {max_change(model, base, compressed):.3g}")
     elif spec["kind"] == "kmeans":
         compressed = ptq_kmeans(model, spec)

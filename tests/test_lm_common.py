@@ -205,3 +205,27 @@ def test_gptq_quantize_decoder_linears_only_and_closer_than_rtn(tiny_llama):
         ref = tiny_llama(ids).logits
         mse = lambda m: ((m(ids).logits - ref) ** 2).mean().item()  # noqa: E731
         assert mse(g) < mse(r)
+
+
+def test_torchao_hqq_rows_lie_on_a_symmetric_grid_per_group(tiny_llama):
+    """The llm.py HQQ baseline: every group of 32 input weights holds at most 2^bits values, symmetric steps of
+    one fp16 scale (q in [-2^(b-1), 2^(b-1) - 1]); sizes count indices + one 16-bit scale per group."""
+    pytest.importorskip("torchao")
+    import copy
+
+    import llm
+
+    m = copy.deepcopy(tiny_llama)
+    bits = llm.hqq(m, dict(bits=3, group=32))
+    lins = lm.quantizable_linears(m)
+    assert set(bits) == set(lins)
+    for n, mod in lins.items():
+        w = mod.weight.reshape(-1, 32)
+        assert bits[n] == w.numel() * 3 + w.shape[0] * 16
+        for g in w:
+            vals = g.unique()
+            assert vals.numel() <= 8
+            step = vals.abs()[vals != 0].min()  # the scale (some level ±1 is used in a trained-looking group)
+            q = g / step
+            assert torch.allclose(q, q.round(), atol=1e-3) and q.min() >= -4 - 1e-3 and q.max() <= 3 + 1e-3
+    assert not torch.equal(m.model.layers[0].mlp.down_proj.weight, tiny_llama.model.layers[0].mlp.down_proj.weight)

@@ -292,7 +292,8 @@ def markdown(rows: List[dict], settings: dict, skipped: Dict[str, str], a) -> st
           "block are grid points, so it recovers the weights (see max |w - w_fp32| in the json); compare at g64, "
           "g128 or 3 bits. g128 does not divide the hidden size 576: each row's last group there is 64 weights. "
           "GPTQ rounds to RTN's grid (same groups, same size) with error compensation through the inverse Hessian "
-          "of each layer's inputs, layer by layer (benchmarks/gptq.py).",
+          "of each layer's inputs, layer by layer (benchmarks/gptq.py). torchao HQQ: a symmetric grid per group "
+          "of g input weights with one fp16 scale fitted without data (IntxWeightOnlyConfig, hqq_scale_only).",
           "",
           "k-means LUTs and channel scales are counted at 16 bits each (torchdkm.report(lut_dtype_bits=16)) but "
           "the model is evaluated with them in fp32 (fp16 would move each of those few values by < 2^-11 "

@@ -36,6 +36,9 @@ for a given seed (``common.train``), then finalized:
 The finalized Linear layers of ptq_kmeans, st_kmeans and dkm are checked too (at most 2^bits distinct d-vectors
 each, ``max_distinct`` in the JSON), so a method cannot ship unclustered weights.
 
+Distillation (--kd alpha, --kd-temperature T): every fine-tuned method alike minimizes (1 - alpha) cross-entropy +
+alpha KL to the fp32 classifier's logits at T (``common.kd_loss``, as in the vision benchmark); off by default.
+
 Seeds: fine-tuning seeds (data order, and the k-means seed of every compressed layer, embeddings included); the
 fp32 model is one model, shared by all of them. At the budgets in --seed-budgets (default ``~21x``) every method
 runs --seeds seeds (default 3; --quick 1), --seed, --seed + 1, ...; elsewhere one (--seed). The table reports

@@ -99,13 +99,12 @@ def label(spec: dict) -> str:
     if spec["kind"] == "gptq":
         return (f"GPTQ {spec['bits']}-bit g{spec['group']} (input groups; {GPTQ_CALIB['windows']}×"
                 f"{GPTQ_CALIB['seq']} calibration tokens)")
-    grp = {None: "per-tensor", 1: "g1 (one LUT per output row)"}.get(spec["group"],
-                                                                    f"g{spec['group']} (output-row groups)")
-    grp += " + channel scale" if spec["cs"] else ""
+    g = spec["group"]
+    grp = {None: "per-tensor", 1: "g1 (one LUT per output row)"}.get(g, f"g{g}")
+    cs = " + channel scale" if spec["cs"] else ""
     if spec["kind"] == "dkm_distill":
-        return (f"DKM + distillation {spec['bits']}-bit {grp.replace(' (output-row groups)', '')} "
-                f"({DKM_TRAIN['steps']} steps, lr {DKM_TRAIN['lr']:g})")
-    return f"k-means {spec['bits']}-bit {grp}"
+        return f"DKM + distillation {spec['bits']}-bit {grp}{cs} ({DKM_TRAIN['steps']} steps, lr {DKM_TRAIN['lr']:g})"
+    return f"k-means {spec['bits']}-bit {grp}" + (" (output-row groups)" if g not in (None, 1) else "") + cs
 
 
 def kmeans_config(spec: dict) -> torchdkm.DKMConfig:

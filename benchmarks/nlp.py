@@ -167,7 +167,9 @@ def run(method, fp32, budget, data, a, log, seed=0):
     lin = {n: c for n, c in rules.items() if n not in emb}
     fp32_layers = []
     kw = dict(steps=a.steps, lr=a.lr, batch=16, seed=seed, progress=not a.no_progress,
-              desc=f"{method} {budget} s{seed}", loss_fn=common.kd_loss(fp32, a.kd, a.kd_temperature))
+              desc=f"{method} {budget} s{seed}")
+    if method in FINE_TUNED:  # (the teacher copy only where something trains)
+        kw["loss_fn"] = common.kd_loss(fp32, a.kd, a.kd_temperature)
     t0, c0 = time.perf_counter(), time.process_time()
     if method == "ptq_kmeans":
         torchdkm.finalize(torchdkm.prepare(model, glob, rules))

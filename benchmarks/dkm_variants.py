@@ -36,6 +36,11 @@ VARIANTS = {
     "dkm_tau0.02_lr3e-3": ("dkm", {"lr": 3e-3, "tau_scale": 0.02}, {}),
     "ste_kd": ("st_kmeans", {"lr": 1e-3, "centroid_lr_mult": 1.0}, {"kd": 0.5}),
     "dkm_lr3e-3_kd": ("dkm", {"lr": 3e-3, "tau_scale": 0.05}, {"kd": 0.5}),
+    # the tuned 1-bit settings (tuning.md) with distillation, and DKM with a direct per-weight gradient on top
+    "ste_tuned": ("st_kmeans", {"lr": 3e-3, "centroid_lr_mult": 0.3}, {"kd": 0.5}),
+    "dkm_tuned": ("dkm", {"lr": 3e-3, "tau_scale": 0.1}, {"kd": 0.5}),
+    "dkm_dg0.3": ("dkm", {"lr": 3e-3, "tau_scale": 0.1, "direct_grad": 0.3}, {"kd": 0.5}),
+    "dkm_dg1": ("dkm", {"lr": 3e-3, "tau_scale": 0.1, "direct_grad": 1.0}, {"kd": 0.5}),
 }
 
 

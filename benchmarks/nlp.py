@@ -160,7 +160,7 @@ def run(method, fp32, budget, data, a, log, seed=0):
     """One (method, budget, seed) run from a copy of ``fp32``: its metrics, size, times, frozen parameters."""
     x, y, xt, yt = data
     model = copy.deepcopy(fp32)
-    rules = {n: c.replace(seed=seed, tau_scale=a.tau_scale, iters=a.iters)
+    rules = {n: c.replace(seed=seed, tau_scale=a.tau_scale, iters=a.iters, direct_grad=a.direct_grad)
              for n, c in layer_configs(model, budget).items()}
     glob = C(min_numel=1 << 62)  # only the named layers
     emb = {n: c for n, c in rules.items() if n.endswith("embeddings")}
@@ -232,6 +232,7 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tau-scale", type=float, default=0.05)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--direct-grad", type=float, default=0.0, help="DKM: DKMConfig(direct_grad=...)")
     p.add_argument("--centroid-lr-mult", type=float, default=1.0, help="STE centroid lr multiplier")
     p.add_argument("--palett-tau", type=float, default=1e-4, help="coremltools DKMPalettizer temperature")
     p.add_argument("--kd", type=float, default=0.0,
@@ -287,8 +288,8 @@ def main(argv=None):
     # Runs of an earlier invocation with the same settings, code and fp32 model are kept and not re-run (e.g. add
     # --methods coreml_dkm or more --seeds later, or resume an interrupted invocation); anything else starts afresh.
     # The seed is not a setting: it is part of a run's identity (method, budget, seed).
-    same = ("max_len", "fp32_epochs", "steps", "lr", "tau_scale", "iters", "centroid_lr_mult", "palett_tau",
-            "kd", "kd_temperature", "train_subset", "test_subset")
+    same = ("max_len", "fp32_epochs", "steps", "lr", "tau_scale", "iters", "direct_grad", "centroid_lr_mult",
+            "palett_tau", "kd", "kd_temperature", "train_subset", "test_subset")
     key = {"settings": {k: getattr(a, k) for k in same}, "code": common.code_version(SCRIPT)["sources"],
            "fp32_sha1": info["sha1"]}
     old_path = a.out / f"{a.tag}.json"
@@ -332,7 +333,9 @@ def main(argv=None):
           f"Split: stratified, seed 0, train {len(y)} / test {len(yt)} articles, {a.max_len} tokens. fp32: "
           f"{a.fp32_epochs} epoch(s) AdamW lr 1e-4 one-cycle, batch 16. Compression fine-tuning (every fine-tuned "
           f"method alike): {a.steps} steps (batch 16) AdamW lr {a.lr} cosine to 0, the same data order per seed; "
-          f"DKM tau='auto' tau_scale {a.tau_scale}, iters {a.iters}; k-means + STE: TF-MOT style straight-through "
+          f"DKM tau='auto' tau_scale {a.tau_scale}, iters {a.iters}"
+          + (f", direct grad {a.direct_grad:g}" if a.direct_grad else "")
+          + "; k-means + STE: TF-MOT style straight-through "
           f"(hard assignment recomputed every step, trainable centroids at lr × {a.centroid_lr_mult:g}), the same "
           f"k-means init and layout as DKM; coremltools palett_tau {a.palett_tau}. "
           + (f"Distillation for every fine-tuned method: (1 - {a.kd:g}) cross-entropy + {a.kd:g} KL to the fp32 "

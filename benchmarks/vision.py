@@ -70,8 +70,8 @@ DEFAULTS = {"ptq_kmeans": {}, "dkm": {"lr": 1e-3, "tau_scale": 0.05},
             "st_kmeans": {"lr": 1e-3, "centroid_lr_mult": 1.0}, "qat_lsq": {"lr": 1e-3, "scale_lr_mult": 1.0},
             "coreml_dkm": {"lr": 1e-3, "palett_tau": 1e-4}}
 # Training options outside the tuned settings (flags of this script; tune.py runs without them).
-TRAINING_OPTIONS = {"tau_scale_end": None, "hard_forward": False, "kd": 0.0, "kd_temperature": 2.0, "bn_recal": 0,
-                    "group_size": None, "channel_scale": False}
+TRAINING_OPTIONS = {"tau_scale_end": None, "hard_forward": False, "direct_grad": 0.0, "kd": 0.0, "kd_temperature": 2.0,
+                    "bn_recal": 0, "group_size": None, "channel_scale": False}
 CLUSTERED = ("ptq_kmeans", "st_kmeans", "dkm")  # the methods --group-size / --channel-scale apply to
 KNOB = {"dkm": "tau_scale", "st_kmeans": "centroid_lr_mult", "qat_lsq": "scale_lr_mult", "coreml_dkm": "palett_tau"}
 SCRIPT = Path(__file__).resolve()
@@ -100,6 +100,8 @@ def parse(argv=None):
     p.add_argument("--tau-scale-end", type=float, default=None,
                    help="DKM: anneal tau_scale to this value over the fine-tuning (torchdkm.step each step)")
     p.add_argument("--hard-forward", action="store_true", help="DKM: DKMConfig(hard_forward=True)")
+    p.add_argument("--direct-grad", type=float, default=0.0,
+                   help="DKM: DKMConfig(direct_grad=...), each weight's own gradient added with this factor")
     p.add_argument("--kd", type=float, default=0.0,
                    help="distillation weight alpha for EVERY fine-tuned method: (1-alpha) CE + alpha KD(fp32 teacher)")
     p.add_argument("--kd-temperature", type=float, default=2.0)
@@ -190,7 +192,8 @@ def method_ptq_kmeans(model, fp32, cfg, hp, fit, log, fitted):
 def method_dkm(model, fp32, cfg, hp, fit, log, fitted):
     sched = {} if hp.get("tau_scale_end") is None else dict(tau_scale_end=hp["tau_scale_end"],
                                                               anneal_steps=hp["anneal_steps"])
-    run_cfg = cfg.replace(tau_scale=hp["tau_scale"], hard_forward=hp.get("hard_forward", False), **sched)
+    run_cfg = cfg.replace(tau_scale=hp["tau_scale"], hard_forward=hp.get("hard_forward", False),
+                          direct_grad=hp.get("direct_grad", 0.0), **sched)
     torchdkm.prepare(model, run_cfg, common.granularity_rules(run_cfg, fitted))
     fit(model, after_step=lambda: torchdkm.step(model))
     torchdkm.finalize(model)
@@ -250,6 +253,8 @@ def run_settings(method: str, hp: dict, a) -> dict:
         hp.update(tau_scale_end=o.tau_scale_end, anneal_steps=a.steps)
     if method == "dkm" and o.hard_forward:
         hp.update(hard_forward=True)
+    if method == "dkm" and o.direct_grad:
+        hp.update(direct_grad=o.direct_grad)
     if o.kd > 0:
         hp.update(kd=o.kd, kd_temperature=o.kd_temperature)
     if o.bn_recal:
@@ -368,6 +373,8 @@ def _hp_text(method, hp):
         parts[-1] += f" -> {hp['tau_scale_end']:g} (cosine)"
     if hp.get("hard_forward"):
         parts.append("hard forward")
+    if hp.get("direct_grad"):
+        parts.append(f"direct grad {hp['direct_grad']:g}")
     if hp.get("kd"):
         parts.append(f"KD {hp['kd']:g} @T{hp['kd_temperature']:g}")
     return ", ".join(parts + extra)

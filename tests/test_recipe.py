@@ -32,9 +32,10 @@ def test_defaults_and_rules_inherit_global_config():
 
 def test_yaml_exponent_numbers_are_accepted(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("model: {name: mlp}\ndata: {name: digits}\ntraining: {lr: 1e-3}\ncompression: {eps: 1e-6}\n")
+    path.write_text("model: {name: mlp}\ndata: {name: digits}\ntraining: {lr: 1e-3}\n"
+                    "compression: {eps: 1e-6, direct_grad: 5e-1}\n")
     r = load_recipe(path)
-    assert r.training.lr == 1e-3 and r.compression.config.eps == 1e-6
+    assert r.training.lr == 1e-3 and r.compression.config.eps == 1e-6 and r.compression.config.direct_grad == 0.5
     assert r.name == "r"
 
 

@@ -31,7 +31,9 @@ def test_schedule_is_a_half_cosine_from_start_to_end_then_flat():
 
 @pytest.mark.parametrize("kw, match", [(dict(anneal_steps=10), "tau_scale_end"), (dict(tau_scale_end=0.0), "tau_scale_end"),
                                        (dict(anneal_steps=-1, tau_scale_end=0.1), "anneal_steps"),
-                                       (dict(hard_forward=1), "hard_forward")])
+                                       (dict(hard_forward=1), "hard_forward"),
+                                       (dict(direct_grad=-0.1), "direct_grad"),
+                                       (dict(direct_grad=float("nan")), "direct_grad")])
 def test_schedule_config_errors_say_what_is_allowed(kw, match):
     with pytest.raises(ConfigError, match=match):
         DKMConfig(**kw)
@@ -80,6 +82,27 @@ def test_hard_forward_trains_with_the_shipped_weights_and_the_soft_gradient():
     assert not torch.allclose(outs[False], outs[True])
     # the gradient reaching the weight is the soft DKM one: nonzero for weights inside clusters too
     assert (grads[True] != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("scale", [False, "max"])
+def test_direct_grad_adds_beta_times_the_upstream_gradient_and_keeps_the_value(scale):
+    """float64: the weight's gradient is DKM's own plus β × dL/dW~ exactly, the forward value is unchanged, and the
+    centroids update as without it."""
+    torch.manual_seed(0)
+    w0 = torch.randn(24, 6, dtype=torch.float64)
+    upstream = torch.randn(24, 6, dtype=torch.float64)
+    got = {}
+    for beta in (0.0, 0.7):
+        lin = nn.Linear(6, 24).double()
+        lin.weight.data.copy_(w0)
+        torchdkm.prepare(lin, DKMConfig(bits=2, min_numel=0, tau_scale=0.3, channel_scale=scale, direct_grad=beta))
+        torchdkm.initialize(lin)
+        w = lin.weight
+        (w * upstream).sum().backward()
+        got[beta] = (w.detach(), lin.parametrizations.weight.original.grad, dkm_parametrization(lin).centroids)
+    (v0, g0, c0), (v1, g1, c1) = got[0.0], got[0.7]
+    assert torch.equal(v0, v1) and torch.equal(c0, c1)
+    assert torch.allclose(g1 - g0, 0.7 * upstream, rtol=0, atol=1e-12)
 
 
 def test_soft_weights_evaluates_the_soft_network_without_updating_centroids():

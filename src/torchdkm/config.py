@@ -41,6 +41,12 @@ class DKMConfig:
                ships, so training, evaluation and the shipped model agree), while gradients flow through
                the soft DKM output A·C (straight-through from soft to hard; Agustsson et al. 2017).
                False: the network computes with A·C itself, as in the DKM paper.
+    direct_grad: β >= 0. Adds β × each weight's own upstream gradient to the gradient DKM gives it through the
+               attention and the centroids (the forward value is unchanged: A·C + β·(W − stopgrad(W))). Near the
+               hard regime DKM moves every weight of a cluster with the cluster's mean gradient, so a weight
+               leaves its cluster only from near a boundary; the direct term lets each weight follow its own
+               gradient across boundaries, as straight-through k-means does, while the centroids stay DKM's
+               attention-weighted means. 0 (default): DKM's gradient only, as in the paper.
     iters:     maximum k-means iterations per forward pass (warm-started from the last step).
     eps, eps_rel: stop early after an iteration when max|C_new - C| <= max(eps, eps_rel * s), s = the median
                distance of a centroid to its nearest other centroid at the start of the step. ``eps_rel`` is
@@ -75,6 +81,7 @@ class DKMConfig:
     tau_scale_end: Optional[float] = None
     anneal_steps: int = 0
     hard_forward: bool = False
+    direct_grad: float = 0.0
     iters: int = 3
     eps: float = 0.0
     eps_rel: float = 1e-2
@@ -111,7 +118,7 @@ class DKMConfig:
                               f"tau_scale to); give tau_scale_end or anneal_steps=0")
         if not isinstance(self.hard_forward, bool):
             raise ConfigError(f"DKMConfig.hard_forward={self.hard_forward!r} is not allowed: give True or False")
-        for name in ("eps", "eps_rel"):
+        for name in ("eps", "eps_rel", "direct_grad"):
             v = getattr(self, name)
             if not _is_number(v) or not (v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"DKMConfig.{name}={v!r} is not allowed: give a finite float >= 0")

@@ -123,7 +123,10 @@ class DKMWeight(nn.Module):
                                  f"last finite values")
         with torch.no_grad():
             self.centroids.copy_(c)  # warm start of the next step
-        return self.join(w_tilde, weight, pad, scale)
+        out = self.join(w_tilde, weight, pad, scale)
+        if cfg.direct_grad:  # same value; each weight also gets β × its own gradient (see DKMConfig.direct_grad)
+            out = out + cfg.direct_grad * (weight - weight.detach())
+        return out
 
     def _check_finite(self, vecs: Tensor, numel: int, action: str) -> None:
         if not bool(torch.isfinite(vecs).all()):  # vecs: the weight as N × d vectors (a zero-padded tail)
@@ -136,8 +139,9 @@ class DKMWeight(nn.Module):
         sched = f", tau_scale {c.tau_scale}->{c.tau_scale_end} over {c.anneal_steps} steps" if c.anneal_steps else ""
         gran = (f", groups={self.groups} of {c.group_size}" if c.group_size else "") + (
             f", channel_scale={c.scale_kind}" if c.scale_kind else "")
+        direct = f", direct_grad={c.direct_grad:g}" if c.direct_grad else ""
         return (f"bits={c.bits}, dim={c.dim}{gran}, tau={c.tau!r}, iters={c.iters}{sched}, "
-                f"hard_forward={c.hard_forward}")
+                f"hard_forward={c.hard_forward}{direct}")
 
 
 def is_dtensor(t) -> bool:

@@ -357,7 +357,8 @@ def _parse_distributed(raw) -> DistributedSpec:
 
 
 def _dkm_config(where: str, base: DKMConfig, changes: dict) -> DKMConfig:
-    for key in ("tau_scale", "tau_scale_end", "direct_grad", "eps", "eps_rel"):  # YAML reads 1e-5 as a string; accept numbers written that way
+    # YAML reads 1e-5 as a string; accept numbers written that way
+    for key in ("tau_scale", "tau_scale_end", "direct_grad", "eps", "eps_rel"):
         if isinstance(changes.get(key), str):
             changes = dict(changes, **{key: _float_or_keep(changes[key])})
     if isinstance(changes.get("tau"), str) and changes["tau"] != "auto":

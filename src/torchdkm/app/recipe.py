@@ -32,6 +32,7 @@ the allowed ones)::
       dim: 1
       tau_scale: 0.1
       tau_scale_end: null                 # anneal tau_scale to this over the DKM epochs (the steps are counted)
+      direct_grad: 0.0                    # each weight also gets this × its own gradient (long runs: 1.0)
       group_size: null                    # null: one LUT per layer; g: one per g output channels
       channel_scale: false                # normalise each output channel by its max |w| before clustering
       rules:

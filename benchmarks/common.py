@@ -45,7 +45,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -283,12 +283,14 @@ def clustered_size(model: nn.Module, config: torchdkm.DKMConfig, rules=None, fp3
     return dict(model_size(model, bits), layers=len(names) - len(set(fp32_layers)), fp32_layers=sorted(fp32_layers))
 
 
-def uniform_size(model: nn.Module, layers: Dict[str, nn.Module], bits: int, scale_bits: int = 16) -> dict:
-    """Size of per-output-channel uniform n-bit quantization of ``layers`` (modules of ``model``): n bits per
-    weight + scale and offset per output channel at ``scale_bits`` (fp16: what ships); same keys as
-    :func:`clustered_size`."""
-    return model_size(model, {id(m.weight): m.weight.numel() * bits + m.weight.shape[0] * 2 * scale_bits
-                                for m in layers.values()})
+def uniform_size(model: nn.Module, layers: Dict[str, nn.Module], bits: Union[int, Dict[str, int]],
+                 scale_bits: int = 16) -> dict:
+    """Size of per-output-channel uniform n-bit quantization of ``layers`` (modules of ``model``; ``bits`` one n
+    for all or {layer name: n}): n bits per weight + scale and offset per output channel at ``scale_bits`` (fp16:
+    what ships); same keys as :func:`clustered_size`."""
+    n = bits if isinstance(bits, dict) else dict.fromkeys(layers, bits)
+    return model_size(model, {id(m.weight): m.weight.numel() * n[name] + m.weight.shape[0] * 2 * scale_bits
+                                for name, m in layers.items()})
 
 
 def dkm_layers(model: nn.Module, config: torchdkm.DKMConfig, rules=None) -> Dict[str, nn.Module]:

@@ -136,6 +136,10 @@ def load(a):
     from torchdkm.app.zoo.data import load_bbc_news
 
     tr_t, tr_y, te_t, te_y, classes = load_bbc_news(test_fraction=0.2, seed=0)
+    if a.val:  # tuning: a stratified part of the training articles stands in for the test set, never loaded
+        from sklearn.model_selection import train_test_split
+
+        tr_t, te_t, tr_y, te_y = train_test_split(tr_t, tr_y, test_size=a.val, random_state=0, stratify=tr_y)
     if a.train_subset:
         tr_t, tr_y = tr_t[: a.train_subset], tr_y[: a.train_subset]
     if a.test_subset:
@@ -244,6 +248,9 @@ def parse(argv=None):
     p.add_argument("--seed-budgets", nargs="+", default=["~21x"], help="budgets that get --seeds seeds")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--val", type=int, default=0,
+                   help="tuning: hold out this many training articles (stratified, seed 0) and report accuracy on "
+                        "them instead of the test set, which is then not used; the fp32 model trains on the rest")
     p.add_argument("--out", type=Path, default=common.RESULTS)
     p.add_argument("--tag", default="nlp")
     p.add_argument("--threads", type=int, default=None)
@@ -276,7 +283,8 @@ def main(argv=None):
     t_all = time.perf_counter()
     x, y, xt, yt, classes = load(a)
     data = (x, y, xt, yt)
-    print(f"BBC News: train {len(y)}, test {len(yt)}, {len(classes)} classes {classes}; max_len {a.max_len}")
+    split = "validation (held out of the training articles)" if a.val else "test"
+    print(f"BBC News: train {len(y)}, {split} {len(yt)}, {len(classes)} classes {classes}; max_len {a.max_len}")
     from minilm import minilm_path
 
     name = f"minilm-bbc-L{a.max_len}-n{len(y)}"
@@ -289,7 +297,7 @@ def main(argv=None):
     # --methods coreml_dkm or more --seeds later, or resume an interrupted invocation); anything else starts afresh.
     # The seed is not a setting: it is part of a run's identity (method, budget, seed).
     same = ("max_len", "fp32_epochs", "steps", "lr", "tau_scale", "iters", "direct_grad", "centroid_lr_mult",
-            "palett_tau", "kd", "kd_temperature", "train_subset", "test_subset")
+            "palett_tau", "kd", "kd_temperature", "train_subset", "test_subset", "val")
     key = {"settings": {k: getattr(a, k) for k in same}, "code": common.code_version(SCRIPT)["sources"],
            "fp32_sha1": info["sha1"]}
     old_path = a.out / f"{a.tag}.json"
@@ -330,7 +338,9 @@ def main(argv=None):
           + ", ".join(f"`{c}`" for c in commands) + "; "
           f"{wall / 60:.1f} min wall in all (fp32 fine-tuning {info['train_s']:.0f} s of it when not cached), torch "
           f"{torch.__version__}, {torch.get_num_threads()} thread(s), shared 2-core CPU.", "",
-          f"Split: stratified, seed 0, train {len(y)} / test {len(yt)} articles, {a.max_len} tokens. fp32: "
+          f"Split: stratified, seed 0, train {len(y)} / {split} {len(yt)} articles, {a.max_len} tokens"
+          + (" (every accuracy below is on the validation articles; the test set was not used)" if a.val else "")
+          + ". fp32: "
           f"{a.fp32_epochs} epoch(s) AdamW lr 1e-4 one-cycle, batch 16. Compression fine-tuning (every fine-tuned "
           f"method alike): {a.steps} steps (batch 16) AdamW lr {a.lr} cosine to 0, the same data order per seed; "
           f"DKM tau='auto' tau_scale {a.tau_scale}, iters {a.iters}"
@@ -345,8 +355,9 @@ def main(argv=None):
           f"every other parameter and buffer; bits/weight = compressed layers only; a layer coremltools left "
           f"uncompressed counts at fp32. `fine-tuning seeds`: runs from the one fp32 model with different data "
           f"order and k-means seeds (for k-means without fine-tuning: k-means seeds); accuracy and macro-F1 are "
-          f"mean ± std over them, Δ is the mean's; the time is the mean per seed. Not tuned on a validation split "
-          f"(one setting per method). Code {common.code_version(SCRIPT)}.", "",
+          f"mean ± std over them, Δ is the mean's; the time is the mean per seed. "
+          + ("A tuning run: one setting per invocation, compared on the validation articles. " if a.val else
+             "Not tuned on a validation split (one setting per method). ") + f"Code {common.code_version(SCRIPT)}.", "",
           *[f"Note: {n}" for n in notes], *([""] if notes else []),
           table, "",
           f"![accuracy vs size]({a.tag}.png)", ""]

@@ -28,7 +28,9 @@ method (ptq_kmeans, st_kmeans, dkm): one LUT per G consecutive output channels a
 by its max |w| (``--channel-scale rms``: by its RMS), as torchdkm.DKMConfig(group_size=G, channel_scale=...). A
 layer the granularity does not fit (C0 not a multiple of G, ...) gets the nearest one that does
 (common.fitted_granularity, logged). qat_lsq and coreml_dkm keep their own granularity (per-channel uniform;
-coremltools per-tensor). Sizes count every LUT and scale (fp32 in ``bits_per_weight``/``model_kib`` as everywhere
+coremltools per-tensor). ``--layer-budget RULE=BUDGET`` gives the layers a rule names (a module name or
+``re:<regex>``, torchdkm's rule syntax) another budget, for the k-means methods and uniform QAT alike (QAT at that
+budget's whole bits), e.g. to spend bits where per-channel QAT spends its scales. Sizes count every LUT and scale (fp32 in ``bits_per_weight``/``model_kib`` as everywhere
 here; ``bits_per_weight_lut16`` at fp16).
 ``--side-by-side TAG ...`` writes ``<--tag>.md`` comparing runs already made under those tags.
 
@@ -71,7 +73,7 @@ DEFAULTS = {"ptq_kmeans": {}, "dkm": {"lr": 1e-3, "tau_scale": 0.05},
             "coreml_dkm": {"lr": 1e-3, "palett_tau": 1e-4}}
 # Training options outside the tuned settings (flags of this script; tune.py runs without them).
 TRAINING_OPTIONS = {"tau_scale_end": None, "hard_forward": False, "direct_grad": 0.0, "kd": 0.0, "kd_temperature": 2.0,
-                    "bn_recal": 0, "group_size": None, "channel_scale": False}
+                    "bn_recal": 0, "group_size": None, "channel_scale": False, "layer_budget": None}
 CLUSTERED = ("ptq_kmeans", "st_kmeans", "dkm")  # the methods --group-size / --channel-scale apply to
 KNOB = {"dkm": "tau_scale", "st_kmeans": "centroid_lr_mult", "qat_lsq": "scale_lr_mult", "coreml_dkm": "palett_tau"}
 SCRIPT = Path(__file__).resolve()
@@ -112,6 +114,9 @@ def parse(argv=None):
     p.add_argument("--channel-scale", nargs="?", const=True, default=False, choices=[True, "max", "rms"],
                    help="k-means methods: divide each output channel by its max |w| (or 'rms': its RMS) before "
                         "clustering")
+    p.add_argument("--layer-budget", nargs="+", default=None, metavar="RULE=BUDGET",
+                   help="k-means methods and QAT: layers named by RULE (module name or re:<regex>) at BUDGET "
+                        f"(of {list(BUDGETS)}) instead of the run's budget")
     p.add_argument("--side-by-side", nargs="+", default=None, metavar="TAG",
                    help="run nothing: write <--tag>.md comparing the results under these tags")
     p.add_argument("--iters", type=int, default=3)
@@ -138,6 +143,12 @@ def parse(argv=None):
         a.n_val = 5000 if a.data == "fashion" else 300
     if a.seed_methods is None:
         a.seed_methods = list(METHODS)
+    if a.layer_budget:
+        bad = [x for x in a.layer_budget if "=" not in x or x.rsplit("=", 1)[1] not in BUDGETS]
+        if bad:
+            p.error(f"--layer-budget {bad}: give RULE=BUDGET with BUDGET one of {list(BUDGETS)}")
+        if "coreml_dkm" in a.methods:
+            p.error("--layer-budget does not apply to coreml_dkm: leave it out of --methods")
     a.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with the results
     return a
 
@@ -208,10 +219,14 @@ def method_st_kmeans(model, fp32, cfg, hp, fit, log, fitted):
 
 
 def method_qat_lsq(model, fp32, cfg, hp, fit, log, fitted):
-    if cfg.bits % cfg.dim:
+    bd = {n: (c.get("bits", cfg.bits), c.get("dim", cfg.dim)) for n, c in fitted.items()}
+    qb = {n: (bd[n][0] // bd[n][1] if n in bd else cfg.bits // cfg.dim) for n in common.dkm_layers(model, cfg)}
+    if any(b % d for b, d in [(cfg.bits, cfg.dim), *bd.values()]):
         return None, None  # uniform quantization has no fractional bits per weight
-    qb = cfg.bits // cfg.dim
-    mult = common.qat_prepare(model, common.dkm_layers(model, cfg), qb, scale_lr_mult=hp["scale_lr_mult"])
+    layers, mult = common.dkm_layers(model, cfg), {}
+    for b in set(qb.values()):
+        mult.update(common.qat_prepare(model, {n: m for n, m in layers.items() if qb[n] == b}, b,
+                                       scale_lr_mult=hp["scale_lr_mult"]))
     fit(model, lr_mult=mult)
     return common.qat_finalize(model), common.uniform_size(fp32, common.dkm_layers(fp32, cfg), qb)
 
@@ -230,6 +245,21 @@ def method_coreml_dkm(model, fp32, cfg, hp, fit, log, fitted):
 
 METHOD_FNS = {name: globals()[f"method_{name}"] for name in METHODS}
 _NOTED = set()  # granularity notes already logged by this process
+
+
+def layer_budgets(model, cfg, specs) -> dict:
+    """{layer name: {"bits": b, "dim": d}} of ``--layer-budget`` specs ("RULE=BUDGET"; a later spec wins)."""
+    import re
+
+    names = list(common.dkm_layers(model, cfg))
+    out = {}
+    for spec in specs or ():
+        rule, budget = spec.rsplit("=", 1)
+        hit = [n for n in names if (re.fullmatch(rule[3:], n) if rule.startswith("re:") else n == rule)]
+        if not hit:
+            raise ValueError(f"--layer-budget {spec!r} names no compressed layer; the layers are {names}")
+        out.update({n: dict(zip(("bits", "dim"), BUDGETS[budget])) for n in hit})
+    return out
 
 
 def granularity(o) -> str:
@@ -272,7 +302,10 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
         o.group_size, o.channel_scale = None, False
     cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters, group_size=o.group_size,
                              channel_scale=o.channel_scale)
-    fitted, notes = common.fitted_granularity(fp32, cfg)
+    per_layer = layer_budgets(fp32, cfg, o.layer_budget)
+    fitted, notes = common.fitted_granularity(fp32, cfg, common.granularity_rules(cfg, per_layer))
+    for name, c in per_layer.items():  # the layer's budget, then its granularity changes
+        fitted[name] = {**c, **fitted.get(name, {})}
     for note in notes:
         if (budget, note) not in _NOTED:
             _NOTED.add((budget, note))
@@ -380,6 +413,16 @@ def _hp_text(method, hp):
     return ", ".join(parts + extra)
 
 
+def budget_label(budget, r) -> str:
+    """E.g. "1bit (16×4-d)", or "1bit (16×4-d; 9 layers 16×1-d)" where --layer-budget changed some layers."""
+    other = {}
+    for c in r.get("fitted_layers", {}).values():
+        if "bits" in c:
+            key = f"{2 ** c['bits']}×{c['dim']}-d"
+            other[key] = other.get(key, 0) + 1
+    return f"{budget} ({2 ** r['bits']}×{r['dim']}-d" + "".join(f"; {n} layers {k}" for k, n in other.items()) + ")"
+
+
 def summarize(results, a):
     """Markdown table (one row per model × budget × method) and the plot, from the measured results."""
     header = ["model", "method", "budget", "bits/weight (compressed layers)", "model KiB (all params + buffers)",
@@ -400,7 +443,7 @@ def summarize(results, a):
             mean = sum(accs) / len(accs)
             r0 = rs[0]
             left = f" ({len(r0['fp32_layers'])} layer(s) fp32)" if r0.get("fp32_layers") else ""
-            rows.append([res["model"], LABEL[method], f"{budget} ({2 ** r0['bits']}×{r0['dim']}-d)",
+            rows.append([res["model"], LABEL[method], budget_label(budget, r0),
                          f"{r0['bits_per_weight']:.3f}{left}", f"{r0['model_kib']:.1f}", f"{r0['factor']:.1f}x",
                          common.fmt_acc([r["val_top1"] for r in rs]), common.fmt_acc(accs),
                          f"{100 * (mean - fp['top1']):+.2f}", len(rs), _hp_text(method, r0["hp"]),
@@ -528,7 +571,7 @@ def side_by_side(a, log=print):
         for (budget, method), by_tag in sorted(groups.items(), key=lambda kv: (order[kv[0][0]],
                                                                              METHODS.index(kv[0][1]))):
             r0 = next(iter(by_tag.values()))[0]
-            row = [model, f"{budget} ({2 ** r0['bits']}×{r0['dim']}-d)", LABEL[method]]
+            row = [model, budget_label(budget, r0), LABEL[method]]
             for t in a.side_by_side:
                 rs = sorted(by_tag.get(t, []), key=lambda r: r["seed"])
                 if not rs:

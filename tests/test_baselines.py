@@ -240,3 +240,9 @@ def test_fitted_granularity_takes_the_largest_divisor_and_drops_scales_that_do_n
     assert model[2].parametrizations.weight[0].centroids.shape == (2, 16, 4)
     with pytest.raises(torchdkm.ConfigError, match="group_size=8 does not divide"):
         common.st_kmeans_prepare(nn.Sequential(nn.Linear(4, 12)), cfg)
+
+
+def test_uniform_size_with_bits_per_layer():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 10))
+    s = common.uniform_size(model, {"0": model[0], "1": model[1]}, bits={"0": 4, "1": 1})
+    assert s["bits_per_weight"] == (64 * 32 * 4 + 32 * 10 * 1 + (32 + 10) * 2 * 16) / (64 * 32 + 32 * 10)

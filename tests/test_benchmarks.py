@@ -247,3 +247,36 @@ def test_vision_grouped_luts_on_digits_every_kmeans_method(tmp_path, cache):
     row = next(line for line in md.splitlines() if "k-means, no fine-tuning" in line)
     assert f"{per_tensor['bits_per_weight']:.3f}" in row and f"{bits / n_w:.3f}" in row
     assert next(line for line in md.splitlines() if "DKM (torchdkm)" in line).count(" - ") == 4  # no per-tensor run
+
+
+def test_vision_layer_budget_reaches_kmeans_methods_and_qat_alike(tmp_path, cache):
+    """--layer-budget gives the named layers another budget in every k-means method and in uniform QAT (at its
+    whole bits), the sizes count it, the label shows it; a rule naming no layer or an unknown budget is refused."""
+    base = ["--data", "digits", "--models", "resnet_small", "--budgets", "1bit", "--fp32-epochs", "1", "--steps", "1",
+            "--seeds", "1", "--no-progress", "--no-tuning", "--out", str(tmp_path), "--tag", "lb",
+            "--methods", "ptq_kmeans", "st_kmeans", "qat_lsq", "dkm"]
+    vision.main(base + ["--layer-budget", "stem.0=4bit", r"re:layer1\.\d\.conv1=2bit"])
+    res = json.loads((tmp_path / "lb_resnet_small.json").read_text())
+    assert res["key"]["settings"]["layer_budget"] == ["stem.0=4bit", r"re:layer1\.\d\.conv1=2bit"]
+    changed = {"stem.0": (4, 1), "layer1.0.conv1": (2, 1), "layer1.1.conv1": (2, 1)}
+
+    from torchdkm.app.zoo.models import build_model
+
+    layers = common.dkm_layers(build_model("resnet_small"), torchdkm.DKMConfig(min_numel=0))
+    n_w = sum(m.weight.numel() for m in layers.values())
+    kmeans = qat = 0  # by hand: indices + one fp32 LUT per layer; QAT: b bits + fp16 scale and offset per channel
+    for name, m in layers.items():
+        bits, dim = changed.get(name, (4, 4))
+        n, rows = m.weight.numel(), m.weight.shape[0]
+        kmeans += -(-n // dim) * bits + 2 ** bits * dim * 32
+        qat += n * (bits // dim) + rows * 2 * 16
+    assert {r["method"] for r in res["runs"]} == {"ptq_kmeans", "st_kmeans", "qat_lsq", "dkm"}
+    for r in res["runs"]:
+        assert {n: (c["bits"], c["dim"]) for n, c in r["fitted_layers"].items()} == changed
+        assert r["bits_per_weight"] == pytest.approx((qat if r["method"] == "qat_lsq" else kmeans) / n_w)
+    assert "1bit (16×4-d; 1 layers 16×1-d; 2 layers 4×1-d)" in (tmp_path / "lb.md").read_text()
+
+    with pytest.raises(ValueError, match="names no compressed layer"):
+        vision.main(base + ["--layer-budget", "re:nothing.*=4bit", "--tag", "lb2"])
+    with pytest.raises(SystemExit):
+        vision.parse(base + ["--layer-budget", "stem.0=3bit"])

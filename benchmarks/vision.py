@@ -420,7 +420,7 @@ def budget_label(budget, r) -> str:
         if "bits" in c:
             key = f"{2 ** c['bits']}×{c['dim']}-d"
             other[key] = other.get(key, 0) + 1
-    return f"{budget} ({2 ** r['bits']}×{r['dim']}-d" + "".join(f"; {n} layers {k}" for k, n in other.items()) + ")"
+    return f"{budget} ({2 ** r['bits']}×{r['dim']}-d" + "".join(f"; {n} layer{'s' * (n > 1)} {k}" for k, n in other.items()) + ")"
 
 
 def summarize(results, a):

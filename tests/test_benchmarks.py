@@ -274,7 +274,7 @@ def test_vision_layer_budget_reaches_kmeans_methods_and_qat_alike(tmp_path, cach
     for r in res["runs"]:
         assert {n: (c["bits"], c["dim"]) for n, c in r["fitted_layers"].items()} == changed
         assert r["bits_per_weight"] == pytest.approx((qat if r["method"] == "qat_lsq" else kmeans) / n_w)
-    assert "1bit (16×4-d; 1 layers 16×1-d; 2 layers 4×1-d)" in (tmp_path / "lb.md").read_text()
+    assert "1bit (16×4-d; 1 layer 16×1-d; 2 layers 4×1-d)" in (tmp_path / "lb.md").read_text()
 
     with pytest.raises(ValueError, match="names no compressed layer"):
         vision.main(base + ["--layer-budget", "re:nothing.*=4bit", "--tag", "lb2"])

@@ -136,7 +136,7 @@ def load(a):
     from torchdkm.app.zoo.data import load_bbc_news
 
     tr_t, tr_y, te_t, te_y, classes = load_bbc_news(test_fraction=0.2, seed=0)
-    if a.val:  # tuning: a stratified part of the training articles stands in for the test set, never loaded
+    if a.val:  # tuning: a stratified part of the training articles stands in for the test set, not used
         from sklearn.model_selection import train_test_split
 
         tr_t, te_t, tr_y, te_y = train_test_split(tr_t, tr_y, test_size=a.val, random_state=0, stratify=tr_y)

@@ -30,8 +30,8 @@ layer the granularity does not fit (C0 not a multiple of G, ...) gets the neares
 (common.fitted_granularity, logged). qat_lsq and coreml_dkm keep their own granularity (per-channel uniform;
 coremltools per-tensor). ``--layer-budget RULE=BUDGET`` gives the layers a rule names (a module name or
 ``re:<regex>``, torchdkm's rule syntax) another budget, for the k-means methods and uniform QAT alike (QAT at that
-budget's whole bits), e.g. to spend bits where per-channel QAT spends its scales. Sizes count every LUT and scale (fp32 in ``bits_per_weight``/``model_kib`` as everywhere
-here; ``bits_per_weight_lut16`` at fp16).
+budget's whole bits), e.g. to spend bits where per-channel QAT spends its scales. Sizes count every LUT and scale
+(fp32 in ``bits_per_weight``/``model_kib`` as everywhere here; ``bits_per_weight_lut16`` at fp16).
 ``--side-by-side TAG ...`` writes ``<--tag>.md`` comparing runs already made under those tags.
 
 Seeds are fine-tuning seeds (data order, k-means init): the fp32 model is one model, shared by all of them.
@@ -219,11 +219,11 @@ def method_st_kmeans(model, fp32, cfg, hp, fit, log, fitted):
 
 
 def method_qat_lsq(model, fp32, cfg, hp, fit, log, fitted):
-    bd = {n: (c.get("bits", cfg.bits), c.get("dim", cfg.dim)) for n, c in fitted.items()}
-    qb = {n: (bd[n][0] // bd[n][1] if n in bd else cfg.bits // cfg.dim) for n in common.dkm_layers(model, cfg)}
-    if any(b % d for b, d in [(cfg.bits, cfg.dim), *bd.values()]):
-        return None, None  # uniform quantization has no fractional bits per weight
     layers, mult = common.dkm_layers(model, cfg), {}
+    bd = {n: (fitted.get(n, {}).get("bits", cfg.bits), fitted.get(n, {}).get("dim", cfg.dim)) for n in layers}
+    if any(b % d for b, d in bd.values()):
+        return None, None  # uniform quantization has no fractional bits per weight
+    qb = {n: b // d for n, (b, d) in bd.items()}
     for b in set(qb.values()):
         mult.update(common.qat_prepare(model, {n: m for n, m in layers.items() if qb[n] == b}, b,
                                        scale_lr_mult=hp["scale_lr_mult"]))
@@ -420,7 +420,8 @@ def budget_label(budget, r) -> str:
         if "bits" in c:
             key = f"{2 ** c['bits']}×{c['dim']}-d"
             other[key] = other.get(key, 0) + 1
-    return f"{budget} ({2 ** r['bits']}×{r['dim']}-d" + "".join(f"; {n} layer{'s' * (n > 1)} {k}" for k, n in other.items()) + ")"
+    changed = "".join(f"; {n} layer{'s' * (n > 1)} {k}" for k, n in other.items())
+    return f"{budget} ({2 ** r['bits']}×{r['dim']}-d{changed})"
 
 
 def summarize(results, a):

@@ -280,3 +280,17 @@ def test_vision_layer_budget_reaches_kmeans_methods_and_qat_alike(tmp_path, cach
         vision.main(base + ["--layer-budget", "re:nothing.*=4bit", "--tag", "lb2"])
     with pytest.raises(SystemExit):
         vision.parse(base + ["--layer-budget", "stem.0=3bit"])
+
+
+def test_centroid_use_counts_distinct_vectors_of_the_finalized_layers(tmp_path, cache):
+    import centroid_use
+
+    out = tmp_path / "c.md"
+    rows = centroid_use.main(["--data", "digits", "--fp32-epochs", "1", "--steps", "2", "--models", "resnet_small",
+                              "--budgets", "2bit", "--out", str(out)])
+    assert len(rows) == 16 and all(r[:2] == ["resnet_small", "2bit"] and r[4] == 4 for r in rows)
+    for _, _, layer, vectors, k, used0, used1, small0, small1 in rows:
+        assert 1 <= used0 <= k and 1 <= used1 <= k and 1 <= small0 <= vectors and 1 <= small1 <= vectors
+    stem = next(r for r in rows if r[2] == "stem.0")
+    assert stem[3] == 144  # 16 × 1 × 3 × 3 weights, 1-d
+    assert "fewest used" in out.read_text()

@@ -23,16 +23,10 @@ import vision  # noqa: E402
 import torchdkm  # noqa: E402
 
 
-@torch.no_grad()
 def usage(model, names, dim):
     """{layer: (vectors, distinct vectors, smallest cluster)} of the finalized ``model``."""
-    out = {}
-    for n in names:
-        w = model.get_submodule(n).weight.reshape(-1)
-        w = w[: w.numel() // dim * dim].reshape(-1, dim)  # (a zero-padded last vector, if any, left out)
-        _, counts = w.unique(dim=0, return_counts=True)
-        out[n] = (w.shape[0], counts.numel(), int(counts.min()))
-    return out
+    sizes = {n: common.cluster_sizes(model.get_submodule(n).weight, dim) for n in names}
+    return {n: (int(c.sum()), c.numel(), int(c.min())) for n, c in sizes.items()}
 
 
 def main(argv=None):

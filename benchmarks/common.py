@@ -493,13 +493,20 @@ def coreml_prepare(model: nn.Module, layers: Iterable[str], bits: int, dim: int,
     return pal.prepare(inplace=True), pal
 
 
+def cluster_sizes(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """How many vectors each distinct ``dim``-vector of ``w`` stands for, in torchdkm's layout (consecutive elements
+    of the flattened weight; a zero-padded last vector, if any, left out)."""
+    flat = w.detach().reshape(-1)
+    return torch.unique(flat[: flat.numel() // dim * dim].reshape(-1, dim), dim=0, return_counts=True)[1]
+
+
 def distinct_vectors(w: torch.Tensor, dim: int) -> int:
     """Distinct ``dim``-vectors of ``w`` in the fewer of the two layouts: torchdkm's (consecutive elements of the
     flattened weight) and coremltools' (``dim`` consecutive output channels at one position)."""
     flat = w.detach().reshape(-1)
     counts = []
     if flat.numel() % dim == 0:
-        counts.append(torch.unique(flat.reshape(-1, dim), dim=0).shape[0])
+        counts.append(cluster_sizes(w, dim).numel())
     if w.shape[0] % dim == 0:
         v = w.detach().reshape(w.shape[0] // dim, dim, -1).transpose(1, 2).reshape(-1, dim)
         counts.append(torch.unique(v, dim=0).shape[0])

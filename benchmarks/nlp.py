@@ -204,7 +204,7 @@ def run(method, fp32, budget, data, a, log, seed=0):
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     distinct = None
     if method != "coreml_dkm":  # (coremltools is checked above, in its own layout)
-        distinct = {n: _distinct(model.get_submodule(n).weight, c.dim) for n, c in lin.items()}
+        distinct = {n: common.cluster_sizes(model.get_submodule(n).weight, c.dim).numel() for n, c in lin.items()}
         over = {n: d for n, d in distinct.items() if d > lin[n].k}
         if over:
             raise RuntimeError(f"{method} {budget}: layers with more than 2^bits distinct vectors: {over}")
@@ -214,14 +214,6 @@ def run(method, fp32, budget, data, a, log, seed=0):
     return dict(method=method, budget=budget, seed=seed, wall_s=wall, cpu_s=cpu, **m, mib=size["model_kib"] / 1024,
                 fp32_mib=size["fp32_kib"] / 1024, frozen=frozen,
                 max_distinct=max(distinct.values()) if distinct else None, **size)
-
-
-@torch.no_grad()
-def _distinct(w, dim):
-    """Distinct ``dim``-vectors of ``w`` in torchdkm's layout (consecutive elements of the flattened weight)."""
-    flat = w.detach().reshape(-1)
-    flat = flat[: flat.numel() // dim * dim]  # (a padded last vector, if any, is left out)
-    return flat.unique().numel() if dim == 1 else flat.reshape(-1, dim).unique(dim=0).shape[0]
 
 
 def parse(argv=None):

@@ -248,18 +248,15 @@ _NOTED = set()  # granularity notes already logged by this process
 
 
 def layer_budgets(model, cfg, specs) -> dict:
-    """{layer name: {"bits": b, "dim": d}} of ``--layer-budget`` specs ("RULE=BUDGET"; a later spec wins)."""
-    import re
+    """{layer name: {"bits": b, "dim": d}} of ``--layer-budget`` specs ("RULE=BUDGET"), matched as torchdkm matches
+    its rules (exact names first, then regexes in order; a rule that matches nothing is a ConfigError)."""
+    from torchdkm.layers import select_layers
 
-    names = list(common.dkm_layers(model, cfg))
-    out = {}
+    rules = {}
     for spec in specs or ():
         rule, budget = spec.rsplit("=", 1)
-        hit = [n for n in names if (re.fullmatch(rule[3:], n) if rule.startswith("re:") else n == rule)]
-        if not hit:
-            raise ValueError(f"--layer-budget {spec!r} names no compressed layer; the layers are {names}")
-        out.update({n: dict(zip(("bits", "dim"), BUDGETS[budget])) for n in hit})
-    return out
+        rules[rule] = cfg.replace(**dict(zip(("bits", "dim"), BUDGETS[budget])))
+    return {n: {"bits": c.bits, "dim": c.dim} for n, _, c in select_layers(model, cfg, rules) if c is not cfg}
 
 
 def granularity(o) -> str:

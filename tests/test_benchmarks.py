@@ -276,7 +276,7 @@ def test_vision_layer_budget_reaches_kmeans_methods_and_qat_alike(tmp_path, cach
         assert r["bits_per_weight"] == pytest.approx((qat if r["method"] == "qat_lsq" else kmeans) / n_w)
     assert "1bit (16×4-d; 1 layer 16×1-d; 2 layers 4×1-d)" in (tmp_path / "lb.md").read_text()
 
-    with pytest.raises(ValueError, match="names no compressed layer"):
+    with pytest.raises(torchdkm.ConfigError, match=r"\['re:nothing\.\*'\] match no supported layer"):
         vision.main(base + ["--layer-budget", "re:nothing.*=4bit", "--tag", "lb2"])
     with pytest.raises(SystemExit):
         vision.parse(base + ["--layer-budget", "stem.0=3bit"])

@@ -19,7 +19,8 @@ def _compress(args) -> int:
     from .job import compress
 
     try:
-        compress(args.recipe, out_dir=args.out, resume=args.resume)
+        compress(args.recipe, out_dir=args.out, resume=args.resume, progress_every_s=args.progress_every_s,
+                 progress_every_steps=args.progress_every_steps)
     except KeyboardInterrupt:
         return 130  # the job already printed where the checkpoint is and how to resume
     return 0
@@ -48,6 +49,21 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _at_least(lo, kind):
+    """An argparse type: a number of ``kind`` >= ``lo``, else an error that says what was given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= lo:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give {'an integer' if kind is int else 'a number'}"
+                                             f" >= {lo}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchdkm", description="Train-time weight clustering (DKM) for PyTorch.",
                                 epilog="examples:" + __doc__.split("\n", 1)[1], formatter_class=_Formatter)
@@ -63,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", metavar="RECIPE", help="YAML recipe file (see recipes/)")
     c.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<recipe file name>)")
     c.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    c.add_argument("--progress-every-s", metavar="S", type=_at_least(0.0, float), default=None,
+                   help="when stdout is not a terminal: a progress line every S seconds (0: off; default: the "
+                        "recipe's progress.every_s, else 30)")
+    c.add_argument("--progress-every-steps", metavar="N", type=_at_least(0, int), default=None,
+                   help="... or every N training steps, whichever comes first (0: off; default: the recipe's "
+                        "progress.every_steps, else 0)")
     c.set_defaults(func=_compress)
 
     i = sub.add_parser("inspect", formatter_class=_Formatter, help="describe a torchdkm artifact file",

@@ -5,6 +5,11 @@
 Classifiers are evaluated by test accuracy (summary keys ``acc_*``), causal language models (torchdkm.app.lm) by
 held-out perplexity (``ppl_*``), at the same points: fp32, k-means init, every epoch, after finalize.
 
+When stdout is not a terminal (a log file, a pipe) the progress bars are off and torchdkm.app.progress prints a
+plain line instead, every ``progress.every_s`` seconds or ``every_steps`` steps (step/total, loss, throughput, ETA);
+the set-up phases in between (evaluations, k-means init, BatchNorm re-estimation, finalize) announce themselves and
+say how long they took.
+
 Every epoch ends with an atomic checkpoint (model incl. DKM centroids, optimizer, schedule, RNG states,
 metrics so far). Data order depends only on (seed, epoch), so ``resume=True`` continues a killed run and
 ends with the same weights as an uninterrupted one.
@@ -47,6 +52,7 @@ from . import distributed as D
 from .build import build_data, build_model, build_optimizer, build_scheduler
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .outputs import write_metrics, write_outputs
+from .progress import ProgressLog
 from .recipe import Recipe, load_recipe
 
 RESULT_FILES = ("report.json", CHECKPOINT_NAME)
@@ -73,6 +79,8 @@ class Job:
     # ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         self.ctx = D.setup(self.t.device, self.recipe.distributed.strategy)
+        p = self.recipe.progress
+        self.progress = ProgressLog(enabled=self.ctx.is_main, every_steps=p.every_steps, every_s=p.every_s)
         try:
             return self._run()
         except KeyboardInterrupt:
@@ -97,18 +105,22 @@ class Job:
         _seed_everything(self.t.seed)
         spec, folder = self.recipe.model, self.recipe.folder
         num_labels = None
-        if self.lm:
-            from .lm import lm_datasets
+        self.extra_tests = {}  # causal-lm: {corpus label: held-out ids} of data.extra_test
+        with self.progress.phase(f"loading data ({self.recipe.data.label})"):
+            if self.lm:
+                from .lm import lm_datasets, lm_extra_tests
 
-            train, test = lm_datasets(spec, self.recipe.data, folder)  # windows; held-out ids (N,)
-        else:
-            train, test = build_data(self.recipe.data, folder, text=spec.is_transformers)
-        if spec.is_transformers and not self.lm:
-            from .hf import text_datasets
+                train, test = lm_datasets(spec, self.recipe.data, folder)  # windows; held-out ids (N,)
+                self.extra_tests = lm_extra_tests(spec, self.recipe.data, folder)
+            else:
+                train, test = build_data(self.recipe.data, folder, text=spec.is_transformers)
+            if spec.is_transformers and not self.lm:
+                from .hf import text_datasets
 
-            train, test, num_labels = text_datasets(spec, train, test, folder)
+                train, test, num_labels = text_datasets(spec, train, test, folder)
         self.train_set, self.test_set = train, test
-        model = build_model(spec, folder, num_labels).to(self.ctx.device)
+        with self.progress.phase(f"loading the model ({spec.transformers or spec.name})"):
+            model = build_model(spec, folder, num_labels).to(self.ctx.device)
         if self.t.batch_size % self.ctx.world_size:
             raise ConfigError(f"training.batch_size={self.t.batch_size} is the global batch and must split evenly "
                               f"across {self.ctx.world_size} ranks; give a multiple of {self.ctx.world_size}")
@@ -126,7 +138,9 @@ class Job:
             model.load_state_dict(fp32_ckpt["model"])
         if ckpt is None or fp32_ckpt is not None:
             model = self._train_phase(model, "fp32", self.t.fp32_epochs, self.t.fp32_lr or self.t.lr, fp32_ckpt)
-            self.summary[f"{self.metric}_fp32"] = self._evaluate(model)[1]
+            with self.progress.phase("fp32 evaluation"):
+                self.summary[f"{self.metric}_fp32"] = self._evaluate(model)[1]
+                self._evaluate_extra(model, "fp32")
 
         # phase 2: DKM fine-tuning
         comp = self.recipe.compression
@@ -142,8 +156,10 @@ class Job:
         if dkm_ckpt is not None:
             model.load_state_dict(dkm_ckpt["model"])
         else:
-            initialize(model)  # k-means now, deterministically on every rank, before DDP sees the model
-            self.summary[f"{self.metric}_kmeans_init"] = self._evaluate(model)[1]
+            with self.progress.phase("k-means init"):
+                initialize(model)  # k-means now, deterministically on every rank, before DDP sees the model
+            with self.progress.phase("evaluation after k-means init"):
+                self.summary[f"{self.metric}_kmeans_init"] = self._evaluate(model)[1]
         model = self._train_phase(model, "dkm", self.t.epochs, self.t.lr, dkm_ckpt)
         if self.metrics and self.metrics[-1]["phase"] == "dkm":  # after DKM, hard clusters, before finalize
             self.summary[f"{self.metric}_dkm"] = self.metrics[-1][f"test_{self.metric}"]
@@ -151,11 +167,14 @@ class Job:
             self._recalibrate_bn(model)
 
         # finish: snap to centroids, check ranks agree, write everything
-        snapshot = weights_and_centroids(model) if self.ctx.is_main else {}
-        mismatch = D.rank_disagreement(model, self.ctx)
-        finalize(model)
-        mismatch += D.rank_disagreement(model, self.ctx)
-        test_loss, value = self._evaluate(model)
+        with self.progress.phase("finalize"):
+            snapshot = weights_and_centroids(model) if self.ctx.is_main else {}
+            mismatch = D.rank_disagreement(model, self.ctx)
+            finalize(model)
+            mismatch += D.rank_disagreement(model, self.ctx)
+        with self.progress.phase("final evaluation"):
+            test_loss, value = self._evaluate(model)
+            self._evaluate_extra(model, "final")
         self.summary.update({f"{self.metric}_final": value, "test_loss_final": test_loss,
                              "wall_time_s": self._elapsed()})
         result = {}
@@ -173,8 +192,8 @@ class Job:
             if not self.ckpt_path.is_file():
                 raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}; run without --resume to start")
             ckpt = load_checkpoint(self.ckpt_path)
-            if ckpt["recipe"] != self.recipe.raw:
-                diff = sorted(_diff_keys(ckpt["recipe"], self.recipe.raw))
+            if _without_progress(ckpt["recipe"]) != _without_progress(self.recipe.raw):
+                diff = sorted(_diff_keys(_without_progress(ckpt["recipe"]), _without_progress(self.recipe.raw)))
                 raise ConfigError(f"--resume: the recipe differs from the one {self.ckpt_path} was trained with "
                                   f"(changed: {', '.join(diff)}); restore it or start a new --out folder")
             if ckpt["world_size"] != self.ctx.world_size and self.ctx.is_main:
@@ -221,6 +240,9 @@ class Job:
         from tqdm.auto import tqdm
 
         bar = tqdm(range(start, epochs), desc=f"{label} epochs", initial=start, total=epochs, disable=not show)
+        per_step = t.batch_size * (self.recipe.model.max_length if self.lm else 1)  # global: every rank's batch
+        self.progress.begin(label, epochs * steps, done=start * steps, per_step=per_step,
+                            unit="tokens" if self.lm else "samples")
         for epoch in bar:
             sampler.set_epoch(epoch_offset + epoch)
             net.train()
@@ -246,6 +268,7 @@ class Job:
                 if phase == "dkm":
                     dkm_step(model)  # the temperature schedule's clock (a buffer: checkpointed with the model)
                 loss_sum += loss.detach()
+                self.progress.step(loss, note=f"epoch {epoch + 1}/{epochs}")
                 hits, n = self._correct(logits.detach(), y)
                 correct += hits
                 predicted += n
@@ -259,14 +282,15 @@ class Job:
             opt_state = self._gather(model, full, opt, everywhere=epoch + 1 == epochs)
             if ctx.is_main:
                 m = self.metric
-                row["test_loss"], row[f"test_{m}"] = self._evaluate(full)
-                if phase == "dkm":
-                    with soft_weights(full):  # the same network with its soft weights A·C: the gap to close
-                        row["test_loss_soft"], row[f"test_{m}_soft"] = self._evaluate(full)
-                    stats = dkm_layer_stats(full)
-                    row["dkm"] = stats
-                    for key in ("entropy", "gap"):
-                        row[f"mean_{key}"] = sum(s[key] for s in stats.values()) / max(len(stats), 1)
+                with self.progress.phase(f"{label} epoch {epoch + 1} evaluation", kind="evaluation"):
+                    row["test_loss"], row[f"test_{m}"] = self._evaluate(full)
+                    if phase == "dkm":
+                        with soft_weights(full):  # the same network with its soft weights A·C: the gap to close
+                            row["test_loss_soft"], row[f"test_{m}_soft"] = self._evaluate(full)
+                        stats = dkm_layer_stats(full)
+                        row["dkm"] = stats
+                        for key in ("entropy", "gap"):
+                            row[f"mean_{key}"] = sum(s[key] for s in stats.values()) / max(len(stats), 1)
                 self.metrics.append(row)
                 self._save(phase, epoch + 1, full, opt_state, sched)
                 tqdm_write(_epoch_line(label, epoch + 1, epochs, row, m))
@@ -294,10 +318,12 @@ class Job:
     def _recalibrate_bn(self, model: nn.Module) -> None:
         """BatchNorm statistics of the hard weights, from the first training batches (rank 0's order)."""
         loader = DataLoader(self.train_set, batch_size=self.t.batch_size, shuffle=False)
-        n = recalibrate_batchnorm(model, (_to(x, self.ctx.device) for x, _ in loader),
-                                  forward=self._forward, max_batches=self.t.bn_recal_batches)
+        with self.progress.phase("BatchNorm re-estimation"):
+            n = recalibrate_batchnorm(model, (_to(x, self.ctx.device) for x, _ in loader),
+                                      forward=self._forward, max_batches=self.t.bn_recal_batches)
         if n and self.ctx.is_main:
-            loss, value = self._evaluate(model)
+            with self.progress.phase("evaluation after BatchNorm re-estimation"):
+                loss, value = self._evaluate(model)
             self.summary.update({f"{self.metric}_after_bn_recal": value, "bn_recal_batches": n})
             tqdm_write(f"BatchNorm statistics re-estimated on {n} batches under the hard weights: test "
                        f"{_metric_text(self.metric, value)}")
@@ -357,6 +383,18 @@ class Job:
             return next_token_correct(logits, y)
         return int((logits.argmax(1) == y).sum()), len(y)
 
+    def _evaluate_extra(self, model: nn.Module, point: str) -> None:
+        """Perplexity on every data.extra_test corpus into summary["extra_ppl"][label][point]; rank 0 only."""
+        if not self.ctx.is_main or not self.extra_tests:
+            return
+        from .lm import perplexity
+
+        extra = self.summary.setdefault("extra_ppl", {})
+        for label, ids in self.extra_tests.items():
+            _, ppl, count = perplexity(model, ids, self.recipe.model.max_length, self.t.eval_batch_size,
+                                       self.ctx.device)
+            extra.setdefault(label, {"eval_tokens": count})[point] = ppl
+
     @torch.no_grad()
     def _evaluate(self, model: nn.Module):
         """(mean test loss, test accuracy | perplexity) in eval mode (DKM layers use hard clusters); rank 0 only."""
@@ -382,10 +420,18 @@ class Job:
         return loss / n, correct / n
 
 
-def compress(recipe_path, out_dir=None, resume: bool = False) -> dict:
+def compress(recipe_path, out_dir=None, resume: bool = False, progress_every_s: Optional[float] = None,
+             progress_every_steps: Optional[int] = None) -> dict:
     """Run a recipe file; ``out_dir`` defaults to ``runs/<recipe file name>``. Returns the report dict
-    (empty on ranks other than 0)."""
+    (empty on ranks other than 0). ``progress_every_s`` / ``_steps`` override the recipe's progress section."""
     recipe = load_recipe(recipe_path)
+    given = {k: v for k, v in (("every_s", progress_every_s), ("every_steps", progress_every_steps)) if v is not None}
+    if given:
+        from dataclasses import replace
+
+        from .recipe import parse_progress
+
+        recipe = replace(recipe, progress=parse_progress({**(recipe.raw.get("progress") or {}), **given}))
     out = out_dir if out_dir is not None else Path("runs") / Path(recipe_path).stem
     return Job(recipe, out, resume, recipe_path=str(recipe_path)).run()
 
@@ -450,6 +496,11 @@ def _epoch_line(label: str, epoch: int, epochs: int, row: dict, metric: str = "a
     if "mean_entropy" in row:
         line += f", attention entropy {row['mean_entropy']:.3f}, soft-hard gap {row['mean_gap']:.3f}"
     return line
+
+
+def _without_progress(raw: dict) -> dict:
+    """A recipe mapping without its progress section, which changes what is printed, not what is computed."""
+    return {k: v for k, v in raw.items() if k != "progress"}
 
 
 def _diff_keys(a, b, prefix=""):

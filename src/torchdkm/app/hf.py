@@ -12,7 +12,10 @@ dependency (``pip install torchdkm[transformers]``), imported only here.
 """
 from __future__ import annotations
 
+import functools
 import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -62,10 +65,41 @@ def resolve_source(src: str, folder: Optional[str], where: str) -> str:
     return src  # a name in the local Hugging Face cache
 
 
+@contextmanager
+def _no_bars_in_logs():
+    """transformers' loading bars off while stderr is not a terminal: in a log file every redraw of a bar is
+    another line of carriage-return garbage. Its own bars obey disable_progress_bar; the GGUF converter's plain
+    tqdm does not, so its module's name is pointed at a disabled tqdm meanwhile."""
+    if sys.stderr.isatty():
+        yield
+        return
+    import transformers
+    from tqdm.auto import tqdm
+
+    hf_logging = transformers.utils.logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no GGUF support in this transformers: nothing to quiet there
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(cls, src: str, folder: Optional[str], where: str, **kwargs):
     path = resolve_source(src, folder, where)
     try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+        with _no_bars_in_logs():
+            return cls.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
         looked = [str(Path.cwd() / src)] + ([str(Path(folder) / src)] if folder else [])
         raise ConfigError(f"{where}={src!r}: cannot load it offline: not a folder (looked at {', '.join(looked)}) "

@@ -5,7 +5,7 @@
 Classifiers are evaluated by test accuracy (summary keys ``acc_*``), causal language models (torchdkm.app.lm) by
 held-out perplexity (``ppl_*``), at the same points: fp32, k-means init, every epoch, after finalize.
 
-When stdout is not a terminal (a log file, a pipe) the progress bars are off and torchdkm.app.progress prints a
+When stdout is not a terminal (a log file, a pipe) the progress bars are off and torchdkm._progress prints a
 plain line instead, every ``progress.every_s`` seconds or ``every_steps`` steps (step/total, loss, throughput, ETA);
 the set-up phases in between (evaluations, k-means init, BatchNorm re-estimation, finalize) announce themselves and
 say how long they took.
@@ -52,7 +52,7 @@ from . import distributed as D
 from .build import build_data, build_model, build_optimizer, build_scheduler
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .outputs import write_metrics, write_outputs
-from .progress import ProgressLog
+from .._progress import ProgressLog
 from .recipe import Recipe, load_recipe
 
 RESULT_FILES = ("report.json", CHECKPOINT_NAME)
@@ -317,6 +317,8 @@ class Job:
 
     def _recalibrate_bn(self, model: nn.Module) -> None:
         """BatchNorm statistics of the hard weights, from the first training batches (rank 0's order)."""
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return  # nothing to re-estimate (and nothing to announce)
         loader = DataLoader(self.train_set, batch_size=self.t.batch_size, shuffle=False)
         with self.progress.phase("BatchNorm re-estimation"):
             n = recalibrate_batchnorm(model, (_to(x, self.ctx.device) for x, _ in loader),

@@ -40,7 +40,7 @@ the allowed ones)::
         "re:.*fc": {bits: 8}              # fields override the global ones above
     distributed:                          # only read under torchrun with more than one process
       strategy: ddp                       # ddp: DistributedDataParallel | fsdp: FSDP2 fully_shard (torchdkm.app.job)
-    progress:                             # plain progress lines when stdout is not a terminal (torchdkm.app.progress)
+    progress:                             # plain progress lines when stdout is not a terminal (torchdkm._progress)
       every_s: 30                         # a line every 30 s ...
       every_steps: 0                      # ... or every N training steps, whichever comes first (0: off)
 

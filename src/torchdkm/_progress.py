@@ -10,6 +10,7 @@
 
 Phase announcements are printed on a terminal too (through tqdm.write, so the bars stay intact); step lines only
 when stdout is not a terminal, where the bars are off. ``enabled=False`` (every rank but 0) prints nothing.
+Used by ``torchdkm compress`` (torchdkm.app.job) and the Trainer callback (torchdkm.integrations.hf_trainer).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import sys
 import time
 from contextlib import contextmanager
 from typing import Optional
+
+__all__ = ["ProgressLog", "DEFAULT_EVERY_S"]
 
 DEFAULT_EVERY_S = 30.0
 QUIET_UNDER_S = 1.0  # a recurring phase that took less is not announced again

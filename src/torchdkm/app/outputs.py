@@ -116,7 +116,7 @@ def size_parts(model: nn.Module, size) -> dict:
 
 def source_file(recipe) -> Optional[dict]:
     """{"path", "kind", "mib"} of the file the model was loaded from: model.gguf_file, model.checkpoint, or a
-    transformers folder's weight files (*.safetensors, *.bin, summed); None for a model built from code."""
+    transformers folder's weight files (*.safetensors, else *.bin; summed, the folder named if several); None for a model built from code."""
     spec, folder = recipe.model, recipe.folder
     if spec.checkpoint:
         from .build import _find_file
@@ -136,7 +136,7 @@ def source_file(recipe) -> Optional[dict]:
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     if not files:
         return None
-    return {"path": str(model_dir), "kind": f"weights ({', '.join(f.name for f in files)})",
+    return {"path": str(files[0] if len(files) == 1 else model_dir), "kind": "weights",
             "mib": sum(f.stat().st_size for f in files) / MIB}
 
 
@@ -164,7 +164,7 @@ def _quality_table(r: dict) -> list:
                 f"| DKM, finalized (after) | {_pct(acc['final'])} |", "", note]
     ppl, extra = r["perplexity"], r.get("extra_perplexity") or {}
     head = f"| | {r['data']}: held-out perplexity ({r['eval_tokens']} predicted tokens) |"
-    head += "".join(f" {k} (other corpus, {v['eval_tokens']} tokens) |" for k, v in extra.items())
+    head += "".join(f" {k}: other corpus ({v['eval_tokens']} predicted tokens) |" for k, v in extra.items())
     rows = [("fp32 (before)", "fp32"), ("k-means init, no fine-tuning", "kmeans_init"),
             ("DKM, hard clusters (last epoch)", "dkm"), ("DKM, finalized (after)", "final")]
     return [head, "|---|---|" + "---|" * len(extra),

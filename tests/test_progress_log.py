@@ -77,7 +77,7 @@ def test_set_up_phases_announced_with_durations_in_order(logged_run):
     at = []
     for p in phases:
         start = text.index(f"\n{p} ...\n") if f"\n{p} ...\n" in text else text.index(f"{p} ...\n")
-        assert re.search(rf"^{re.escape(p)}: done in [\d.]+ s$", text, re.M), p
+        assert re.search(rf"^{re.escape(p)}: finished in [\d.]+ s$", text, re.M), p
         at.append(start)
     assert at == sorted(at)
     assert text.index("fp32 evaluation ...") > text.rindex("fp32 step")  # after the fp32 epochs
@@ -88,6 +88,23 @@ def test_no_progress_bar_garbage_in_the_log(logged_run):
     text, _ = logged_run
     assert "\r" not in text and "it/s" not in text and "\x1b[" not in text
     assert re.search(r"^done in \d+ s: accuracy", text, re.M)
+
+
+def test_under_torchrun_only_rank_0_prints_progress(tmp_path):
+    """Two processes, the same global steps: every step line and every phase once, in one file."""
+    log = tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "torchdkm",
+           "compress", str(DIGITS), "--out", str(tmp_path / "out"), "--progress-every-s", "0",
+           "--progress-every-steps", "10"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    with open(log, "wb") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, timeout=300)
+    text = log.read_text()
+    assert r.returncode == 0, text[-3000:]
+    steps = [int(m[1]) for m in STEP_LINE.findall(text) if m[0] == "DKM"]
+    assert steps == list(range(10, 4 * 21 + 1, 10))  # once each: rank 1 is silent
+    for p in ("k-means init", "finalize", "final evaluation"):
+        assert len(re.findall(rf"^{p} \.\.\.$", text, re.M)) == 1, p
 
 
 def test_step_lines_every_s_seconds_on_a_fake_clock(capsys):
@@ -124,7 +141,7 @@ def test_phases_print_nothing_on_other_ranks_and_say_when_they_stopped(capsys):
         with ProgressLog(lines=True).phase("final evaluation"):
             raise RuntimeError("boom")
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "final evaluation ..." and re.fullmatch(r"final evaluation: stopped in [\d.]+ s", out[1])
+    assert out[0] == "final evaluation ..." and re.fullmatch(r"final evaluation: stopped after [\d.]+ s", out[1])
 
 
 def test_a_recurring_phase_is_quiet_once_it_proved_fast(capsys):
@@ -134,7 +151,7 @@ def test_a_recurring_phase_is_quiet_once_it_proved_fast(capsys):
         with p.phase("epoch evaluation", kind="eval"):
             now[0] += took
     out = capsys.readouterr().out.splitlines()
-    assert out == ["epoch evaluation ...", "epoch evaluation: done in 0.2 s"]  # the 2nd and 3rd pass quietly
+    assert out == ["epoch evaluation ...", "epoch evaluation: finished in 0.2 s"]  # the 2nd and 3rd pass quietly
 
 
 def test_progress_settings_checked_in_recipe_and_command_line():
@@ -182,6 +199,6 @@ def test_trainer_callback_logs_progress_through_the_trainer(tmp_path, capsys):
     assert logged[0]["eta_s"] > 0 and logged[-1]["eta_s"] == 0
     out = capsys.readouterr().out
     assert re.search(r"^DKM k-means init \.\.\.$", out, re.M)
-    assert re.search(r"^DKM k-means init: done in [\d.]+ s$", out, re.M)
+    assert re.search(r"^DKM k-means init: finished in [\d.]+ s$", out, re.M)
     with pytest.raises(ConfigError, match=r"progress_every_s=-1"):
         DKMTrainerCallback(progress_every_s=-1)

@@ -1,7 +1,7 @@
 """Progress a log file can show: plain lines instead of progress bars when stdout is not a terminal.
 
     progress = ProgressLog(enabled=is_rank_0, every_s=30)
-    with progress.phase("k-means init"):            # "k-means init ..." then "k-means init: done in 41.2 s"
+    with progress.phase("k-means init"):            # "k-means init ..." then "k-means init: finished in 41.2 s"
         initialize(model)
     progress.begin("DKM", total=24, per_step=4, unit="samples")
     for ...:
@@ -64,7 +64,7 @@ class ProgressLog:
             if kind is not None:
                 self.last_s[kind] = took
             if loud or not ok:
-                self.say(f"{what}: {'done' if ok else 'stopped'} in {_duration(took)}")
+                self.say(f"{what}: {'finished in' if ok else 'stopped after'} {_duration(took)}")
 
     def begin(self, label: str, total: int, done: int = 0, per_step: int = 1, unit: str = "samples",
               note: str = "") -> None:

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .._progress import ProgressLog
 from ..api import finalize, initialize, prepare
 from ..config import DKMConfig
 from ..distill import distillation_loss
@@ -52,7 +53,6 @@ from . import distributed as D
 from .build import build_data, build_model, build_optimizer, build_scheduler
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .outputs import write_metrics, write_outputs
-from .._progress import ProgressLog
 from .recipe import Recipe, load_recipe
 
 RESULT_FILES = ("report.json", CHECKPOINT_NAME)
@@ -106,7 +106,8 @@ class Job:
         spec, folder = self.recipe.model, self.recipe.folder
         num_labels = None
         self.extra_tests = {}  # causal-lm: {corpus label: held-out ids} of data.extra_test
-        with self.progress.phase(f"loading data ({self.recipe.data.label})"):
+        corpora = [self.recipe.data.label] + [f"{e.label} (extra test)" for e in self.recipe.data.extra_test]
+        with self.progress.phase(f"loading data ({', '.join(corpora)})"):
             if self.lm:
                 from .lm import lm_datasets, lm_extra_tests
 

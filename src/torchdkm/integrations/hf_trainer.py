@@ -23,6 +23,8 @@ Progress in logs: the k-means initialisation announces itself and its duration (
 when stdout is not a terminal (a log file: the Trainer's bar is no use there) the callback makes the Trainer log
 every ``progress_every_s`` seconds or ``progress_every_steps`` steps, whichever comes first, and adds to those logs
 ``progress`` ("step/total"), ``samples_per_second`` (of this session's training) and ``eta_s`` (seconds left).
+With several processes only the step count applies: a Trainer log gathers the loss from every rank, so all must
+decide to log at the same step, which clocks cannot promise.
 """
 from __future__ import annotations
 
@@ -64,8 +66,10 @@ class DKMTrainerCallback(TrainerCallback):
         if model is None or not any(dkm_parametrization(m) is not None for m in model.modules()):
             raise ConfigError("DKMTrainerCallback: the Trainer's model has no layer prepared for DKM; call "
                               "torchdkm.prepare(model, config) before building the Trainer")
+        every_s = self.progress_every_s if args.world_size <= 1 else 0  # see the module docstring
         self.progress = ProgressLog(enabled=state.is_world_process_zero, every_steps=self.progress_every_steps,
-                                    every_s=self.progress_every_s, lines=not sys.stdout.isatty())
+                                    every_s=every_s)
+        self.log_progress = not sys.stdout.isatty()  # the same on every rank, unlike progress.lines
         with self.progress.phase("DKM k-means init"):
             initialize(model)  # layers restored from a checkpoint are initialised already and keep their centroids
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
@@ -75,7 +79,7 @@ class DKMTrainerCallback(TrainerCallback):
         if model is not None:
             dkm_step(model)  # a buffer: Trainer checkpoints keep the schedule's position
         progress = getattr(self, "progress", None)
-        if progress is not None and progress.lines:
+        if progress is not None and self.log_progress:
             progress.done = state.global_step  # the Trainer's count (it resumes from checkpoints too)
             if progress.due():
                 control.should_log = True  # the Trainer logs now: loss, lr, and our progress fields
@@ -85,7 +89,7 @@ class DKMTrainerCallback(TrainerCallback):
             return
         extra = {}
         progress = getattr(self, "progress", None)
-        if progress is not None and progress.lines and "loss" in logs:  # a training log, not evaluate()'s
+        if progress is not None and self.log_progress and "loss" in logs:  # a training log, not evaluate()'s
             rate = progress.rate()
             extra = {"progress": f"{state.global_step}/{state.max_steps}",
                      "samples_per_second": round(rate * progress.per_step, 3),

@@ -202,3 +202,19 @@ def test_trainer_callback_logs_progress_through_the_trainer(tmp_path, capsys):
     assert re.search(r"^DKM k-means init: finished in [\d.]+ s$", out, re.M)
     with pytest.raises(ConfigError, match=r"progress_every_s=-1"):
         DKMTrainerCallback(progress_every_s=-1)
+
+
+def test_a_resumed_run_may_change_its_progress_section_only(tmp_path):
+    from torchdkm.app.job import compress
+
+    raw = yaml.safe_load(DIGITS.read_text())
+    raw["training"].update(fp32_epochs=1, epochs=1)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    first = compress(tmp_path / "r.yaml", tmp_path / "out")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(raw, progress={"every_steps": 3})))
+    again = compress(tmp_path / "r.yaml", tmp_path / "out", resume=True)  # printing differs, the run does not
+    assert again["accuracy"] == first["accuracy"]
+    raw["training"]["lr"] = 0.01
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(raw, progress={"every_steps": 3})))
+    with pytest.raises(ConfigError, match=r"the recipe differs .*\(changed: training\.lr\)"):
+        compress(tmp_path / "r.yaml", tmp_path / "out", resume=True)

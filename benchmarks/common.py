@@ -43,6 +43,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Union
@@ -58,8 +59,90 @@ from torchdkm.functional import (channel_scale, from_vectors, lookup, nearest_ce
                                  to_vectors)
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+DOMAINS = ("vision", "text", "llm", "engine")  # benchmarks/<domain>/: its scripts and their results/
+for _d in DOMAINS:  # a script of one domain may import a helper of another (e.g. text/minilm.py)
+    if str(HERE / _d) not in sys.path:
+        sys.path.append(str(HERE / _d))
 CACHE = Path(os.environ.get("TORCHDKM_CACHE", Path.home() / ".cache" / "torchdkm"))
+
+
+def results_dir(script) -> Path:
+    """The committed results folder of a benchmark script: ``results/`` beside it (e.g. benchmarks/vision/results)."""
+    return Path(script).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+
+def git_state(where: Path = HERE) -> dict:
+    """The git state of the checkout (or ``git worktree``) holding ``where``: ``commit`` (full sha1), ``git``
+    (``git describe --always --dirty``) and ``changed``: tracked files with uncommitted changes outside the results
+    folders (benchmarks/<domain>/results/, which a run itself writes). {} outside a git checkout."""
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        if commit is None:
+            return {}
+        top = Path(git("rev-parse", "--show-toplevel"))
+        status = git("status", "--porcelain=v1", "--untracked-files=no") or ""
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    results = [(HERE / d / "results").relative_to(top).as_posix() + "/" for d in DOMAINS]
+    paths = [line[3:].split(" -> ")[-1] for line in status.splitlines()]  # a rename: "old -> new"
+    changed = sorted(f for f in paths if f and not any(f.startswith(r) for r in results))
+    return {"commit": commit, "git": git("describe", "--always", "--dirty") or commit[:7], "changed": changed}
+
+
+def harness_args(p) -> None:
+    """The flags every benchmark shares (added to its argparse parser)."""
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run from a tree with uncommitted changes: what would go into a results folder goes to "
+                        "benchmarks/scratch/ instead (git-ignored, never rendered into the docs)")
+
+
+def output_path(path: Optional[Path], allow_dirty: bool = False) -> Optional[Path]:
+    """Where a benchmark may write ``path`` (a file or folder). Inside a committed results folder
+    (benchmarks/<domain>/results) only from a clean tree: uncommitted changes to the code are refused, or with
+    ``allow_dirty`` redirected to the same place under benchmarks/scratch/. Paths elsewhere are returned as given."""
+    if path is None:
+        return None
+    full = Path(path).resolve()
+    for d in DOMAINS:
+        base = HERE / d / "results"
+        if full == base or base in full.parents:
+            break
+    else:
+        return Path(path)
+    state = git_state()
+    if state and not state["changed"]:
+        return Path(path)
+    why = (f"uncommitted changes in {', '.join(state['changed'][:8])}" + (" ..." if len(state["changed"]) > 8 else "")
+           if state else "not a git checkout (no commit to record)")
+    if not allow_dirty:
+        raise SystemExit(f"refusing to write {path} into a results folder: {why}. Commit first (or run from a clean "
+                         f"`git worktree`), or pass --allow-dirty to write to benchmarks/scratch/ instead.")
+    scratch = HERE / "scratch" / full.relative_to(HERE)
+    print(f"--allow-dirty: {why}; writing to {scratch} (git-ignored, not rendered)")
+    return scratch
+
+
+def provenance(script, argv=None) -> dict:
+    """What every result records: the commit (and whether the tree was dirty), the command, the machine (cores,
+    threads, torch, python) and the date (UTC)."""
+    import datetime
+    import platform
+
+    state = git_state()
+    rel = Path(script).resolve().relative_to(HERE.parent).as_posix()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return {"commit": state.get("commit"), "git": state.get("git"), "dirty": bool(state.get("changed")) or not state,
+            "command": " ".join(["python", rel, *argv]),
+            "machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "python": platform.python_version(), "arch": platform.machine()},
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def setup_threads(n: Optional[int] = None) -> int:

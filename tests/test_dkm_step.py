@@ -1,4 +1,4 @@
-"""benchmarks/dkm_step.py: the warm-up rule and a tiny end-to-end run (seconds)."""
+"""benchmarks/engine/dkm_step.py: the warm-up rule and a tiny end-to-end run (seconds)."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""benchmarks/lm_common.py on a tiny random Llama built here (no downloads): RTN round trip, perplexity, sizes."""
+"""benchmarks/llm/lm_common.py on a tiny random Llama built here (no downloads): RTN round trip, perplexity, sizes."""
 import math
 
 import pytest

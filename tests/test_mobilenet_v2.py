@@ -1,4 +1,4 @@
-"""benchmarks/mobilenet_v2.py: torchvision's ImageNet checkpoint loads into the plain-PyTorch MobileNetV2 with
+"""benchmarks/vision/mobilenet_v2.py: torchvision's ImageNet checkpoint loads into the plain-PyTorch MobileNetV2 with
 strict=True and classifies a photo sensibly; the image set and metrics behave. Skipped without the weights."""
 import pytest
 import torch

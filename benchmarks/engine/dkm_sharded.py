@@ -8,8 +8,8 @@ sharded (``DKMConfig(shard=True)``), each rank takes N/R rows of every tensor an
 the clustered weight and its gradient are all-reduced (gloo). Per rank: median step time over the steps after the
 warm-up, and the peak resident memory the DKM steps add over the loaded weights.
 
-    python benchmarks/dkm_sharded.py --procs 1,2,4 --out benchmarks/results/dkm_sharded.md
-    python benchmarks/dkm_sharded.py --procs 1,2 --steps 2 --warmup 1 --quick      # seconds (CI)
+    python benchmarks/engine/dkm_sharded.py --procs 1,2,4 --out benchmarks/engine/results/dkm_sharded.md
+    python benchmarks/engine/dkm_sharded.py --procs 1,2 --steps 2 --warmup 1 --quick      # seconds (CI)
 
 The parent launches ``torch.distributed.run`` once per process count and sharding mode; each rank uses one thread.
 """
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "text"))  # minilm.py
 
 
 def _weights(quick: bool):
@@ -128,7 +130,7 @@ def main(argv=None):
             rows.append(run(n, shard, a))
             print(f"{n} procs, shard={shard}: {statistics.median(rows[-1][0]['times']):.3f} s", file=sys.stderr)
     text = table(rows, a)
-    cmd = "python benchmarks/dkm_sharded.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/engine/dkm_sharded.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = f"`{cmd}`\n\n{text}\n"
     print(text)
     if a.out:

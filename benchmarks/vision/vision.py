@@ -20,7 +20,7 @@ the same data order for a given seed; BatchNorm in train mode while fine-tuning,
 
 Hyperparameters: each method's lr and its one method-specific knob (DKM tau_scale, STE centroid lr multiplier,
 QAT scale/offset lr multiplier, coremltools palett_tau) come from results/tuning.json, written by
-benchmarks/tune.py from an equal-effort sweep on the validation split (--tuning; --no-tuning uses DEFAULTS;
+benchmarks/vision/tune.py from an equal-effort sweep on the validation split (--tuning; --no-tuning uses DEFAULTS;
 --lr / --tau-scale / ... override both). Each run records its settings and where they came from.
 
 LUT granularity (``--group-size G``, ``--channel-scale``; default one LUT per layer): the same for every k-means
@@ -40,9 +40,9 @@ At the key budgets (--key-budgets) every method in --seed-methods (default: all)
 Results are reused on a re-run only when the settings, the code (a hash of the library and benchmark sources) and
 the fp32 model (a hash of its weights) are all the same; anything else starts afresh.
 
-    python benchmarks/vision.py            # full (both models, sequentially; per model with --models in parallel)
-    python benchmarks/vision.py --quick    # a few minutes: resnet_small, data subsets, short schedules
-    python benchmarks/vision.py --data digits --steps 5 --fp32-epochs 2   # seconds, no Fashion-MNIST needed
+    python benchmarks/vision/vision.py            # full (both models, sequentially; per model with --models in parallel)
+    python benchmarks/vision/vision.py --quick    # a few minutes: resnet_small, data subsets, short schedules
+    python benchmarks/vision/vision.py --data digits --steps 5 --fp32-epochs 2   # seconds, no Fashion-MNIST needed
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 
 import torchdkm  # noqa: E402
@@ -91,7 +91,7 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds at the key budgets")
     p.add_argument("--seed-methods", nargs="+", default=None, help="methods that get --seeds (default: all)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (batch 128)")
-    p.add_argument("--tuning", type=Path, default=common.RESULTS / "tuning.json",
+    p.add_argument("--tuning", type=Path, default=common.results_dir(__file__) / "tuning.json",
                    help="tune.py output giving each method's settings")
     p.add_argument("--no-tuning", action="store_true", help="ignore --tuning: DEFAULTS and the flags below")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning AdamW lr for every method (override)")
@@ -125,10 +125,11 @@ def parse(argv=None):
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--val-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
-    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--out", type=Path, default=common.results_dir(__file__))
     p.add_argument("--tag", default="vision", help="output file stem")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    common.harness_args(p)
     a = p.parse_args(argv)
     full = dict(models=["resnet_small", "mobilenet_small"], budgets=list(BUDGETS), methods=METHODS,
                 key_budgets=["1bit"], coreml_budgets=["2bit", "1bit"], seeds=3, steps=150, fp32_epochs=4,
@@ -358,7 +359,8 @@ def run_model(name, a, data, log):
                   fp32=dict(info, top1=fp32_acc["test"], val_top1=fp32_acc["val"], model_kib=fp32_size["model_kib"],
                             params=sum(p.numel() for p in fp32.parameters())),
                   runs=runs, threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),
-                  command=" ".join(["python benchmarks/vision.py", *a.argv]))
+                  command=" ".join(["python benchmarks/vision/vision.py", *a.argv]),
+                  provenance=common.provenance(SCRIPT, a.argv))
     log(f"[{name}] fp32 top-1 val {100 * fp32_acc['val']:.2f}% test {100 * fp32_acc['test']:.2f}% "
         f"({fp32_size['model_kib']:.1f} KiB)")
     have_coreml = "coreml_dkm" in a.methods and common.coreml_available()  # its import takes seconds
@@ -512,10 +514,10 @@ def write_summary(a, log=print):
           f"(cached, one model shared by every seed). Fine-tuning {s['steps']} steps × batch 128, AdamW cosine to 0, "
           f"the same loop for every method; DKM tau='auto', iters {s['iters']}. "
           + ("Every method ran its default settings (column `settings`: the same lr for all), NOT tuned: "
-             "`benchmarks/tune.py` was not run for this table"
+             "`benchmarks/vision/tune.py` was not run for this table"
              if sources == ["defaults"] else
              f"{', '.join(LABEL[m] for m in tuned)}: lr and knob (column `settings`) chosen on the validation split "
-             "by `benchmarks/tune.py` with the same number of settings per method (see tuning.md)"
+             "by `benchmarks/vision/tune.py` with the same number of settings per method (see tuning.md)"
              + (f"; {', '.join(LABEL[m] for m in untuned)}: their defaults, not tuned" if untuned else ""))
           + f"; the test set (subset {s['test_subset'] or 'none'}) was evaluated once per run, for this table. "
           f"LUT granularity of the k-means methods: {granularity(_options(s))}. "
@@ -630,6 +632,7 @@ def main(argv=None):
     if a.side_by_side:
         return side_by_side(a)
     common.setup_threads(a.threads)
+    a.out = common.output_path(a.out, a.allow_dirty)  # a results folder only from a clean tree
     a.out.mkdir(parents=True, exist_ok=True)
     data = load_data(a)
     t0 = time.perf_counter()

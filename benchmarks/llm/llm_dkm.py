@@ -1,4 +1,4 @@
-"""DKM fine-tuning of a causal LM by distillation from its uncompressed self (label-free), for benchmarks/llm.py.
+"""DKM fine-tuning of a causal LM by distillation from its uncompressed self (label-free), for benchmarks/llm/llm.py.
 
 The student is the model prepared with torchdkm (every Linear of the decoder; lm_head and the tied embedding
 stay as they are); the teacher is the fp32 model. Loss: KL(teacher || student) per token

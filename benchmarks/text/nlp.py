@@ -51,9 +51,9 @@ fp32 model (a hash of its weights); a run is (method, budget, seed). On a re-run
 made are reused and only the missing ones run (the JSON is written after every run, so an interrupted invocation
 resumes); with any other key everything starts afresh.
 
-    python benchmarks/nlp.py            # full (fp32 2 epochs cached, 60 steps; 3 seeds at ~21x)
-    python benchmarks/nlp.py --quick    # a few minutes: train/test subsets, short schedules, 1 seed
-    python benchmarks/nlp.py --budgets "~21x" --methods st_kmeans dkm   # the ~21x DKM vs STE comparison only
+    python benchmarks/text/nlp.py            # full (fp32 2 epochs cached, 60 steps; 3 seeds at ~21x)
+    python benchmarks/text/nlp.py --quick    # a few minutes: train/test subsets, short schedules, 1 seed
+    python benchmarks/text/nlp.py --budgets "~21x" --methods st_kmeans dkm   # the ~21x DKM vs STE comparison only
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 
 import torchdkm  # noqa: E402
@@ -243,7 +243,7 @@ def parse(argv=None):
     p.add_argument("--val", type=int, default=0,
                    help="tuning: hold out this many training articles (stratified, seed 0) and report accuracy on "
                         "them instead of the test set, which is then not used; the fp32 model trains on the rest")
-    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--out", type=Path, default=common.results_dir(__file__))
     p.add_argument("--tag", default="nlp")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -299,7 +299,7 @@ def main(argv=None):
         print(f"{old_path.name} was made by other settings, code or fp32 model: starting afresh")
     runs = list(old.get("runs", [])) if keep else []
     wall_before = old.get("wall_s", 0.0) if runs else 0.0
-    command = " ".join(["python benchmarks/nlp.py", *a.argv])
+    command = " ".join(["python benchmarks/text/nlp.py", *a.argv])
     commands = [c for c in (old.get("commands", []) if runs else []) if c != command] + [command]
     a.out.mkdir(parents=True, exist_ok=True)
 

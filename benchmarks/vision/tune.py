@@ -1,7 +1,7 @@
 """Equal-effort hyperparameter sweep for the vision benchmark, on the validation split only.
 
 Every fine-tuned method gets the same grid size: the learning rate in LRS times LRS-many values of its one
-method-specific knob (KNOBS), seed 0, the same steps, loop and fp32 model as benchmarks/vision.py. Each setting
+method-specific knob (KNOBS), seed 0, the same steps, loop and fp32 model as benchmarks/vision/vision.py. Each setting
 is scored by top-1 on the validation images carved from the training data (``common.train_val_split``); the
 test set is not loaded into the sweep at all. The best setting per (model, budget, method) goes to
 results/tuning.json, which vision.py reads; every run is listed in results/tuning.md.
@@ -17,9 +17,9 @@ Knobs (3 values each; DKM's grid predates its default of 0.1, which sits at the 
 Post-training k-means has no setting to tune. Runs are reused on a re-run only with the same code, settings and
 fp32 model (as in vision.py), so a sweep can be stopped and continued.
 
-    python benchmarks/tune.py                                  # both models, the 1-bit budget (hours on 2 cores)
-    python benchmarks/tune.py --models resnet_small --budgets 2bit 1bit
-    python benchmarks/tune.py --tiny --out /tmp/t              # seconds: digits, 2 steps, one lr (a smoke run)
+    python benchmarks/vision/tune.py                                  # both models, the 1-bit budget (hours on 2 cores)
+    python benchmarks/vision/tune.py --models resnet_small --budgets 2bit 1bit
+    python benchmarks/vision/tune.py --tiny --out /tmp/t              # seconds: digits, 2 steps, one lr (a smoke run)
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 import vision  # noqa: E402
 
@@ -85,7 +85,7 @@ def parse(argv=None):
     p.add_argument("--bn-recal", type=int, default=0, help="BatchNorm re-estimation batches after every method")
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",
                    help="run nothing: write <--tag>.json/.md from sweeps run under these tags (parallel processes)")
-    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--out", type=Path, default=common.results_dir(__file__))
     p.add_argument("--tag", default="tuning")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -165,7 +165,7 @@ def write_md(res, a):
             tried.setdefault(r["method"], set()).add(r["hp"][KNOBS[r["method"]][0]])
     values = "; ".join(f"{KNOBS[m][0]} {sorted(v)}" for m, v in tried.items())
     md = [f"# Hyperparameter sweep on the validation split ({'tiny' if a.tiny else 'full'} run)", "",
-          "Command: " + res.get("command", f"`python benchmarks/tune.py{' --tiny' if a.tiny else ''}`")
+          "Command: " + res.get("command", f"`python benchmarks/vision/tune.py{' --tiny' if a.tiny else ''}`")
           + f"; torch {torch.__version__}, 1 thread per process. Code {res['code']}.", "",
           f"Data: {s['data']}, validation = {s['n_val']} images carved from the training data (seed 0); the test set "
           f"is not used. Each fine-tuned method: lr in {s['lrs']} × its knob's values ({values}), seed 0, "
@@ -175,7 +175,7 @@ def write_md(res, a):
           + (f"Not swept here (vision.py runs its defaults): {', '.join(vision.LABEL[m] for m in unswept)}. "
              if unswept else "")
           + "The chosen setting (best validation top-1, first in grid "
-          "order among equals) is what `benchmarks/vision.py` uses.", "",
+          "order among equals) is what `benchmarks/vision/vision.py` uses.", "",
           common.markdown_table(["model", "budget", "method", "lr", "knob value", "knob", "val top-1 %", ""], rows),
           ""]
     common.write_text_atomic(a.out / f"{a.tag}.md", "\n".join(md))
@@ -197,7 +197,7 @@ def merge(a):
                       for meth in methods}
             extra = [f"{meth}={','.join(f'{v:g}' for v in vs)}" for meth, vs in values.items()
                      if vs != sorted(KNOBS[meth][1])]
-            command = (f"`python benchmarks/tune.py --models {name} --methods {' '.join(methods)} --lrs "
+            command = (f"`python benchmarks/vision/tune.py --models {name} --methods {' '.join(methods)} --lrs "
                        f"{' '.join(f'{lr:g}' for lr in lrs)}" + (f" --knob-values {' '.join(extra)}" if extra else "")
                        + f" --kd {s['kd']:g} --bn-recal {s['bn_recal']} --tag {tag}`")
             res["parts"][f"{tag}/{name}"] = {"model": name, "key": m["key"], "command": command,
@@ -215,7 +215,7 @@ def merge(a):
     methods = sorted({r["method"] for r in runs})
     res["settings"] = dict(keys[0], lrs=sorted({r["hp"]["lr"] for r in runs}), knobs={m: KNOBS[m] for m in methods})
     res["command"] = ("in separate processes: " + ", ".join(p["command"] for p in res["parts"].values())
-                      + f"; then `python benchmarks/tune.py --merge {' '.join(a.merge)}`")
+                      + f"; then `python benchmarks/vision/tune.py --merge {' '.join(a.merge)}`")
     res["code"] = sorted({p["key"]["code"] + (f" (git {p['git']})" if p["git"] else "") for p in res["parts"].values()})
     common.write_json(a.out / f"{a.tag}.json", res)
     write_md(res, a)

@@ -14,8 +14,8 @@ Configs ("bits/dim" = 2^bits centroids of dim-dimensional vectors = bits/dim bit
 * MobileNet-v1, every conv 4/4 (1 bit), the fc 4/2 (2 bits)      - paper: 0.72-0.74 MiB, 22.4x
 * DistilBERT, every Linear and both embeddings 8/3 (2.67 bits)  - paper: 11.8x
 
-    python benchmarks/paper_sizes.py            # full: prepare + finalize (CNNs) + report (~10 min on 2 shared cores)
-    python benchmarks/paper_sizes.py --quick    # prepare + report only (the sizes are identical; seconds)
+    python benchmarks/engine/paper_sizes.py            # full: prepare + finalize (CNNs) + report (~10 min on 2 shared cores)
+    python benchmarks/engine/paper_sizes.py --quick    # prepare + report only (the sizes are identical; seconds)
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 
 import torchdkm  # noqa: E402
@@ -95,7 +95,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="prepare + report only (no k-means); sizes are the same")
     p.add_argument("--finalize-all", action="store_true", help="also finalize DistilBERT (slow k-means)")
     p.add_argument("--models", nargs="+", default=None, help="subset of the names, e.g. ResNet-50 DistilBERT")
-    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--out", type=Path, default=common.results_dir(__file__))
     a = p.parse_args(argv)
     common.setup_threads()
     rows, raw = [], []
@@ -119,7 +119,7 @@ def main(argv=None):
     print("\n" + table)
     wall = time.perf_counter() - t_all
     md = ["# Paper sizes: full architectures, torchdkm.report accounting", "",
-          f"Command: `python benchmarks/paper_sizes.py{' --quick' if a.quick else ''}` "
+          f"Command: `python benchmarks/engine/paper_sizes.py{' --quick' if a.quick else ''}` "
           f"({'prepare + report' if a.quick else 'prepare + finalize + report'}; {wall:.0f} s wall). "
           "Indices at b bits per d-vector, LUTs (k × d) at fp32, every uncompressed parameter (BatchNorm, LayerNorm, "
           "biases) at fp32; fp32 = all parameters × 4 bytes; MiB = 2^20 bytes.", "", table, ""]

@@ -9,8 +9,8 @@ it is torch.cuda.max_memory_allocated over the same baseline. The output W~ and 
 (each the size of the weight tensor) exist in any training step; the table shows the extra memory as a
 multiple of the weight tensor, and the same beyond those two.
 
-    python benchmarks/dkm_memory.py --out benchmarks/results/dkm_memory.md
-    python benchmarks/dkm_memory.py --device cuda --out benchmarks/results/dkm_memory_cuda.md
+    python benchmarks/engine/dkm_memory.py --out benchmarks/engine/results/dkm_memory.md
+    python benchmarks/engine/dkm_memory.py --device cuda --out benchmarks/engine/results/dkm_memory_cuda.md
 """
 from __future__ import annotations
 

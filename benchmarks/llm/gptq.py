@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., ICLR 2023) for benchmarks/llm.py: a post-training baseline, not a library feature.
+"""GPTQ (Frantar et al., ICLR 2023) for benchmarks/llm/llm.py: a post-training baseline, not a library feature.
 
 Each Linear's weight W (out × in) is quantized one input column at a time on the same grid as RTN
 (lm_common.rtn_grid: uniform asymmetric min-max per group of g consecutive input weights, fp16 scale and zero);

@@ -1,9 +1,9 @@
 """Artifact sizes of real models: fp32 size, torchdkm.report's compressed size, the torchdkm file, the .onnx file.
 
-    python benchmarks/artifact_sizes.py            # ResNetSmall (Fashion-MNIST size) + all-MiniLM-L6-v2
-    python benchmarks/artifact_sizes.py --no-minilm
+    python benchmarks/engine/artifact_sizes.py            # ResNetSmall (Fashion-MNIST size) + all-MiniLM-L6-v2
+    python benchmarks/engine/artifact_sizes.py --no-minilm
 
-Writes benchmarks/results/artifact_sizes.md. Sizes do not depend on training, so each model is prepared and
+Writes benchmarks/engine/results/artifact_sizes.md. Sizes do not depend on training, so each model is prepared and
 finalized right away (k-means initialisation + hard assignment). Also checks the reload is bit-identical and
 onnxruntime matches PyTorch. ~2-3 minutes on 2 CPU cores (MiniLM's k-means initialisation dominates).
 """
@@ -109,7 +109,7 @@ def main(argv=None):
         rows = [measure(name, make, Path(tmp)) for name, make in models]
     text = "\n".join([
         "# Artifact sizes", "",
-        f"`python benchmarks/artifact_sizes.py` (torch {torch.__version__}, torchdkm {torchdkm.__version__}; "
+        f"`python benchmarks/engine/artifact_sizes.py` (torch {torch.__version__}, torchdkm {torchdkm.__version__}; "
         "prepare + finalize without training: sizes do not depend on it).", "",
         "- fp32 / report MiB: `torchdkm.report(model)` (parameters; report MiB = compressed layers' index + LUT bits "
         "+ other parameters at their dtype). The file also holds buffers (BatchNorm statistics) and its header.",

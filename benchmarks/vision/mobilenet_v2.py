@@ -10,7 +10,7 @@ coffee, ...; no labels), each seen as the standard ImageNet view (resize 256, ce
 extra views (random crops of 20-100% of the area, some flipped), interleaved photo by photo. Quality of a
 compressed model = agreement of its top-1 class with the fp32 model's and KL(p_fp32 || p) on these images.
 
-    python benchmarks/mobilenet_v2.py     # sanity check: fp32 top-5 class ids of three photos
+    python benchmarks/vision/mobilenet_v2.py     # sanity check: fp32 top-5 class ids of three photos
 """
 from __future__ import annotations
 

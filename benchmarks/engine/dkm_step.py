@@ -23,9 +23,9 @@ torchdkm's k-means initialisation and PyTorch's allocator/kernel warm-up (plain 
 range, and a steady-state check: the median of the second half of the kept steps over the first half
 ("drift"; near 0 % when the warm-up rule held). Ratios are medians of this one run.
 
-    python benchmarks/dkm_step.py --out benchmarks/results/dkm_step.md
-    python benchmarks/dkm_step.py --workloads minilm_4b --coreml-steps 0        # one row, no coremltools
-    python benchmarks/dkm_step.py --quick --steps 3 --warmup 1 --coreml-steps 0  # seconds (CI)
+    python benchmarks/engine/dkm_step.py --out benchmarks/engine/results/dkm_step.md
+    python benchmarks/engine/dkm_step.py --workloads minilm_4b --coreml-steps 0        # one row, no coremltools
+    python benchmarks/engine/dkm_step.py --quick --steps 3 --warmup 1 --coreml-steps 0  # seconds (CI)
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "text"))  # minilm.py
 
 WORKLOADS = {  # name: (model, bits, dim)
     "minilm_4b": ("minilm", 4, 1),

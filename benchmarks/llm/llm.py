@@ -15,7 +15,7 @@ Methods, on every Linear of the 30 decoder layers (q, k, v, o, gate, up, down: 1
 * ``rtn``: round-to-nearest, uniform asymmetric min-max per group of g consecutive *input* weights, fp16 scale
   and fp16 zero per group (lm_common.rtn_quantize_; the standard "RTN g128" baseline), g = 32, 64, 128. 128 does
   not divide 576 (hidden size): each row's last group is then 64 weights (ceil(in / g) groups counted).
-* ``gptq``: GPTQ (benchmarks/gptq.py) on RTN's grid (same groups, fp16 scale and zero, same size), calibrated on
+* ``gptq``: GPTQ (benchmarks/llm/gptq.py) on RTN's grid (same groups, fp16 scale and zero, same size), calibrated on
   --gptq-windows random windows of --gptq-seq tokens of the PTB + Wikipedia training text (seed 0).
 * ``hqq``: torchao's HQQ (pip ``torchao``; IntxWeightOnlyConfig with hqq_scale_only), the post-training peer from
   PyTorch's own quantization library: a symmetric 2^bits-level grid per group of g input weights, one fp16 scale.
@@ -24,7 +24,7 @@ Methods, on every Linear of the 30 decoder layers (q, k, v, o, gate, up, down: 1
   - lm_head shares its weight with embed_tokens, and the embedding (49152 x 576) is not a Linear but would be
   chosen by the default min_numel, so both are skipped by name. torchdkm's groups are g consecutive *output*
   rows sharing one 2^bits-entry LUT (fp16); channel_scale divides each output row by its max |w| first.
-* DKM fine-tuning with distillation (:func:`dkm_distill`, benchmarks/llm_dkm.py): g16 + channel scale or g1, a few
+* DKM fine-tuning with distillation (:func:`dkm_distill`, benchmarks/llm/llm_dkm.py): g16 + channel scale or g1, a few
   steps of label-free KL to the fp32 model on PTB + Wikipedia training text (CPU: each step is slow).
 
 Sizes (lm_common.model_size_mib): compressed Linears at their stored bits (indices + scales, zeros, LUTs), every
@@ -32,10 +32,10 @@ other tensor at 16 bits (bf16/fp16, how an LLM ships); the fp32 row is the whole
 ``wall s`` = compression + evaluation of the row; ``peak RSS`` = the process's peak during the row (it also holds
 the untouched model, ~0.5 GiB, to copy for the next row).
 
-    python benchmarks/llm.py                          # every row torchdkm supports, 8192 tokens per corpus
-    python benchmarks/llm.py --rows 'rtn-*,fp32'      # some rows; others of an earlier run with the same
+    python benchmarks/llm/llm.py                          # every row torchdkm supports, 8192 tokens per corpus
+    python benchmarks/llm/llm.py --rows 'rtn-*,fp32'      # some rows; others of an earlier run with the same
                                                       # evaluation settings are kept in the table
-    python benchmarks/llm.py --quick                  # smoke run (< 2 min): 3 rows, 512 tokens per corpus,
+    python benchmarks/llm/llm.py --quick                  # smoke run (< 2 min): 3 rows, 512 tokens per corpus,
                                                       # written to results/llm_quick.{md,json}
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 import lm_common as lm  # noqa: E402
 
@@ -186,7 +186,7 @@ GPTQ_CALIB = dict(windows=32, seq=512)  # --gptq-windows, --gptq-seq
 def dkm_distill(model: nn.Module, teacher: nn.Module, train_streams: Callable[[], Dict[str, torch.Tensor]],
                 spec: dict) -> Optional[Dict[str, float]]:
     """DKM fine-tuning of ``model`` with distillation from ``teacher`` (the fp32 model) on the training token
-    streams (PTB train and Wikipedia train, concatenated), then finalize (benchmarks/llm_dkm.py); returns name ->
+    streams (PTB train and Wikipedia train, concatenated), then finalize (benchmarks/llm/llm_dkm.py); returns name ->
     stored bits like the other methods. Starts from the same k-means as the matching k-means row."""
     from llm_dkm import distill_dkm
 
@@ -258,11 +258,11 @@ def fmt_ppl(x: Optional[float]) -> str:
 
 def command(a) -> str:
     """The command line of this run, as given."""
-    return " ".join(["python benchmarks/llm.py"] + a.argv)
+    return " ".join(["python benchmarks/llm/llm.py"] + a.argv)
 
 
 def markdown(rows: List[dict], settings: dict, skipped: Dict[str, str], a) -> str:
-    cmds = sorted({r.get("command", "python benchmarks/llm.py") for r in rows})
+    cmds = sorted({r.get("command", "python benchmarks/llm/llm.py") for r in rows})
     head = ["method", "bits/weight (Linears)", "model MiB", "PTB test ppl", "Wiki held-out ppl",
             "PTB valid[:512] ppl", "wall s", "peak RSS MiB"]
     body = [[r["method"], f"{r['bits_per_weight']:.3f}", f"{r['model_mib']:.1f}", fmt_ppl(r["ptb_ppl"]),
@@ -291,7 +291,7 @@ def markdown(rows: List[dict], settings: dict, skipped: Dict[str, str], a) -> st
           "block are grid points, so it recovers the weights (see max |w - w_fp32| in the json); compare at g64, "
           "g128 or 3 bits. g128 does not divide the hidden size 576: each row's last group there is 64 weights. "
           "GPTQ rounds to RTN's grid (same groups, same size) with error compensation through the inverse Hessian "
-          "of each layer's inputs, layer by layer (benchmarks/gptq.py). torchao HQQ: a symmetric grid per group "
+          "of each layer's inputs, layer by layer (benchmarks/llm/gptq.py). torchao HQQ: a symmetric grid per group "
           "of g input weights with one fp16 scale fitted without data (IntxWeightOnlyConfig, hqq_scale_only).",
           "",
           "k-means LUTs and channel scales are counted at 16 bits each (torchdkm.report(lut_dtype_bits=16)) but "
@@ -332,7 +332,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4, help="windows per forward")
     p.add_argument("--rows", default=None, help="comma list of row keys or globs (e.g. 'fp32,rtn-*,kmeans-4b*')")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/results/llm[_quick])")
+    p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/llm/results/llm[_quick])")
     for k, v in DKM_TRAIN.items():
         p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"DKM + distillation: {k} (default {v})")
     for k, v in GPTQ_CALIB.items():
@@ -346,7 +346,7 @@ def main(argv=None):
         p.error(f"--max-tokens {a.max_tokens} is below one window: it must be at least --window ({a.window}) and "
                 "512 (the PTB valid[:512] check)")
     common.setup_threads(a.threads)
-    out = a.out or common.RESULTS / ("llm_quick" if a.quick else "llm")
+    out = a.out or common.results_dir(__file__) / ("llm_quick" if a.quick else "llm")
     log = print
 
     t0 = time.perf_counter()

@@ -17,16 +17,16 @@ quality measured is that of fp16 LUTs and scales.
 
 Models and quality, always against the same model in fp32:
 
-* mobilenet_v2: torchvision's ImageNet MobileNetV2 (benchmarks/mobilenet_v2.py) on natural photos and seeded
+* mobilenet_v2: torchvision's ImageNet MobileNetV2 (benchmarks/vision/mobilenet_v2.py) on natural photos and seeded
   extra views of them (no labels): top-1 agreement with fp32 and mean KL(p_fp32 || p).
 * minilm: all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 normalisation, as sentence-transformers)
   of BBC News articles (stratified split, seed 0, capped): relative error ||e - e_fp32|| / ||e_fp32||
   (mean over test texts) and the test accuracy of a logistic-regression head trained on fp32 train embeddings.
 
-    python benchmarks/ptq_granularity.py --models mobilenet_v2   # full grid of one model (~10 min, 1 thread)
-    python benchmarks/ptq_granularity.py --models minilm         # the other; the .md keeps both
-    python benchmarks/ptq_granularity.py --models minilm --bits 4
-    python benchmarks/ptq_granularity.py --quick             # smoke test, < 1 min, writes only with --out
+    python benchmarks/vision/ptq_granularity.py --models mobilenet_v2   # full grid of one model (~10 min, 1 thread)
+    python benchmarks/vision/ptq_granularity.py --models minilm         # the other; the .md keeps both
+    python benchmarks/vision/ptq_granularity.py --models minilm --bits 4
+    python benchmarks/vision/ptq_granularity.py --quick             # smoke test, < 1 min, writes only with --out
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 
 import torchdkm  # noqa: E402
@@ -289,7 +289,7 @@ def main(argv=None):
     p.add_argument("--test", type=int, default=None, help="BBC test articles (default 400)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per article (default 128)")
     p.add_argument("--quick", action="store_true", help="tiny subsets, 2 granularities at 4 bits (smoke test)")
-    p.add_argument("--out", type=Path, default=None, help=f"folder for {TAG}.md/.json (default benchmarks/results; "
+    p.add_argument("--out", type=Path, default=None, help=f"folder for {TAG}.md/.json (default benchmarks/vision/results; "
                                                           f"--quick writes only when given)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -300,7 +300,7 @@ def main(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     threads = common.setup_threads(a.threads)
-    command = " ".join(["python benchmarks/ptq_granularity.py", *argv])
+    command = " ".join(["python benchmarks/vision/ptq_granularity.py", *argv])
     results = []
     for name in a.models:
         t0 = time.perf_counter()
@@ -311,7 +311,7 @@ def main(argv=None):
                    code=common.code_version(Path(__file__)), quick=a.quick)
         results.append(res)
         print("\n" + markdown(res) + "\n")
-    out = a.out if a.out is not None else (None if a.quick else common.RESULTS)
+    out = a.out if a.out is not None else (None if a.quick else common.results_dir(__file__))
     if out is not None:
         write(out, results)
     return results

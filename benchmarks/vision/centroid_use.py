@@ -5,7 +5,7 @@ coremltools' DKMPalettizer splits duplicate centroids during training; this meas
 The vision benchmark's loop and settings (cached fp32 model, 150 steps of batch 128, AdamW cosine, lr 3e-3,
 tau_scale 0.1, distillation 0.5 @ T 2), one fine-tuning seed:
 
-    python benchmarks/centroid_use.py --models resnet_small mobilenet_small --budgets 1bit 0.5bit
+    python benchmarks/vision/centroid_use.py --models resnet_small mobilenet_small --budgets 1bit 0.5bit
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 import vision  # noqa: E402
 
@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", choices=["fashion", "digits"], default="fashion", help="as vision.py (digits: tests)")
     p.add_argument("--fp32-epochs", type=int, default=None, help="as vision.py (default: its own)")
-    p.add_argument("--out", type=Path, default=common.RESULTS / "centroid_use.md")
+    p.add_argument("--out", type=Path, default=common.results_dir(__file__) / "centroid_use.md")
     a = p.parse_args(argv)
     common.setup_threads(1)
     va = vision.parse(["--no-progress", "--data", a.data]
@@ -63,7 +63,7 @@ def main(argv=None):
     table = common.markdown_table(["model", "budget", "layer", "vectors", "k", "used at k-means start",
                                    "used after DKM", "smallest cluster at start", "smallest cluster after"], rows)
     md = ["# Centroid use after DKM fine-tuning", "",
-          f"Command: `python benchmarks/centroid_use.py {' '.join(sys.argv[1:] if argv is None else argv)}`. "
+          f"Command: `python benchmarks/vision/centroid_use.py {' '.join(sys.argv[1:] if argv is None else argv)}`. "
           f"{a.steps} steps, seed {a.seed}, torch {torch.__version__}, 1 thread. `used`: distinct d-vectors of the "
           "finalized layer (a centroid no weight is nearest to is not used); `smallest cluster`: vectors in the "
           "smallest used cluster.", "", *[f"- {w}" for w in worst], "", table, ""]

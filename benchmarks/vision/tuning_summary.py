@@ -1,12 +1,12 @@
-"""Collect the DKM investigation runs (benchmarks/results/tuning/*.json, written by vision.py --out
-benchmarks/results/tuning --tag ...) into one table: results/tuning/summary.md. Every number is read from the runs.
+"""Collect the DKM investigation runs (benchmarks/vision/results/tuning/*.json, written by vision.py --out
+benchmarks/vision/results/tuning --tag ...) into one table: results/tuning/summary.md. Every number is read from the runs.
 
 The runs were made with, e.g.:
 
-    python benchmarks/vision.py --models resnet_small --budgets 1bit --methods dkm --seeds 1 --tau-scale 0.2 \
-        --out benchmarks/results/tuning --tag tau0.2
-    python benchmarks/vision.py --models resnet_small --budgets 1bit --methods dkm st_kmeans --seeds 1 --steps 600 \
-        --lr 3e-3 --out benchmarks/results/tuning --tag steps600_lr3e-3
+    python benchmarks/vision/vision.py --models resnet_small --budgets 1bit --methods dkm --seeds 1 --tau-scale 0.2 \
+        --out benchmarks/vision/results/tuning --tag tau0.2
+    python benchmarks/vision/vision.py --models resnet_small --budgets 1bit --methods dkm st_kmeans --seeds 1 --steps 600 \
+        --lr 3e-3 --out benchmarks/vision/results/tuning --tag steps600_lr3e-3
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
 import common  # noqa: E402
 
 LABEL = {"dkm": "DKM (torchdkm)", "st_kmeans": "k-means + STE", "qat_lsq": "uniform QAT (LSQ+)"}
 
 
-def main(folder: Path = common.RESULTS / "tuning", main_results: Path = common.RESULTS):
+def main(folder: Path = common.results_dir(__file__) / "tuning", main_results: Path = common.results_dir(__file__)):
     rows = []
     sources = sorted(folder.glob("*_*.json")) + sorted(main_results.glob("vision_*.json"))
     for path in sources:
@@ -39,7 +39,7 @@ def main(folder: Path = common.RESULTS / "tuning", main_results: Path = common.R
         [[m, LABEL[me], st, lr, ts if me == "dkm" else "-", it if me == "dkm" else "-", sd, f"{100 * a:.2f}",
           f"{100 * (a - fp):+.2f}", src] for m, me, st, lr, ts, it, sd, a, fp, src in rows])
     md = ["# DKM investigation at the 1-bit budget (2^4 centroids of 4-d vectors)", "",
-          "Fashion-MNIST, full train/test split, same cached fp32 models and loop as benchmarks/vision.py "
+          "Fashion-MNIST, full train/test split, same cached fp32 models and loop as benchmarks/vision/vision.py "
           "(AdamW, cosine to 0, batch 128). `source` is the JSON each row was read from; vision_*.json rows are the "
           "main benchmark's.", "", table, ""]
     (folder / "summary.md").write_text("\n".join(md))

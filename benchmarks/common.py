@@ -145,6 +145,26 @@ def provenance(script, argv=None) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
+def provenance_md(run: dict) -> str:
+    """One Markdown line of a run's provenance, for the .md a benchmark writes beside its JSON."""
+    m = run["machine"]
+    return (f"Run {run['date']} at commit {run['git'] or '?'}: `{run['command']}`; {m['cores']} CPU cores, "
+            f"{m['threads']} torch thread(s), torch {m['torch']}, Python {m['python']}, {m['arch']}.")
+
+
+_RUN: dict = {}  # the provenance of this process's run, set by start(); added to every JSON write_json writes
+
+
+def start(script, a, argv=None) -> dict:
+    """Call in a benchmark's main after parsing (``a`` from a parser given :func:`harness_args`): records the run's
+    provenance, added to every JSON :func:`write_json` writes, and checks ``a.out`` (:func:`output_path`)."""
+    _RUN.clear()
+    _RUN.update(provenance(script, argv))
+    if getattr(a, "out", None) is not None:
+        a.out = output_path(a.out, getattr(a, "allow_dirty", False))
+    return dict(_RUN)
+
+
 def setup_threads(n: Optional[int] = None) -> int:
     """Torch intra-op threads. Default 1 (env TORCHDKM_THREADS): on our shared 2-core machine one thread per
     process was measured 2-3x faster per step than two (small ops lose to thread synchronisation under load)."""
@@ -620,4 +640,7 @@ def markdown_table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON, atomically; a dict gets this run's ``provenance`` (see :func:`start`) if it has none."""
+    if isinstance(obj, dict) and _RUN and "provenance" not in obj:
+        obj = {**obj, "provenance": dict(_RUN)}
     write_text_atomic(path, json.dumps(obj, indent=1))

@@ -25,6 +25,9 @@ import torchdkm
 from torchdkm.app.zoo.models import ResNetSmall
 from torchdkm.serialization import read_artifact
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+import common  # noqa: E402
+
 MIB = 1024 * 1024
 OUT = Path(__file__).resolve().parent / "results" / "artifact_sizes.md"
 
@@ -103,7 +106,10 @@ def table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2")
+    common.harness_args(ap)
     args = ap.parse_args(argv)
+    args.out = OUT
+    run = common.start(__file__, args, argv)
     models = [("ResNetSmall", resnet_small)] + ([] if args.no_minilm else [("all-MiniLM-L6-v2", minilm)])
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, make, Path(tmp)) for name, make in models]
@@ -117,9 +123,10 @@ def main(argv=None):
         "indices + LUTs as initializers); compact: resident parameter + buffer memory after `torchdkm.compact`.",
         "- reload identical: outputs of `torchdkm.load(file, fresh_model)` equal the finalized model's bit for bit; "
         "ort max rel err: onnxruntime vs PyTorch, max |diff| / max |output|.", "",
-        table(rows), ""])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
+        table(rows), "", common.provenance_md(run), ""])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    common.write_json(args.out.with_suffix(".json"), {"rows": rows, "provenance": run})
     print(text)
     return 0
 

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 NUMEL = 1 << 20  # weights per tensor (4 MiB in float32), the same for every d
 KS = (4, 16, 64, 256)
@@ -78,6 +79,9 @@ def run_one(impl: str, d: int, k: int, iters: int, device: str, numel: int = NUM
 
 
 def main(argv=None):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import common  # the shared harness (benchmarks/common.py)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dims", default="1,4")
@@ -88,12 +92,14 @@ def main(argv=None):
     p.add_argument("--groups", default="1", help="LUTs per tensor (grouped LUTs: e.g. 1,64)")
     p.add_argument("--out")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    common.harness_args(p)
     a = p.parse_args(argv)
     ks = tuple(map(int, a.ks.split(",")))
     if a.child:
         impl, d, k, it, g = a.child.split(",")
         print(json.dumps(run_one(impl, int(d), int(k), int(it), a.device, a.numel, int(g))))
         return
+    run = common.start(__file__, a, argv)
     rows = []
     groups = list(map(int, a.groups.split(",")))
     grid = [(g, d) for g in groups for d in map(int, a.dims.split(","))]
@@ -142,7 +148,8 @@ def main(argv=None):
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
-            f.write(text + "\n")
+            f.write(text + "\n\n" + common.provenance_md(run) + "\n")
+        common.write_json(Path(os.path.splitext(a.out)[0] + ".json"), {"rows": rows})
     return rows
 
 

@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 import tempfile
 import time
 
@@ -113,6 +114,9 @@ def table(rows, a) -> str:
 
 
 def main(argv=None):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import common  # the shared harness (benchmarks/common.py)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--procs", default="1,2,4")
     p.add_argument("--steps", type=int, default=5)
@@ -121,9 +125,11 @@ def main(argv=None):
     p.add_argument("--out")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--shard", action="store_true", help=argparse.SUPPRESS)
+    common.harness_args(p)
     a = p.parse_args(argv)
     if a.child:
         return worker(a)
+    prov = common.start(__file__, a, argv)
     rows = []
     for n in map(int, a.procs.split(",")):
         for shard in ([False] if n == 1 else [False, True]):
@@ -131,12 +137,13 @@ def main(argv=None):
             print(f"{n} procs, shard={shard}: {statistics.median(rows[-1][0]['times']):.3f} s", file=sys.stderr)
     text = table(rows, a)
     cmd = "python benchmarks/engine/dkm_sharded.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"`{cmd}`\n\n{text}\n"
+    text = f"`{cmd}`\n\n{text}\n\n{common.provenance_md(prov)}\n"
     print(text)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
             f.write(text)
+        common.write_json(Path(os.path.splitext(a.out)[0] + ".json"), {"rows": rows})
     return rows
 
 

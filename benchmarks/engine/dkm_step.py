@@ -241,6 +241,9 @@ def table(res: dict, a) -> str:
 
 
 def main(argv=None):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import common  # the shared harness (benchmarks/common.py)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     p.add_argument("--steps", type=int, default=20, help="steps per process for plain and torchdkm, warm-up included")
@@ -251,11 +254,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny batches (seconds): for CI, not for figures")
     p.add_argument("--out", help="also write the table (markdown) and the raw runs (.json next to it)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    common.harness_args(p)
     a = p.parse_args(argv)
     if a.child:
         method, workload = a.child.split(",")
         print(json.dumps(run_one(method, workload, a.steps, a.quick, a.device)))
         return None
+    run = common.start(__file__, a, argv)
     if a.device.startswith("cuda"):
         import torch
 
@@ -285,7 +290,8 @@ def main(argv=None):
         with open(a.out, "w") as f:
             f.write(text + "\n")
         with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump({"args": {k: v for k, v in vars(a).items() if k != "child"}, "runs": res}, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(a).items() if k != "child"}, "runs": res, "provenance": run},
+                      f, indent=1, default=str)
     return res
 
 

@@ -96,7 +96,9 @@ def main(argv=None):
     p.add_argument("--finalize-all", action="store_true", help="also finalize DistilBERT (slow k-means)")
     p.add_argument("--models", nargs="+", default=None, help="subset of the names, e.g. ResNet-50 DistilBERT")
     p.add_argument("--out", type=Path, default=common.results_dir(__file__))
+    common.harness_args(p)
     a = p.parse_args(argv)
+    common.start(__file__, a, argv)
     common.setup_threads()
     rows, raw = [], []
     t_all = time.perf_counter()

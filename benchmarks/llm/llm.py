@@ -337,6 +337,7 @@ def main(argv=None):
         p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"DKM + distillation: {k} (default {v})")
     for k, v in GPTQ_CALIB.items():
         p.add_argument(f"--gptq-{k}", type=int, default=v, help=f"GPTQ calibration: {k} (default {v})")
+    common.harness_args(p)
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     DKM_TRAIN.update({k: getattr(a, f"dkm_{k}") for k in DKM_TRAIN})
@@ -346,7 +347,9 @@ def main(argv=None):
         p.error(f"--max-tokens {a.max_tokens} is below one window: it must be at least --window ({a.window}) and "
                 "512 (the PTB valid[:512] check)")
     common.setup_threads(a.threads)
+    common.start(__file__, a, a.argv)
     out = a.out or common.results_dir(__file__) / ("llm_quick" if a.quick else "llm")
+    out = common.output_path(out, a.allow_dirty)  # a results folder only from a clean tree
     log = print
 
     t0 = time.perf_counter()

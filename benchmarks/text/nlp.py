@@ -247,6 +247,7 @@ def parse(argv=None):
     p.add_argument("--tag", default="nlp")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    common.harness_args(p)
     a = p.parse_args(argv)
     defaults = (dict(fp32_epochs=1, steps=10, train_subset=320, test_subset=200, max_len=64, seeds=1) if a.quick
                 else dict(fp32_epochs=2, steps=60, max_len=64, seeds=3))
@@ -271,6 +272,7 @@ def seeds_for(budget, a):
 
 def main(argv=None):
     a = parse(argv)
+    common.start(__file__, a, argv)
     common.setup_threads(a.threads)
     t_all = time.perf_counter()
     x, y, xt, yt, classes = load(a)

@@ -38,7 +38,9 @@ def main(argv=None):
     p.add_argument("--data", choices=["fashion", "digits"], default="fashion", help="as vision.py (digits: tests)")
     p.add_argument("--fp32-epochs", type=int, default=None, help="as vision.py (default: its own)")
     p.add_argument("--out", type=Path, default=common.results_dir(__file__) / "centroid_use.md")
+    common.harness_args(p)
     a = p.parse_args(argv)
+    run = common.start(__file__, a, argv)
     common.setup_threads(1)
     va = vision.parse(["--no-progress", "--data", a.data]
                       + (["--fp32-epochs", str(a.fp32_epochs)] if a.fp32_epochs else []))
@@ -66,8 +68,10 @@ def main(argv=None):
           f"Command: `python benchmarks/vision/centroid_use.py {' '.join(sys.argv[1:] if argv is None else argv)}`. "
           f"{a.steps} steps, seed {a.seed}, torch {torch.__version__}, 1 thread. `used`: distinct d-vectors of the "
           "finalized layer (a centroid no weight is nearest to is not used); `smallest cluster`: vectors in the "
-          "smallest used cluster.", "", *[f"- {w}" for w in worst], "", table, ""]
+          "smallest used cluster.", "", *[f"- {w}" for w in worst], "", table, "",
+          common.provenance_md(run), ""]
     common.write_text_atomic(a.out, "\n".join(md))
+    common.write_json(a.out.with_suffix(".json"), {"rows": rows})
     return rows
 
 

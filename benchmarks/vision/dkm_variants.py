@@ -57,6 +57,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",
                    help="run nothing: write <--tag>.json/.md from the runs under these tags (parallel processes)")
+    common.harness_args(p)
     a = p.parse_args(argv)
     bad = sorted(set(a.variants) - set(VARIANTS))
     if bad:
@@ -66,6 +67,7 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
+    common.start(__file__, a, argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.merge:
         res = {"runs": [r for tag in a.merge for r in json.loads((a.out / f"{tag}.json").read_text())["runs"]]}

@@ -292,7 +292,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help=f"folder for {TAG}.md/.json (default benchmarks/vision/results; "
                                                           f"--quick writes only when given)")
     p.add_argument("--threads", type=int, default=None)
+    common.harness_args(p)
     a = p.parse_args(argv)
+    common.start(__file__, a, argv)
     argv = sys.argv[1:] if argv is None else argv
     quick = dict(images=16, train=60, test=40, max_len=32, granularities=QUICK_GRANULARITIES, bits=[4])
     full = dict(images=320, train=600, test=400, max_len=128, granularities=list(GRANULARITIES), bits=None)
@@ -312,6 +314,7 @@ def main(argv=None):
         results.append(res)
         print("\n" + markdown(res) + "\n")
     out = a.out if a.out is not None else (None if a.quick else common.results_dir(__file__))
+    out = common.output_path(out, a.allow_dirty)  # a results folder only from a clean tree
     if out is not None:
         write(out, results)
     return results

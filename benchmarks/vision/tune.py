@@ -89,6 +89,7 @@ def parse(argv=None):
     p.add_argument("--tag", default="tuning")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    common.harness_args(p)
     a = p.parse_args(argv)
     full = dict(data="fashion", models=["resnet_small", "mobilenet_small"], budgets=["1bit"], methods=list(KNOBS),
                 lrs=list(LRS), steps=150, fp32_epochs=4)
@@ -224,6 +225,7 @@ def merge(a):
 
 def main(argv=None):
     a = parse(argv)
+    common.start(__file__, a, argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.merge:
         return merge(a)

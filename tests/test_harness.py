@@ -1,0 +1,51 @@
+"""The benchmark harness (benchmarks/common.py): provenance, and a results folder written only from a clean tree."""
+from pathlib import Path
+
+import pytest
+
+import common
+
+
+def test_provenance_records_commit_command_machine_and_date():
+    run = common.provenance(common.HERE / "vision" / "vision.py", ["--quick"])
+    assert run["command"] == "python benchmarks/vision/vision.py --quick"
+    assert set(run["machine"]) >= {"cores", "threads", "torch", "python"} and run["machine"]["cores"] >= 1
+    assert run["date"].endswith("Z") and "dirty" in run
+    line = common.provenance_md(run)
+    assert run["command"] in line and "CPU cores" in line
+
+
+def test_a_results_folder_is_refused_from_a_dirty_tree_and_allow_dirty_goes_to_scratch(monkeypatch, tmp_path):
+    results = common.HERE / "vision" / "results"
+    monkeypatch.setattr(common, "git_state", lambda where=common.HERE: {"commit": "0" * 40, "git": "0000000-dirty",
+                                                                        "changed": ["src/torchdkm/api.py"]})
+    with pytest.raises(SystemExit, match="uncommitted changes in src/torchdkm/api.py.*--allow-dirty"):
+        common.output_path(results)
+    scratch = common.output_path(results / "x.json", allow_dirty=True)
+    assert scratch == common.HERE / "scratch" / "vision" / "results" / "x.json"
+    assert common.output_path(tmp_path) == tmp_path  # outside the results folders: as given
+    monkeypatch.setattr(common, "git_state", lambda where=common.HERE: {"commit": "0" * 40, "git": "0000000",
+                                                                        "changed": []})
+    assert common.output_path(results) == results  # clean: written where asked
+
+
+def test_git_state_ignores_changes_inside_the_results_folders():
+    state = common.git_state()
+    if not state:
+        pytest.skip("not a git checkout")
+    assert not any("/results/" in f and f.startswith("benchmarks/") for f in state["changed"])
+    assert len(state["commit"]) == 40
+
+
+def test_write_json_adds_the_runs_provenance(tmp_path):
+    class A:
+        out = tmp_path
+
+    run = common.start(common.HERE / "engine" / "dkm_step.py", A(), ["--quick"])
+    try:
+        common.write_json(tmp_path / "r.json", {"rows": []})
+        import json
+
+        assert json.loads(Path(tmp_path / "r.json").read_text())["provenance"] == run
+    finally:
+        common._RUN.clear()

@@ -96,6 +96,15 @@ def git_state(where: Path = HERE) -> dict:
     return {"commit": commit, "git": git("describe", "--always", "--dirty") or commit[:7], "changed": changed}
 
 
+def repo_relative(path) -> str:
+    """``path`` relative to the repository when inside it (committed outputs hold no local paths), else its name."""
+    full = Path(path).resolve()
+    try:
+        return full.relative_to(HERE.parent).as_posix()
+    except ValueError:
+        return full.name
+
+
 def harness_args(p) -> None:
     """The flags every benchmark shares (added to its argparse parser)."""
     p.add_argument("--allow-dirty", action="store_true",

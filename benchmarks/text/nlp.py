@@ -306,7 +306,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
 
     def save():
-        common.write_json(old_path, {"key": key, "settings": vars(a) | {"out": str(a.out)}, "fp32": base | info,
+        common.write_json(old_path, {"key": key, "settings": vars(a) | {"out": common.repo_relative(a.out)}, "fp32": base | info,
                                      "fp32_mib": fp32_mib, "runs": runs, "commands": commands,
                                      "wall_s": time.perf_counter() - t_all + wall_before})
 

@@ -1,0 +1,61 @@
+"""benchmarks/render.py: every rendered table in README.md and docs/ equals a fresh render of the results, and the
+ahead / level / behind rule."""
+import re
+
+import render
+
+
+def test_every_document_matches_a_fresh_render():
+    assert render.run(check=True) == [], "run `python benchmarks/render.py`: tables are rendered, never typed"
+
+
+def test_a_hand_edited_number_is_caught():
+    doc = render.ROOT / "README.md"
+    text = doc.read_text()
+    block = next(render.BLOCK.finditer(text))
+    body = block.group("body")
+    number = re.search(r"\d+\.\d\d", body)
+    edited = body[: number.start()] + f"{float(number.group()) + 0.01:.2f}" + body[number.end():]
+    text_edited = text[: block.start("body")] + edited + text[block.end("body"):]
+    assert render.render_text(text, doc) == text
+    assert render.render_text(text_edited, doc) != text_edited
+
+
+def test_the_rule_needs_more_than_twice_the_standard_error_or_every_seed():
+    assert render.compare({0: 0.9100, 1: 0.9120, 2: 0.9080}, {0: 0.9000, 1: 0.9010, 2: 0.8990}) == "ahead"
+    assert render.compare({0: 0.9000, 1: 0.9010, 2: 0.8990}, {0: 0.9100, 1: 0.9120, 2: 0.9080}) == "behind"
+    assert render.compare({0: .9117, 1: .9100, 2: .9134}, {0: .9100, 1: .9140, 2: .9060}) == "level"
+    assert render.compare({0: 0.8939}, {0: 0.8900, 1: 0.8950}) == ""  # one seed: no word
+    assert render.compare({i: 0.5 + 0.001 * i + 0.0005 for i in range(5)},
+                          {i: 0.5 + 0.001 * i for i in range(5)}) == "ahead"  # every one of 5 seeds
+
+
+def test_scratch_is_never_read():
+    import pytest
+
+    with pytest.raises(ValueError, match="scratch"):
+        render.load("scratch/vision/results/x.json")
+
+
+def test_every_relative_link_and_anchor_in_the_documents_resolves():
+    def anchors(path):
+        heads = [line.lstrip("#").strip().lower() for line in path.read_text().splitlines() if line.startswith("#")]
+        return {re.sub(r"[^\w\- ]", "", h).replace(" ", "-") for h in heads}
+
+    bad = []
+    for doc in render.DOCS:
+        for m in re.finditer(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if m.group(1).startswith(("http:", "https:", "mailto:")):
+                continue
+            path, _, frag = m.group(1).partition("#")
+            target = (doc.parent / path).resolve() if path else doc
+            if not target.exists() or (frag and target.suffix == ".md" and frag not in anchors(target)):
+                bad.append(f"{doc.name}: {m.group(1)}")
+    assert not bad
+
+
+def test_readme_is_short_and_ci_runs_its_test_command():
+    readme = (render.ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    ci = (render.ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"```bash\n{ci}\n```" in readme

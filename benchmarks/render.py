@@ -362,8 +362,8 @@ LLM_PICKS = [  # (file, row key, how the setting was picked)
     ("llm.json", "kmeans-4b-g16-cs", "no setting to pick"),
     ("llm_dkm36.json", "dkm-distill-4b-g16-cs", "lr 3e-5: first guess, not tuned"),
     ("llm_dkm108.json", "dkm-distill-4b-g16-cs", "lr 3e-5, 108 steps: not tuned"),
-    ("llm_dkm36_lr1e-4.json", "dkm-distill-4b-g16-cs", "lr 1e-4: one of the lr sweep {3e-5, 1e-4, 3e-4}"),
-    ("llm_dkm36_lr3e-4.json", "dkm-distill-4b-g16-cs", "lr 3e-4: best of that sweep on PTB valid[:512]"),
+    ("llm_dkm36_lr1e-4.json", "dkm-distill-4b-g16-cs", "lr 1e-4: second of {3e-5, 1e-4, 3e-4} on PTB valid[:512]"),
+    ("llm_dkm36_lr3e-4.json", "dkm-distill-4b-g16-cs", "lr 3e-4: best of {3e-5, 1e-4, 3e-4} on PTB valid[:512]"),
     ("llm_dkm36_seq512_lr3e-4.json", "dkm-distill-4b-g16-cs", "1 × 512 tokens per step instead of 4 × 128: "
                                                                "one try, not tuned"),
     ("llm.json", "rtn-3b-g64", "no setting to pick"),

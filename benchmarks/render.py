@@ -434,8 +434,30 @@ def paper_sizes(ctx: Ctx) -> str:
                  rows) + f"\n\nSource: {ctx.link(path)}."
 
 
+def ptq_granularity(ctx: Ctx) -> str:
+    """Post-training k-means at each LUT granularity (ptq_granularity.py), one table per model from a clean run."""
+    path = BENCH / "vision" / "results" / "ptq_granularity.json"
+    out, dirty = [], []
+    for res in load("vision/results/ptq_granularity.json")["results"]:
+        if not is_clean(res):
+            dirty.append(f"{res['model']} ({state(res)})")
+            continue
+        if res["model"] == "mobilenet_v2":
+            head = ["bits", "granularity", "bits/weight", "top-1 agreement with fp32 %", "KL to fp32"]
+            rows = [[r["bits"], r["granularity"], f"{r['bits_per_weight']:.3f}", f"{100 * r['top1_agree']:.1f}",
+                     f"{r['kl']:.4f}"] for r in res["rows"]]
+        else:
+            head = ["bits", "granularity", "bits/weight", "embedding rel. error", "BBC accuracy %"]
+            rows = [[r["bits"], r["granularity"], f"{r['bits_per_weight']:.3f}", f"{r['rel_err']:.4f}",
+                     f"{100 * r['acc']:.2f}"] for r in res["rows"]]
+        out.append(f"**{res['model']}** (`{res['command']}`)\n\n" + table(head, rows))
+    if dirty:
+        out.append(f"Not shown (made from a tree with uncommitted changes): {', '.join(dirty)} in {ctx.link(path)}.")
+    return "\n\n".join(out)
+
+
 TABLES = {f.__name__: f for f in (vision_tag, vision_headline, vision_new_1bit, provenance_list, nlp_table, nlp_val,
-                                   llm_table, include, paper_sizes)}
+                                   llm_table, include, paper_sizes, ptq_granularity)}
 TABLES["rule"] = lambda ctx: RULE
 
 

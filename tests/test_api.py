@@ -149,9 +149,9 @@ def test_report_prints_table(capsys):
     net = prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(bits=3, min_numel=0))
     report(net)
     out = capsys.readouterr().out
-    # the layer's row: name, kind, shape, bits, dim, LUTs, scale, weights, bits/weight (4096·3 + 8·32) / 4096,
-    # KiB 12544/8/1024
-    assert re.search(r"^0 +Linear +\[64, 64\] +3 +1 +1 +- +4096 +3\.06[23] +1\.53$", out, re.M), out
+    # the layer's row: name, kind, shape, bits, dim, LUTs, scale, vector axis, weights, bits/weight
+    # (4096·3 + 8·32) / 4096, KiB 12544/8/1024
+    assert re.search(r"^0 +Linear +\[64, 64\] +3 +1 +1 +- +- +4096 +3\.06[23] +1\.53$", out, re.M), out
     # totals: (4096 + 64)·4 bytes fp32 -> 12544/8 + 64·4 = 1824 bytes = 9.1x
     assert re.search(r"^1 compressed layers; .*fp32 0\.016 MiB -> compressed 0\.002 MiB = 9\.1x smaller$", out, re.M), out
 

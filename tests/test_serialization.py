@@ -226,11 +226,11 @@ def test_plain_safetensors_is_not_a_torchdkm_file(tmp_path):
 
 def test_newer_format_version(tmp_path, cnn_file):
     def newer(meta):
-        meta["format_version"] = 3
+        meta["format_version"] = 4
         meta["torchdkm_version"] = "9.0"
 
     (tmp_path / "new").write_bytes(_rewrite_meta(cnn_file[2], newer))
-    with pytest.raises(FormatError, match="format version 3 .*torchdkm '9.0'.*upgrade"):
+    with pytest.raises(FormatError, match="format version 4 .*torchdkm '9.0'.*upgrade"):
         torchdkm.load(tmp_path / "new")
 
 

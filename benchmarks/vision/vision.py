@@ -73,7 +73,8 @@ DEFAULTS = {"ptq_kmeans": {}, "dkm": {"lr": 1e-3, "tau_scale": 0.05},
             "coreml_dkm": {"lr": 1e-3, "palett_tau": 1e-4}}
 # Training options outside the tuned settings (flags of this script; tune.py runs without them).
 TRAINING_OPTIONS = {"tau_scale_end": None, "hard_forward": False, "direct_grad": 0.0, "kd": 0.0, "kd_temperature": 2.0,
-                    "bn_recal": 0, "group_size": None, "channel_scale": False, "layer_budget": None}
+                    "bn_recal": 0, "group_size": None, "channel_scale": False, "layer_budget": None,
+                    "vector_axis": "flat"}
 CLUSTERED = ("ptq_kmeans", "st_kmeans", "dkm")  # the methods --group-size / --channel-scale apply to
 KNOB = {"dkm": "tau_scale", "st_kmeans": "centroid_lr_mult", "qat_lsq": "scale_lr_mult", "coreml_dkm": "palett_tau"}
 SCRIPT = Path(__file__).resolve()
@@ -119,6 +120,8 @@ def parse(argv=None):
                         f"(of {list(BUDGETS)}) instead of the run's budget")
     p.add_argument("--side-by-side", nargs="+", default=None, metavar="TAG",
                    help="run nothing: write <--tag>.md comparing the results under these tags")
+    p.add_argument("--vector-axis", default="flat", choices=["flat", "output", "input", "auto"],
+                   help="DKM: DKMConfig(vector_axis=...), how d-vectors are formed (default: row-major)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--fp32-epochs", type=int, default=None)
     p.add_argument("--n-val", type=int, default=None, help="validation examples carved from the training data")
@@ -279,6 +282,8 @@ def run_settings(method: str, hp: dict, a) -> dict:
     hp = dict(hp)
     if method == "dkm" and o.tau_scale_end is not None:
         hp.update(tau_scale_end=o.tau_scale_end, anneal_steps=a.steps)
+    if method == "dkm" and o.vector_axis != "flat":
+        hp.update(vector_axis=o.vector_axis)
     if method == "dkm" and o.hard_forward:
         hp.update(hard_forward=True)
     if method == "dkm" and o.direct_grad:
@@ -299,7 +304,7 @@ def run_one(method, fp32, budget, seed, data, a, log, hp, evals=("val", "test"))
     if method not in CLUSTERED:  # qat_lsq, coreml_dkm: their own granularity
         o.group_size, o.channel_scale = None, False
     cfg = torchdkm.DKMConfig(bits=bits, dim=dim, min_numel=0, seed=seed, iters=a.iters, group_size=o.group_size,
-                             channel_scale=o.channel_scale)
+                             channel_scale=o.channel_scale, vector_axis=o.vector_axis if method == "dkm" else "flat")
     per_layer = layer_budgets(fp32, cfg, o.layer_budget)
     fitted, notes = common.fitted_granularity(fp32, cfg, common.granularity_rules(cfg, per_layer))
     for name, c in per_layer.items():  # the layer's budget, then its granularity changes

@@ -104,8 +104,9 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
         lut = p.centroids.to(w.dtype).clone()
         scale = None if scale is None else scale.reshape(-1).to(w.dtype).clone()
         # the weight as every later reader rebuilds it (compact mode, ONNX, artifact), so all of them agree
-        hard = indices_to_weight(idx, lut, w.shape, w.dtype, scale)
+        hard = indices_to_weight(idx, lut, w.shape, w.dtype, scale, p.axis)
         remove_weight_parametrizations(module)
         module.weight.copy_(hard)
-        module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut, scale=scale)
+        module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut, scale=scale,
+                                          axis=p.axis)
     return model

@@ -24,14 +24,14 @@ from .parametrization import LUTWeight, is_compact, require_plain
 __all__ = ["LUTWeight", "compact", "compact_layer", "is_compact"]
 
 
-def compact_layer(module: nn.Module, packed: Tensor, lut: Tensor, bits: int, shape, scale=None) -> None:
+def compact_layer(module: nn.Module, packed: Tensor, lut: Tensor, bits: int, shape, scale=None, axis=None) -> None:
     """Make ``module.weight`` the packed indices (uint8, as pack_bits gives) + LUTs (G × k × d) and optional
-    per-slice scales (C0), in the weight's dtype, rebuilt on read."""
+    per-slice scales (C0), in the weight's dtype, rebuilt on read (vectors along ``axis``, None: row-major)."""
     if "weight" in module._parameters:
         del module._parameters["weight"]
     module.register_buffer("weight", pad_to_groups(packed, bits))
     # unsafe: the parametrization changes dtype and shape (uint8 bytes -> float weight) on purpose.
-    parametrize.register_parametrization(module, "weight", LUTWeight(lut, bits, shape, scale), unsafe=True)
+    parametrize.register_parametrization(module, "weight", LUTWeight(lut, bits, shape, scale, axis), unsafe=True)
 
 
 @torch.no_grad()
@@ -52,11 +52,12 @@ def compact(model: nn.Module) -> nn.Module:
     for name, module, fin in layers:
         w = module.weight
         try:
-            idx = weight_to_indices(w, fin.lut, fin.pad, fin.scale)
+            idx = weight_to_indices(w, fin.lut, fin.pad, fin.scale, fin.axis)
         except ConfigError as e:
             raise ConfigError(f"layer {name!r}: {e}") from None
         scale = None if fin.scale is None else fin.scale.to(w.dtype).clone()
-        compact_layer(module, pack_bits(idx, fin.bits), fin.lut.to(w.dtype).clone(), fin.bits, w.shape, scale)
+        compact_layer(module, pack_bits(idx, fin.bits), fin.lut.to(w.dtype).clone(), fin.bits, w.shape, scale,
+                      fin.axis)
         del module._torchdkm  # its record now lives in the parametrization; report() counts dense layers only
     for module, owner in tied:
         rebuild = owner.parametrizations.weight

@@ -21,6 +21,8 @@ from .errors import ConfigError
 
 TauSpec = Union[float, str]
 SCALE_KINDS = {False: None, True: "max", "max": "max", "rms": "rms"}
+VECTOR_AXES = ("flat", "output", "input", "auto")
+_NAMED_AXES = {"output": 0, "input": 1}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,15 @@ class DKMConfig:
                "max" is coremltools' choice; "rms" is robust to a few outlier weights per slice (measured far better
                on MiniLM, whose hidden dimension has outliers; "max" better on MobileNetV2 and SmolLM2, see the
                README). With dim > 1, dim must divide the slice size.
+    vector_axis: how d-vectors (dim > 1) are formed from the weight:
+               "flat": d consecutive weights in row-major order (for a Linear, along its inputs; for a 3×3 conv,
+               along the kernel width and across kernel rows);
+               "output": d consecutive slices of axis 0 (output channels of Linear/Conv) at the same position;
+               "input": d consecutive entries of axis 1 (input channels of a conv, inputs of a Linear);
+               "auto": "flat" where Core ML can ship it (dim divides the last axis of size > 1), else "output",
+               else "input" (whichever dim divides; per layer, see ``torchdkm.report``).
+               Core ML reads vectors along one axis, which "flat" is only when dim divides the last axis.
+               "output" needs dim to divide each group's slices (C0 / G), "input" dim to divide axis 1.
     shard:     under torch.distributed (a process group of R > 1 ranks, e.g. torchrun + DDP), split this layer's
                DKM rows across the ranks of the default group: each computes attention for N/R rows, the
                statistics are all-reduced per iteration and the clustered weight and its gradient all-reduced
@@ -88,6 +99,7 @@ class DKMConfig:
     save_attention: bool = False
     group_size: Optional[int] = None
     channel_scale: Union[bool, str] = False
+    vector_axis: str = "flat"
     shard: bool = False
     min_numel: int = 4096
     seed: int = 0
@@ -127,6 +139,9 @@ class DKMConfig:
         if self.channel_scale not in SCALE_KINDS:
             raise ConfigError(f"DKMConfig.channel_scale={self.channel_scale!r} is not allowed: give False, 'max' (or "
                               f"True) or 'rms'")
+        if self.vector_axis not in VECTOR_AXES:
+            raise ConfigError(f"DKMConfig.vector_axis={self.vector_axis!r} is not allowed: give one of "
+                              f"{', '.join(map(repr, VECTOR_AXES))}")
         if not isinstance(self.shard, bool):
             raise ConfigError(f"DKMConfig.shard={self.shard!r} is not allowed: give True or False")
         if not isinstance(self.save_attention, bool):
@@ -145,13 +160,37 @@ class DKMConfig:
         """Number of LUTs for a weight of ``shape``."""
         return 1 if self.group_size is None else shape[0] // self.group_size
 
+    def axis(self, shape) -> Optional[int]:
+        """The weight axis the d-vectors run along for a weight of ``shape`` (None: row-major, "flat"); "auto"
+        resolved. Always None for dim = 1."""
+        if self.dim == 1 or self.vector_axis == "flat":
+            return None
+        if self.vector_axis != "auto":
+            return _NAMED_AXES[self.vector_axis]
+        groups = self.groups(shape)
+        for axis in (None, 0, 1):
+            if axis is None or axis < len(shape):
+                if coreml_layout_problem(shape, self.dim, groups, axis) is None:
+                    return axis
+        return None
+
     def layout_problem(self, shape) -> Optional[str]:
-        """Why this config cannot lay out a weight of ``shape`` (group_size, channel_scale, dim), or None."""
+        """Why this config cannot lay out a weight of ``shape`` (group_size, channel_scale, dim, vector_axis), or
+        None."""
         numel = math.prod(shape)
         rows, g = shape[0], self.group_size
         if g is not None and rows % g:
             fits = [x for x in range(1, min(g, rows) + 1) if rows % x == 0][-1]
             return f"group_size={g} does not divide its {rows} axis-0 slices (the largest divisor up to {g} is {fits})"
+        axis = self.axis(shape)
+        if axis is not None:
+            if axis >= len(shape):
+                return f"vector_axis={self.vector_axis!r} needs a weight with an axis {axis}"
+            size = rows // self.groups(shape) if axis == 0 else shape[axis]
+            if size % self.dim:
+                what = "axis-0 slices per LUT" if axis == 0 else f"entries along axis {axis}"
+                return f"vector_axis={self.vector_axis!r}: dim={self.dim} does not divide its {size} {what}"
+            return None
         if g is not None and self.dim > 1 and (numel // rows * g) % self.dim:
             return f"dim={self.dim} does not divide the {numel // rows * g} weights of a group of {g} slices"
         if self.channel_scale and self.dim > 1 and (numel // rows) % self.dim:
@@ -168,6 +207,25 @@ class DKMConfig:
     def replace(self, **changes) -> "DKMConfig":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
+
+
+def flat_axis(shape) -> int:
+    """The axis row-major d-vectors run along: the last one of size > 1 (trailing size-1 axes add nothing)."""
+    return max([i for i, s in enumerate(shape) if s > 1], default=len(shape) - 1)
+
+
+def coreml_layout_problem(shape, dim: int, groups: int, axis: Optional[int]) -> Optional[str]:
+    """Why Core ML cannot read the d-vectors of a weight of ``shape`` laid out along ``axis`` (None: row-major), or
+    None. Core ML's LUT op takes vectors along one axis: dim must divide it, and for axis 0 each LUT's slices."""
+    if dim == 1:
+        return None
+    a = flat_axis(shape) if axis is None else axis
+    size = shape[0] // groups if a == 0 else shape[a]
+    if size % dim:
+        where = "row-major vectors run along" if axis is None else "vector_axis is"
+        what = f"its {size} axis-0 slices per LUT" if a == 0 else f"its size {size}"
+        return f"{where} axis {a}, and dim={dim} does not divide {what}"
+    return None
 
 
 def _is_number(x) -> bool:

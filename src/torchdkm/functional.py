@@ -477,11 +477,21 @@ def to_vectors(weight: Tensor, dim: int) -> Tuple[Tensor, int]:
     return flat.view(-1, dim), pad
 
 
-def to_group_vectors(weight: Tensor, dim: int, groups: int) -> Tuple[Tensor, int]:
-    """``weight`` as G × (N/G) × dim vectors, group g holding axis-0 slices g·C0/G .. (g+1)·C0/G - 1 (contiguous in
-    row-major order); returns (vectors, pad). With G > 1 each group's numel must be a multiple of dim (pad 0)."""
-    vecs, pad = to_vectors(weight, dim)
-    return vecs.view(groups, -1, dim), pad
+def to_group_vectors(weight: Tensor, dim: int, groups: int, axis: Optional[int] = None) -> Tuple[Tensor, int]:
+    """``weight`` as G × (N/G) × dim vectors, group g holding axis-0 slices g·C0/G .. (g+1)·C0/G - 1; returns
+    (vectors, pad). ``axis`` None: row-major (C) order, the tail zero-padded when dim does not divide numel (with
+    G > 1 each group's numel must be a multiple of dim). ``axis`` a: each vector holds dim consecutive entries along
+    axis a at fixed other coordinates (dim must divide that axis, and for a = 0 each group's C0/G slices), vectors
+    ordered row-major over (axes before a, a / dim, axes after a); pad 0.
+
+    Example: a 3×3 conv weight 32 × 16 × 3 × 3, dim=4, axis=0 -> 1 × 1152 × 4, vector i = w[4j:4j+4, c, y, x]."""
+    if axis is None:
+        vecs, pad = to_vectors(weight, dim)
+        return vecs.view(groups, -1, dim), pad
+    shape = weight.shape
+    pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    vecs = weight.reshape(pre, shape[axis] // dim, dim, post).transpose(2, 3)
+    return vecs.reshape(groups, -1, dim), 0
 
 
 def channel_scale(weight: Tensor, kind: str = "max") -> Tensor:
@@ -497,8 +507,12 @@ def channel_scale(weight: Tensor, kind: str = "max") -> Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def from_vectors(vectors: Tensor, shape, pad: int) -> Tensor:
-    """Inverse of :func:`to_vectors` (and of :func:`to_group_vectors`)."""
+def from_vectors(vectors: Tensor, shape, pad: int, axis: Optional[int] = None) -> Tensor:
+    """Inverse of :func:`to_vectors` and of :func:`to_group_vectors` (with the same ``axis``)."""
+    if axis is not None:
+        pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+        d = vectors.shape[-1]
+        return vectors.reshape(pre, shape[axis] // d, post, d).transpose(2, 3).reshape(shape)
     flat = vectors.reshape(-1)
     if pad:
         flat = flat[: flat.numel() - pad]

@@ -31,6 +31,7 @@ class FinalizedLayer:
     lut: G × k × d centroids in the weight's dtype, one table per group of axis-0 slices (G = 1: per-tensor).
     pad: zero entries appended so d divides the weight's numel.
     scale: per-axis-0-slice scales (C0) in the weight's dtype, or None: the weight is lut[idx] × scale.
+    axis: the weight axis the d-vectors run along (None: row-major; see torchdkm.functional.to_group_vectors).
     """
 
     bits: int
@@ -38,6 +39,7 @@ class FinalizedLayer:
     pad: int
     lut: Tensor
     scale: Optional[Tensor] = None
+    axis: Optional[int] = None
 
     @property
     def groups(self) -> int:

@@ -47,6 +47,7 @@ class DKMWeight(nn.Module):
         self.config = config
         self.name = name
         self.groups = config.groups(weight.shape)
+        self.axis = config.axis(tuple(weight.shape))  # the resolved vector axis (None: row-major)
         dt = compute_dtype(weight)
         self.register_buffer("centroids", torch.zeros(self.groups, config.k, config.dim, dtype=dt,
                                                       device=weight.device))
@@ -68,14 +69,13 @@ class DKMWeight(nn.Module):
         w = weight.to(compute_dtype(weight))
         kind = self.config.scale_kind
         scale = channel_scale(w, kind) if kind else None
-        vecs, pad = to_group_vectors(w if scale is None else w / scale, self.config.dim, self.groups)
+        vecs, pad = to_group_vectors(w if scale is None else w / scale, self.config.dim, self.groups, self.axis)
         return vecs, pad, scale
 
-    @staticmethod
-    def join(vecs: Tensor, like: Tensor, pad: int, scale: Optional[Tensor]) -> Tensor:
+    def join(self, vecs: Tensor, like: Tensor, pad: int, scale: Optional[Tensor]) -> Tensor:
         """Inverse of :meth:`split`, in ``like``'s shape and dtype; the scale multiplies in that dtype, as
         torchdkm.lut.indices_to_weight rebuilds finalized weights."""
-        out = from_vectors(vecs, like.shape, pad).to(like.dtype)
+        out = from_vectors(vecs, like.shape, pad, self.axis).to(like.dtype)
         return out if scale is None else out * scale.to(like.dtype)
 
     @torch.no_grad()
@@ -140,7 +140,8 @@ class DKMWeight(nn.Module):
         gran = (f", groups={self.groups} of {c.group_size}" if c.group_size else "") + (
             f", channel_scale={c.scale_kind}" if c.scale_kind else "")
         direct = f", direct_grad={c.direct_grad:g}" if c.direct_grad else ""
-        return (f"bits={c.bits}, dim={c.dim}{gran}, tau={c.tau!r}, iters={c.iters}{sched}, "
+        axis = "" if self.axis is None else f", vector_axis={self.axis}"
+        return (f"bits={c.bits}, dim={c.dim}{axis}{gran}, tau={c.tau!r}, iters={c.iters}{sched}, "
                 f"hard_forward={c.hard_forward}{direct}")
 
 
@@ -174,18 +175,21 @@ class LUTWeight(nn.Module):
     (C0, or None), in the weight's dtype.
     """
 
-    def __init__(self, lut: Tensor, bits: int, shape: Sequence[int], scale: Optional[Tensor] = None):
+    def __init__(self, lut: Tensor, bits: int, shape: Sequence[int], scale: Optional[Tensor] = None,
+                 axis: Optional[int] = None):
         super().__init__()
         self.register_buffer("lut", lut)
         self.register_buffer("scale", scale)
-        self.bits, self.shape = bits, tuple(shape)
+        self.bits, self.shape, self.axis = bits, tuple(shape), axis
 
     def forward(self, packed: Tensor) -> Tensor:
-        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype, self.scale)
+        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype, self.scale,
+                                 self.axis)
 
     def extra_repr(self) -> str:
         scale = "" if self.scale is None else f", scale={tuple(self.scale.shape)}"
-        return f"bits={self.bits}, lut={tuple(self.lut.shape)}{scale}, shape={self.shape}"
+        axis = "" if self.axis is None else f", vector_axis={self.axis}"
+        return f"bits={self.bits}, lut={tuple(self.lut.shape)}{scale}{axis}, shape={self.shape}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,15 +249,16 @@ class LayerSpec(NamedTuple):
     dim: int
     groups: int  # LUTs (1: per-tensor)
     scaled: bool  # per-axis-0-slice scales stored
+    axis: Optional[int] = None  # the vector axis (None: row-major)
 
 
 def layer_spec(module: nn.Module) -> Optional[LayerSpec]:
     """The layout of a layer prepared for DKM or finalized, or None for any other module."""
     p = dkm_parametrization(module)
     if p is not None:
-        return LayerSpec(p.config.bits, p.config.dim, p.groups, p.config.scale_kind is not None)
+        return LayerSpec(p.config.bits, p.config.dim, p.groups, p.config.scale_kind is not None, p.axis)
     fin = finalized_record(module)
-    return LayerSpec(fin.bits, fin.dim, fin.groups, fin.scale is not None) if fin is not None else None
+    return LayerSpec(fin.bits, fin.dim, fin.groups, fin.scale is not None, fin.axis) if fin is not None else None
 
 
 def require_plain(model: nn.Module, action: str, *, dense: bool = False) -> None:

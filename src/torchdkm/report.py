@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 from torch import nn
 
@@ -27,6 +27,7 @@ class LayerRow:
     lut_bits: int
     groups: int = 1
     scaled: bool = False
+    vector_axis: Optional[int] = None  # the axis d-vectors run along (None: row-major)
 
     @property
     def stored_bits(self) -> int:
@@ -75,13 +76,13 @@ class Report:
         }
 
     def table(self) -> str:
-        head = (f"{'layer':<40} {'kind':<10} {'shape':<20} {'bits':>4} {'dim':>3} {'LUTs':>5} {'scale':>5} "
+        head = (f"{'layer':<40} {'kind':<10} {'shape':<20} {'bits':>4} {'dim':>3} {'LUTs':>5} {'scale':>5} {'axis':>4} "
                 f"{'weights':>10} {'bits/w':>7} {'KiB':>9}")
         lines = [head, "-" * len(head)]
         for r in self.layers:
             lines.append(
                 f"{r.name[-40:]:<40} {r.kind[:10]:<10} {str(list(r.shape))[:20]:<20} {r.bits:>4} {r.dim:>3} "
-                f"{r.groups:>5} {'yes' if r.scaled else '-':>5} {r.numel:>10} {r.bits_per_weight:>7.3f} "
+                f"{r.groups:>5} {'yes' if r.scaled else '-':>5} {_axis(r):>4} {r.numel:>10} {r.bits_per_weight:>7.3f} "
                 f"{r.stored_bits / 8 / 1024:>9.2f}"
             )
         lines.append("-" * len(head))
@@ -114,7 +115,7 @@ def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = Tr
         n_vec = -(-w.numel() // spec.dim)
         table_bits = (spec.groups * 2 ** spec.bits * spec.dim + (w.shape[0] if spec.scaled else 0)) * lut_dtype_bits
         rows.append(LayerRow(name, _kind(module), tuple(w.shape), spec.bits, spec.dim, w.numel(), n_vec * spec.bits,
-                             table_bits, spec.groups, spec.scaled))
+                             table_bits, spec.groups, spec.scaled, spec.axis))
     params = {id(p): p for p in model.parameters()}
     fp32 = sum(p.numel() for p in params.values()) * 4
     other = sum(p.numel() * p.element_size() for i, p in params.items() if i not in compressed_ids)
@@ -123,6 +124,11 @@ def report(model: nn.Module, *, lut_dtype_bits: int = 32, print_table: bool = Tr
     if print_table:
         print(out.table())
     return out
+
+
+def _axis(row: LayerRow) -> str:
+    """The table's vector-axis cell: '-' for dim 1, 'flat' for row-major vectors, else the axis."""
+    return "-" if row.dim == 1 else ("flat" if row.vector_axis is None else str(row.vector_axis))
 
 
 def _kind(module: nn.Module) -> str:

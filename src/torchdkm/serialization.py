@@ -20,8 +20,11 @@ payload is detected (the safetensors package, which writes and parses the file, 
 offsets, not its bytes). File size = report(model).compressed_bytes + buffer_bytes + header (8-byte length +
 header JSON, a few KB) + < 1 byte per layer (each layer's indices round up to whole bytes).
 
-Format 1 (torchdkm 0.1) is format 2 with one k × d LUT per layer and no scales, "groups" and "channel_scale"
-absent; it still loads.
+Format 3 adds a per-layer "vector_axis" (int) for layers whose d-vectors run along one weight axis
+(DKMConfig.vector_axis; indices then in the order of torchdkm.functional.to_group_vectors with that axis); a file
+is written as format 3 only when some layer has one, so files without it stay readable by torchdkm 0.2. Format 1
+(torchdkm 0.1) is format 2 with one k × d LUT per layer and no scales, "groups" and "channel_scale" absent; it still
+loads.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from .lut import finalized_layers, indices_to_weight, weight_key, weight_to_indi
 from .packing import pack_bits, packed_size, unpack_bits
 from .parametrization import require_plain
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
@@ -102,7 +105,8 @@ def save(model: nn.Module, path, *, lut_dtype: torch.dtype = torch.float32) -> N
         raise ConfigError(f"state_dict entries {clash} clash with the names torchdkm stores compressed weights under")
     tensors = _for_safetensors(tensors)
     meta = {
-        "format": "torchdkm", "format_version": FORMAT_VERSION, "torchdkm_version": _version(),
+        "format": "torchdkm", "torchdkm_version": _version(),
+        "format_version": FORMAT_VERSION if any("vector_axis" in i for i in meta_layers.values()) else 2,
         "lut_dtype": lut_name, "layers": meta_layers, "aliases": aliases,
         "buffers": [k for k in state if k not in param_keys],
         "crc32": [crc32(tensors[n]) for n in sorted(tensors)], "header_crc32": header_checksum(tensors),
@@ -162,12 +166,14 @@ def _encode(name: str, module: nn.Module, fin: FinalizedLayer, lut_dtype: torch.
         raise ConfigError(f"layer {name!r}: its LUT has shape {tuple(fin.lut.shape)}, expected {want} with G dividing "
                           f"{w.shape[0]}")
     try:
-        idx = weight_to_indices(w, fin.lut, fin.pad, fin.scale)
+        idx = weight_to_indices(w, fin.lut, fin.pad, fin.scale, fin.axis)
     except ConfigError as e:
         raise ConfigError(f"layer {name!r}: {e}; finalize again before saving") from None
     info = {"module": name, "kind": type(module).__name__, "shape": list(w.shape), "dtype": str(w.dtype)[6:],
             "bits": fin.bits, "dim": fin.dim, "pad": fin.pad, "n_vectors": idx.numel(), "groups": fin.groups,
             "channel_scale": fin.scale is not None}
+    if fin.axis is not None:
+        info["vector_axis"] = fin.axis
     parts = {"lut": fin.lut.detach().to(lut_dtype).contiguous(), "indices": pack_bits(idx, fin.bits)}
     if fin.scale is not None:
         parts["scale"] = fin.scale.detach().to(lut_dtype).reshape(-1).contiguous()
@@ -353,6 +359,13 @@ def _layer_problem(info, version: int) -> Optional[str]:
     groups = info.get("groups", 1)
     if not shape or groups < 1 or shape[0] % groups or (groups > 1 and pad):
         return f"groups={groups} does not divide axis 0 of shape {shape} into whole vectors"
+    if "vector_axis" in info:
+        axis = info["vector_axis"]
+        if version < 3 or type(axis) is not int or not 0 <= axis < len(shape) or pad:
+            return f"vector_axis={axis!r} is not an axis of shape {shape} (format 3, no pad)"
+        size = shape[0] // groups if axis == 0 else shape[axis]
+        if size % dim:
+            return f"vector_axis={axis}: dim={dim} does not divide {size}"
     return None
 
 
@@ -371,7 +384,7 @@ def decode(art: Artifact) -> Dict[str, Tensor]:
         idx = unpack_bits(art.tensors[f"{key}.indices"], info["bits"], info["n_vectors"])
         dtype = WEIGHT_DTYPES[info["dtype"]]
         state[key] = indices_to_weight(idx, art.tensors[f"{key}.lut"].to(dtype), info["shape"], dtype,
-                                       art.tensors.get(f"{key}.scale"))
+                                       art.tensors.get(f"{key}.scale"), info.get("vector_axis"))
     parts = _stored_parts(art)
     for name, t in art.tensors.items():
         if name not in parts:
@@ -408,7 +421,8 @@ def load(path, model: Optional[nn.Module] = None):
         lut = art.tensors[f"{key}.lut"].to(module.weight.dtype)
         scale = art.tensors.get(f"{key}.scale")
         module._torchdkm = FinalizedLayer(info["bits"], info["dim"], info["pad"], lut,
-                                          None if scale is None else scale.to(module.weight.dtype))
+                                          None if scale is None else scale.to(module.weight.dtype),
+                                          info.get("vector_axis"))
     return model
 
 
@@ -435,6 +449,7 @@ def inspect_file(path) -> dict:
         rows.append({"name": key, "module": info["module"], "kind": info["kind"], "shape": info["shape"],
                      "dtype": info["dtype"], "bits": info["bits"], "dim": info["dim"], "pad": info["pad"],
                      "groups": info["groups"], "channel_scale": info["channel_scale"], "lut_shape": list(lut.shape),
+                     "vector_axis": info.get("vector_axis"),
                      "index_bytes": stored - lut_bytes - scale_bytes, "lut_bytes": lut_bytes,
                      "scale_bytes": scale_bytes, "stored_bytes": stored,
                      "bits_per_weight": (index_bits + 8 * (lut_bytes + scale_bytes)) / max(numel, 1)})

@@ -45,6 +45,7 @@ from ..api import finalize, initialize, prepare
 from ..config import DKMConfig
 from ..distill import distillation_loss
 from ..errors import ConfigError, NonFiniteError
+from ..export.coreml import check_layers
 from ..parametrization import is_dtensor
 from ..stats import dkm_layer_stats, weights_and_centroids
 from ..training import recalibrate_batchnorm, soft_weights
@@ -153,6 +154,8 @@ class Job:
         dkm_steps = self.t.epochs * self._steps_per_epoch()
         prepare(model, _with_schedule(comp.config, dkm_steps), {k: _with_schedule(c, dkm_steps) if c else c
                                                                  for k, c in comp.rules.items()})
+        if comp.coreml:  # before any training step: a layout Core ML cannot read fails here, not at export
+            check_layers(model)
         dkm_ckpt = ckpt if ckpt is not None and ckpt["phase"] == "dkm" else None
         if dkm_ckpt is not None:
             model.load_state_dict(dkm_ckpt["model"])

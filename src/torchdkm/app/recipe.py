@@ -35,6 +35,8 @@ the allowed ones)::
       direct_grad: 0.0                    # each weight also gets this × its own gradient (long runs: 1.0)
       group_size: null                    # null: one LUT per layer; g: one per g output channels
       channel_scale: false                # normalise each output channel by its max |w| before clustering
+      vector_axis: flat                   # dim > 1: flat (row-major) | output | input | auto (Core ML-safe)
+      coreml: false                       # true: refuse, before training, layouts Core ML cannot ship
       rules:
         stem.0: null                      # skip this layer
         "re:.*fc": {bits: 8}              # fields override the global ones above
@@ -163,6 +165,7 @@ class TrainingSpec:
 class CompressionSpec:
     config: DKMConfig
     rules: Dict[str, Optional[DKMConfig]]
+    coreml: bool = False  # the model is meant for Core ML: every layer's vector layout is checked before training
 
 
 @dataclass(frozen=True)
@@ -375,8 +378,11 @@ def _parse_training(raw) -> TrainingSpec:
 def _parse_compression(raw) -> CompressionSpec:
     _check_mapping("compression", raw)
     cfg_keys = tuple(f.name for f in fields(DKMConfig))
-    _check_keys("compression", raw, cfg_keys + ("rules",))
-    glob = _dkm_config("compression", DKMConfig(), {k: v for k, v in raw.items() if k != "rules"})
+    _check_keys("compression", raw, cfg_keys + ("rules", "coreml"))
+    coreml = raw.get("coreml", False)
+    if not isinstance(coreml, bool):
+        raise ConfigError(f"compression.coreml={coreml!r} is not allowed: give true or false")
+    glob = _dkm_config("compression", DKMConfig(), {k: v for k, v in raw.items() if k not in ("rules", "coreml")})
     rules_raw = raw.get("rules") or {}
     _check_mapping("compression.rules", rules_raw)
     rules: Dict[str, Optional[DKMConfig]] = {}
@@ -390,7 +396,7 @@ def _parse_compression(raw) -> CompressionSpec:
         _check_mapping(where, value)
         _check_keys(where, value, cfg_keys)
         rules[key] = _dkm_config(where, glob, value)
-    return CompressionSpec(glob, rules)
+    return CompressionSpec(glob, rules, coreml)
 
 
 def _parse_distributed(raw) -> DistributedSpec:

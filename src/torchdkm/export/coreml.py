@@ -10,27 +10,32 @@ coremltools' own palettizer leaves, on each palettized module, buffers named ``_
     lut                 = [G] + [1]*(rank-1) + [k, d]  G tables, table i for output channels i·C/G .. (i+1)·C/G - 1
                                                    (G = 1: one LUT for the whole tensor); unscaled centroids
     palettization_scale = C × 1 × ...              (layers with per-channel scales only)
-    vector_axis         = a                        (d > 1 only: the last axis of size > 1, along which our
-                                                   row-major d-vectors run, e.g. 1 = input channels of a 1x1 conv)
+    vector_axis         = a                        (d > 1 only: the layer's DKMConfig.vector_axis, or for row-major
+                                                   vectors the last axis of size > 1, which they then run along,
+                                                   e.g. 1 = input channels of a 1x1 conv)
 
 The converter recomputes the indices itself: it divides the traced weight by the scale and takes the nearest LUT
 row, which recovers ours exactly since the weight is scale × lut[idx]. Grouped LUTs and scales need
 ``minimum_deployment_target=ct.target.iOS18`` or later. With a scale, iOS18 programs store the LUT once per output
 channel (a coremltools pass moves the scale into it; for d > 1 that pass fails in coremltools 9.0), iOS26 programs
 keep the grouped LUT and a ``constexpr_blockwise_shift_scale``; ``fold_scale=True`` folds the scales into C
-per-channel LUTs up front, the form that converts for every d on iOS18.
+per-channel LUTs up front, the form that converts for row-major and input-axis vectors on iOS18. Vectors along the
+output channels with scales convert for iOS26 (a per-channel LUT cannot hold a vector that spans channels).
 
 Core ML has no 5- or 7-bit indices (uint1/2/3/4/6/8 only), so such layers get their LUT padded with copies
 of row 0 to 64 / 256 rows (6 / 8-bit indices; same weights). A d-vector must lie along one axis, so d must
-divide the size of that axis. No coremltools import is needed to attach the metadata.
+divide the size of that axis: row-major vectors of a 3×3 conv (along its kernel width, 3) ship only for d = 3, while
+``DKMConfig(vector_axis="output")`` (or "auto") lays them along the output channels. :func:`check_layers` says so
+right after ``prepare``, before training. No coremltools import is needed to attach the metadata.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 
+from ..config import coreml_layout_problem, flat_axis
 from ..errors import ConfigError
 from ..lut import finalized_layers
 from ..parametrization import layer_spec, original_weight
@@ -40,28 +45,41 @@ PALETTIZATION = 2
 COREML_BITS = (1, 2, 3, 4, 6, 8)
 
 
-def vector_axis(shape) -> int:
-    """The axis our row-major d-vectors run along: the last one of size > 1 (trailing size-1 axes add
-    nothing to the layout)."""
-    return max([i for i, s in enumerate(shape) if s > 1], default=len(shape) - 1)
+def vector_axis(shape, axis: Optional[int] = None) -> int:
+    """The axis a layer's d-vectors run along: ``axis`` (DKMConfig.vector_axis resolved), or for row-major vectors
+    (None) the last axis of size > 1."""
+    return flat_axis(shape) if axis is None else axis
 
 
-def check_layers(model: nn.Module) -> None:
-    """Raise ConfigError naming every prepared or finalized layer whose dim does not divide its vector axis
-    (Core ML cannot lay such vectors out). Call it on the prepared model to learn this before training."""
+def layout_problems(model: nn.Module, *, fold_scale: bool = False) -> List[str]:
+    """One line per prepared or finalized layer of ``model`` whose vectors Core ML cannot read: the layer, its
+    layout, why, and the setting that would fix it. Empty when every layer ships."""
     bad: List[str] = []
     for name, module in model.named_modules():
         spec = layer_spec(module)
-        if spec is None:
+        if spec is None or spec.dim == 1:
             continue
-        dim, shape = spec.dim, tuple(original_weight(module).shape)
-        axis = vector_axis(shape)
-        if dim > 1 and (shape[axis] % dim or (axis == 0 and (shape[0] // spec.groups) % dim)):
-            bad.append(f"{name!r} (weight {shape}, dim={dim}, {spec.groups} LUT(s))")
+        shape = tuple(original_weight(module).shape)
+        why = coreml_layout_problem(shape, spec.dim, spec.groups, spec.axis)
+        if why is None and fold_scale and spec.scaled and spec.axis == 0:
+            why = "fold_scale makes one LUT per output channel, which vectors along the output channels span"
+        if why is None:
+            continue
+        fixes = [f"vector_axis={key!r}" for key, axis in (("output", 0), ("input", 1))
+                 if axis < len(shape) and axis != spec.axis and not (fold_scale and spec.scaled and axis == 0)
+                 and coreml_layout_problem(shape, spec.dim, spec.groups, axis) is None]
+        fix = " or ".join(fixes) if fixes else "a dim that divides one of its axes"
+        bad.append(f"{name!r} (weight {shape}, dim={spec.dim}, {spec.groups} LUT(s)): {why}; use {fix}")
+    return bad
+
+
+def check_layers(model: nn.Module, *, fold_scale: bool = False) -> None:
+    """Raise ConfigError listing every prepared or finalized layer whose d-vectors Core ML cannot read, with the
+    reason and the setting that fixes it. Call it on the prepared model to learn this before training."""
+    bad = layout_problems(model, fold_scale=fold_scale)
     if bad:
-        raise ConfigError(f"Core ML vector palettization needs dim to divide the weight's last axis of size > 1 (and, "
-                          f"when that is axis 0, the output channels of each LUT); not so for {', '.join(bad)}: use a "
-                          f"dim that divides it, or skip the Core ML metadata")
+        raise ConfigError(f"Core ML vector palettization reads d-vectors along one weight axis, so dim must divide "
+                          f"that axis; {len(bad)} layer(s) cannot ship: " + "; ".join(bad))
 
 
 @torch.no_grad()
@@ -72,7 +90,7 @@ def attach_metadata(model: nn.Module, *, fold_scale: bool = False) -> nn.Module:
     convert (iOS16+ target; iOS18+ for grouped LUTs or per-channel scales). ``fold_scale``: ship per-channel
     scales folded into one LUT per output channel (see the module docstring). ``torchdkm.save`` leaves these
     buffers out of the artifact."""
-    check_layers(model)
+    check_layers(model, fold_scale=fold_scale)
     for _, module, fin in finalized_layers(model):
         rank = module.weight.dim()
         lut = fin.lut.detach().float()  # G × k × d
@@ -88,6 +106,6 @@ def attach_metadata(model: nn.Module, *, fold_scale: bool = False) -> nn.Module:
         if scale is not None:
             module.register_buffer(PREFIX + "palettization_scale", scale.reshape([-1] + [1] * (rank - 1)).clone())
         if fin.dim > 1:
-            module.register_buffer(PREFIX + "vector_axis", torch.tensor(vector_axis(module.weight.shape)))
+            module.register_buffer(PREFIX + "vector_axis", torch.tensor(vector_axis(module.weight.shape, fin.axis)))
     model.register_buffer("_COREML_/metadata_version", torch.tensor(1))
     return model

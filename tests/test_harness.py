@@ -49,3 +49,20 @@ def test_write_json_adds_the_runs_provenance(tmp_path):
         assert json.loads(Path(tmp_path / "r.json").read_text())["provenance"] == run
     finally:
         common._RUN.clear()
+
+
+def test_every_benchmark_script_imports_and_runs_standalone_from_its_domain_folder():
+    import importlib
+    import subprocess
+    import sys
+
+    scripts = sorted(p for d in common.DOMAINS for p in (common.HERE / d).glob("*.py"))
+    assert {p.parent.name for p in scripts} == set(common.DOMAINS)
+    for p in scripts:
+        if p.stem == "mobilenet_v2":  # its import looks for an optional weights package
+            continue
+        importlib.import_module(p.stem)
+    for rel in ("engine/dkm_step.py", "engine/artifact_sizes.py", "text/nlp.py"):  # as a user runs them
+        r = subprocess.run([sys.executable, str(common.HERE / rel), "--help"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and "--allow-dirty" in r.stdout, (rel, r.stderr[-2000:])

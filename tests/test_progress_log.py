@@ -218,3 +218,19 @@ def test_a_resumed_run_may_change_its_progress_section_only(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(raw, progress={"every_steps": 3})))
     with pytest.raises(ConfigError, match=r"the recipe differs .*\(changed: training\.lr\)"):
         compress(tmp_path / "r.yaml", tmp_path / "out", resume=True)
+
+
+def test_a_long_phase_says_it_is_still_running(capsys):
+    import time
+
+    p = ProgressLog(every_s=0.05, lines=True)
+    with p.phase("k-means init"):
+        time.sleep(0.3)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "k-means init ..." and re.fullmatch(r"k-means init: finished in [\d.]+ s", out[-1])
+    beats = out[1:-1]
+    assert len(beats) >= 2 and all(re.fullmatch(r"k-means init: still running, [\d.]+ s so far", b) for b in beats)
+    with ProgressLog(every_s=0.05, lines=False).phase("k-means init"):  # a terminal: no heartbeat
+        time.sleep(0.2)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and re.fullmatch(r"k-means init: finished in [\d.]+ s", out[1])

@@ -9,12 +9,14 @@
     # DKM step 12/24: loss 0.2712, 0.20 samples/s, ETA 4m10s
 
 Phase announcements are printed on a terminal too (through tqdm.write, so the bars stay intact); step lines only
-when stdout is not a terminal, where the bars are off. ``enabled=False`` (every rank but 0) prints nothing.
+when stdout is not a terminal, where the bars are off, and there a phase that runs longer than every_s also says
+"still running" every every_s seconds (a slow run is told from a hung one). ``enabled=False`` (every rank but 0) prints nothing.
 Used by ``torchdkm compress`` (torchdkm.app.job) and the Trainer callback (torchdkm.integrations.hf_trainer).
 """
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Optional
@@ -56,15 +58,37 @@ class ProgressLog:
             self.say(f"{what} ...")
         t0 = self.clock()
         ok = False
+        stop = self._heartbeat(what, t0) if loud else None
         try:
             yield
             ok = True
         finally:
+            if stop is not None:
+                stop()
             took = self.clock() - t0
             if kind is not None:
                 self.last_s[kind] = took
             if loud or not ok:
                 self.say(f"{what}: {'finished in' if ok else 'stopped after'} {_duration(took)}")
+
+    def _heartbeat(self, what: str, t0: float):
+        """In log mode, a daemon thread that says "still running" every every_s seconds until the returned
+        function stops it; None when there is nothing to do."""
+        if not self.lines or self.every_s <= 0:
+            return None
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(self.every_s):
+                self.say(f"{what}: still running, {_duration(self.clock() - t0)} so far")
+
+        thread = threading.Thread(target=beat, name="torchdkm-progress", daemon=True)
+        thread.start()
+
+        def stop():
+            done.set()
+            thread.join()
+        return stop
 
     def begin(self, label: str, total: int, done: int = 0, per_step: int = 1, unit: str = "samples",
               note: str = "") -> None:

@@ -310,7 +310,8 @@ def nlp_table(ctx: Ctx, *tags: str) -> str:
             continue
         res = load(f"text/results/{tag}.json")
         if not is_clean(res, path):
-            excluded.append(f"{ctx.link(path)} ({state(res, path) or 'no commit recorded'})")
+            excluded.append(f"{ctx.link(path)} ({state(res, path) or 'no commit recorded'}: the code that made it is "
+                            "not in the history)")
             continue
         sources.append(ctx.link(path))
         fp = fp or res

@@ -97,7 +97,7 @@ def _kmeanspp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # grouped (batched over G tables)
 
-_BINS_PER_CENTROID = 16  # DP bins per centroid for long rows (at least _MIN_BINS); shorter rows: every value a bin
+_BINS_PER_CENTROID = 4  # DP bins per centroid for long rows (at least _MIN_BINS); shorter rows: every value a bin
 _MIN_BINS = 1024
 _OPT_CELLS = 1 << 25  # backtracking table per DP batch: k × groups × (bins + 1) int32 cells (128 MiB)
 
@@ -105,9 +105,10 @@ _OPT_CELLS = 1 << 25  # backtracking table per DP batch: k × groups × (bins + 
 def kmeans_1d_grouped(x: Tensor, k: int, iters: int = 50) -> Tensor:
     """1-D k-means of every row of x (G × N) at once. G × k, sorted per row.
 
-    Rows of at most 16384 values get the exact optimum: the DP over contiguous runs of the sorted values, each layer
-    solved by divide and conquer on the monotone split point (O(k N log N) per row). Longer rows run the same DP over
-    8192 value bins (half spread over the distinct values by rank, half at equal widths), then Lloyd on all values.
+    Rows of at most B = max(1024, 4k) values get the exact optimum: the DP over contiguous runs of the sorted values,
+    each layer solved by divide and conquer on the monotone split point (O(k N log N) per row). Longer rows run the
+    same DP over B value bins (half spread over the distinct values by rank, half at equal widths), then Lloyd, then
+    the exact DP with every boundary within two bins of Lloyd's, then Lloyd again.
     Fewer distinct values than k: each distinct value is a centroid (repeats fill the table), the error is zero."""
     v = x.sort(1).values.double()
     g, n = v.shape
@@ -120,8 +121,8 @@ def kmeans_1d_grouped(x: Tensor, k: int, iters: int = 50) -> Tensor:
     else:
         bounds = torch.cat([_bin_starts(v, bins // 2), v.new_full((g, 1), n, dtype=torch.long)], 1)
     c = _dp_grouped(v, bounds, k)
-    if bins < n:
-        c = _lloyd_sorted(v, c, iters)
+    if bins < n:  # bins of ~n/B values: Lloyd, then the exact DP within a few bins of each boundary, then Lloyd
+        c = _lloyd_sorted(v, _polish(v, _lloyd_sorted(v, c, iters), 2 * -(-n // bins) + 1), iters)
     return c.to(x.dtype)
 
 
@@ -140,6 +141,49 @@ def _lloyd_sorted(v: Tensor, c: Tensor, iters: int) -> Tensor:
             break
         c = new
     return c
+
+
+def _polish(v: Tensor, c: Tensor, width: int) -> Tensor:
+    """Centroids (G × k) of the least-SSE k segments of the sorted rows v (G × N) whose boundaries each lie within
+    ``width`` values of those of c (sorted G × k: a cluster is the run between midpoints of adjacent centroids).
+    Exact DP over the band, O(k · (2·width + 1)²) per row; never worse than c's own clustering (in the band)."""
+    g, n = v.shape
+    k = c.shape[1]
+    if k == 1:
+        return c
+    offsets = torch.arange(-width, width + 1, device=v.device)
+    cand = (torch.searchsorted(v, (c[:, 1:] + c[:, :-1]) / 2)[:, :, None] + offsets).clamp(0, n)  # G × (k-1) × W
+    vc = v - v.mean(1, keepdim=True)
+    zero = v.new_zeros(g, 1)
+    cs, cq = torch.cat([zero, vc.cumsum(1)], 1), torch.cat([zero, (vc * vc).cumsum(1)], 1)
+
+    def sse(a: Tensor, b: Tensor) -> Tensor:  # a, b: G × ... boundary positions, a <= b; SSE of v[a:b]
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        a, b = a.expand(shape).reshape(g, -1), b.expand(shape).reshape(g, -1)
+        s = cs.gather(1, b) - cs.gather(1, a)
+        out = (cq.gather(1, b) - cq.gather(1, a)) - s * s / (b - a).clamp_min(1)
+        return out.clamp_min(0).view(shape)
+
+    f = sse(torch.zeros_like(cand[:, 0]), cand[:, 0])  # G × W: first segment ends at each candidate
+    back = []
+    for j in range(1, k - 1):
+        q, p = cand[:, j - 1, :, None], cand[:, j, None, :]  # G × W × 1, G × 1 × W
+        total = torch.where(q <= p, f[:, :, None] + sse(q, p), float("inf"))
+        f, arg = total.min(1)
+        back.append(arg)
+    last = cand[:, -1]
+    f = f + sse(last, torch.full_like(last, n))
+    pick = f.argmin(1)
+    cuts = [torch.full((g,), n, dtype=torch.long, device=v.device), last.gather(1, pick[:, None])[:, 0]]
+    for j in range(k - 2, 0, -1):
+        pick = back[j - 1].gather(1, pick[:, None])[:, 0]
+        cuts.append(cand[:, j - 1].gather(1, pick[:, None])[:, 0])
+    cuts.append(torch.zeros_like(cuts[0]))
+    cuts = torch.stack(cuts[::-1], 1)  # G × (k + 1) positions
+    a, b = cuts[:, :-1], cuts[:, 1:]
+    raw = torch.cat([zero, v.cumsum(1)], 1)
+    means = (raw.gather(1, b) - raw.gather(1, a)) / (b - a).clamp_min(1)
+    return torch.where(b > a, means, c).sort(1).values
 
 
 def _bin_starts(v: Tensor, half: int) -> Tensor:

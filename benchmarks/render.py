@@ -424,6 +424,8 @@ def include(ctx: Ctx, rel: str, n: str = "1") -> str:
 
 def paper_sizes(ctx: Ctx) -> str:
     res = load("engine/results/paper_sizes.json")
+    if not is_clean(res):
+        return f"Not shown: {ctx.link(BENCH / 'engine' / 'results' / 'paper_sizes.json')} has no clean commit recorded."
     rows = []
     for r in res["rows"]:
         pm = r["paper_mib"]

@@ -6,10 +6,13 @@ bins, quantile plus equal-width, so tails keep their resolution. Grouped (G tabl
 (the exact optimum) for groups of ≤ max(1024, 16k) values, else that many bins, half by rank of the distinct values,
 half at equal widths (measured within 0.4 % of the optimum at k = 4..256).
 d > 1: k-means++ seeding on a seeded subsample, then Lloyd on all vectors (batched over groups).
+Optional per-vector weights (``weight=``, e.g. a Fisher diagonal): every step minimises Σ w_i ||x_i - c(i)||²
+instead (weighted prefix sums in the DP and Lloyd, weighted seeding and means); None keeps the plain path.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -18,16 +21,22 @@ from .functional import compute_dtype, nearest_centroid
 
 _MAX_GROUPS = 2048
 _PP_SAMPLE = 20000
+_W_FLOOR = 1e-6  # weights are scaled to mean 1 and floored here, so every value keeps a (tiny) say
 
 
-def kmeans_init(w: Tensor, k: int, *, seed: int = 0, iters: int = 50) -> Tensor:
+def kmeans_init(w: Tensor, k: int, *, seed: int = 0, iters: int = 50, weight: Optional[Tensor] = None) -> Tensor:
     """Centroids (k × d, float32 or float64 like w's compute dtype) for vectors w (N × d); grouped, G × k × d
     for w: G × N × d (each group's own k-means).
+
+    ``weight`` (N, or G × N; ≥ 0): minimise the weighted error Σ weight_i ||w_i - c(i)||² instead (weights are
+    rescaled to mean 1 per group and floored at 1e-6). None: the plain k-means.
 
     Example: w (589824 × 1), k=16 -> 16 × 1 centroids, sorted for d = 1. Deterministic under ``seed``.
     """
     w = w.detach()
     w = w.to(compute_dtype(w))
+    if weight is not None:
+        return _kmeans_weighted(w, k, seed, iters, weight)
     if w.dim() == 3:
         if w.shape[0] == 1:
             return kmeans_init(w[0], k, seed=seed, iters=iters)[None]
@@ -39,13 +48,36 @@ def kmeans_init(w: Tensor, k: int, *, seed: int = 0, iters: int = 50) -> Tensor:
     return kmeans_nd(w, k, seed=seed, iters=iters)
 
 
-def kmeans_1d(x: Tensor, k: int, iters: int = 50) -> Tensor:
-    """Optimal-by-DP then Lloyd-refined 1-D k-means; sorted centroids, length k."""
-    v = x.sort().values.double()
+def _kmeans_weighted(w: Tensor, k: int, seed: int, iters: int, weight: Tensor) -> Tensor:
+    """kmeans_init with per-vector weights (see there)."""
+    if tuple(weight.shape) != tuple(w.shape[:-1]):
+        raise ValueError(f"kmeans_init: weight of shape {tuple(weight.shape)} does not match vectors of shape "
+                         f"{tuple(w.shape)}: give one weight per vector, shape {tuple(w.shape[:-1])}")
+    wt = weight.detach().to(device=w.device, dtype=torch.float64)
+    if not bool(torch.isfinite(wt).all()) or bool((wt < 0).any()):
+        raise ValueError("kmeans_init: weight must be finite and >= 0")
+    wt = wt / wt.mean(-1, keepdim=True).clamp_min(1e-300)
+    wt = torch.where(wt.sum(-1, keepdim=True) > 0, wt, torch.ones_like(wt)).clamp_min(_W_FLOOR)
+    if w.dim() == 2:
+        return (kmeans_1d(w[:, 0], k, iters=iters, weight=wt)[:, None] if w.shape[1] == 1
+                else kmeans_nd(w, k, seed=seed, iters=iters, weight=wt))
+    if w.shape[2] == 1:
+        return kmeans_1d_grouped(w[..., 0], k, iters=iters, weight=wt)[..., None]
+    return kmeans_nd_grouped(w, k, seed=seed, iters=iters, weight=wt)
+
+
+def kmeans_1d(x: Tensor, k: int, iters: int = 50, weight: Optional[Tensor] = None) -> Tensor:
+    """Optimal-by-DP then Lloyd-refined 1-D k-means; sorted centroids, length k (``weight``: N, weighted)."""
+    wt = None
+    if weight is None:
+        v = x.sort().values.double()
+    else:
+        v, order = x.double().sort()
+        wt = weight.double()[order][None]
     n = v.numel()
     starts = _group_starts(v, min(_MAX_GROUPS, max(1024, 4 * k)))
-    c = _dp_grouped(v[None], torch.cat([starts, starts.new_full((1,), n)])[None], k)
-    return _lloyd_sorted(v[None], c, iters)[0].to(x.dtype)
+    c = _dp_grouped(v[None], torch.cat([starts, starts.new_full((1,), n)])[None], k, wt)
+    return _lloyd_sorted(v[None], c, iters, wt)[0].to(x.dtype)
 
 
 def _group_starts(v: Tensor, groups: int) -> Tensor:
@@ -60,34 +92,43 @@ def _group_starts(v: Tensor, groups: int) -> Tensor:
     return starts
 
 
-def kmeans_nd(w: Tensor, k: int, *, seed: int = 0, iters: int = 50) -> Tensor:
-    """k-means++ on a seeded subsample of ≤ 20000 vectors, then Lloyd on all of w. k × d."""
+def kmeans_nd(w: Tensor, k: int, *, seed: int = 0, iters: int = 50, weight: Optional[Tensor] = None) -> Tensor:
+    """k-means++ on a seeded subsample of ≤ 20000 vectors, then Lloyd on all of w. k × d.
+    ``weight`` (N, > 0): seeding ∝ weight × distance², weighted means."""
     n = w.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    sample = w if n <= _PP_SAMPLE else w[torch.randperm(n, generator=gen)[:_PP_SAMPLE].to(w.device)]
-    c = _kmeanspp(sample, k, gen)
+    pick = None if n <= _PP_SAMPLE else torch.randperm(n, generator=gen)[:_PP_SAMPLE].to(w.device)
+    sample = w if pick is None else w[pick]
+    if weight is not None:
+        weight = weight.to(w.dtype)
+    c = _kmeanspp(sample, k, gen, None if weight is None else (weight if pick is None else weight[pick]))
     for _ in range(iters):
         idx = nearest_centroid(w, c)
-        mass = torch.bincount(idx, minlength=k).to(w.dtype)
-        moment = torch.zeros_like(c).index_add_(0, idx, w)
-        new = torch.where(mass[:, None] > 0, moment / mass.clamp_min(1)[:, None], c)
+        if weight is None:
+            mass = torch.bincount(idx, minlength=k).to(w.dtype)
+            moment = torch.zeros_like(c).index_add_(0, idx, w)
+        else:
+            mass = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(0, idx, weight)
+            moment = torch.zeros_like(c).index_add_(0, idx, w * weight[:, None])
+        new = torch.where(mass[:, None] > 0, moment / mass.clamp_min(1 if weight is None else _W_FLOOR)[:, None], c)
         if torch.equal(new, c):
             break
         c = new
     return c
 
 
-def _kmeanspp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
+def _kmeanspp(x: Tensor, k: int, gen: torch.Generator, weight: Optional[Tensor] = None) -> Tensor:
     n = x.shape[0]
     first = int(torch.randint(n, (1,), generator=gen))
     centers = [x[first]]
     d2 = ((x - x[first]) ** 2).sum(1)
     for _ in range(1, k):
-        total = float(d2.sum())
+        wd2 = d2 if weight is None else weight * d2
+        total = float(wd2.sum())
         if total <= 0:  # fewer distinct vectors than k: repeat an existing centre
             centers.append(centers[-1])
             continue
-        probs = (d2 / total).double().cpu()
+        probs = (wd2 / total).double().cpu()
         i = int(torch.multinomial(probs, 1, generator=gen))
         centers.append(x[i])
         d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
@@ -102,51 +143,64 @@ _MIN_BINS = 1024
 _OPT_CELLS = 1 << 25  # backtracking table per DP batch: k × groups × (bins + 1) int32 cells (128 MiB)
 
 
-def kmeans_1d_grouped(x: Tensor, k: int, iters: int = 50) -> Tensor:
+def kmeans_1d_grouped(x: Tensor, k: int, iters: int = 50, weight: Optional[Tensor] = None) -> Tensor:
     """1-D k-means of every row of x (G × N) at once. G × k, sorted per row.
 
     Rows of at most B = max(1024, 4k) values get the exact optimum: the DP over contiguous runs of the sorted values,
     each layer solved by divide and conquer on the monotone split point (O(k N log N) per row). Longer rows run the
     same DP over B value bins (half spread over the distinct values by rank, half at equal widths), then Lloyd, then
     the exact DP with every boundary within two bins of Lloyd's, then Lloyd again.
-    Fewer distinct values than k: each distinct value is a centroid (repeats fill the table), the error is zero."""
-    v = x.sort(1).values.double()
+    Fewer distinct values than k: each distinct value is a centroid (repeats fill the table), the error is zero.
+    ``weight`` (G × N, > 0): the same with weighted prefix sums (weighted SSE, weighted means)."""
+    wt = None
+    if weight is None:
+        v = x.sort(1).values.double()
+    else:
+        v, order = x.double().sort(1)
+        wt = weight.double().gather(1, order)
     g, n = v.shape
     bins = min(n, max(_MIN_BINS, _BINS_PER_CENTROID * k))
     chunk = max(1, _OPT_CELLS // (k * (bins + 1)))
     if g > chunk:
-        return torch.cat([kmeans_1d_grouped(part, k, iters=iters) for part in x.split(chunk)])
+        parts = weight.split(chunk) if weight is not None else [None] * len(x.split(chunk))
+        return torch.cat([kmeans_1d_grouped(part, k, iters=iters, weight=wp) for part, wp in zip(x.split(chunk), parts)])
     if bins == n:
         bounds = torch.arange(n + 1, device=v.device).expand(g, -1)
     else:
         bounds = torch.cat([_bin_starts(v, bins // 2), v.new_full((g, 1), n, dtype=torch.long)], 1)
-    c = _dp_grouped(v, bounds, k)
+    c = _dp_grouped(v, bounds, k, wt)
     if bins < n:  # bins of ~n/B values: Lloyd, then the exact DP within a few bins of each boundary, then Lloyd
-        c = _lloyd_sorted(v, _polish(v, _lloyd_sorted(v, c, iters), 2 * -(-n // bins) + 1), iters)
+        c = _lloyd_sorted(v, _polish(v, _lloyd_sorted(v, c, iters, wt), 2 * -(-n // bins) + 1, wt), iters, wt)
     return c.to(x.dtype)
 
 
-def _lloyd_sorted(v: Tensor, c: Tensor, iters: int) -> Tensor:
+def _lloyd_sorted(v: Tensor, c: Tensor, iters: int, wt: Optional[Tensor] = None) -> Tensor:
     """Lloyd on sorted rows v (G × N) from sorted centroids c (G × k): a cluster is the run between the midpoints of
-    adjacent centroids, its mean a difference of prefix sums."""
+    adjacent centroids, its mean a difference of prefix sums (``wt``: G × N weights, weighted means)."""
     g, n = v.shape
-    cs = torch.cat([v.new_zeros(g, 1), v.cumsum(1)], 1)
+    cs = torch.cat([v.new_zeros(g, 1), (v if wt is None else wt * v).cumsum(1)], 1)
+    cw = None if wt is None else torch.cat([v.new_zeros(g, 1), wt.cumsum(1)], 1)
     for _ in range(iters):
         bounds = torch.searchsorted(v, (c[:, 1:] + c[:, :-1]) / 2)
         lo = torch.cat([bounds.new_zeros(g, 1), bounds], 1)
         hi = torch.cat([bounds, bounds.new_full((g, 1), n)], 1)
-        cnt = (hi - lo).to(v.dtype)
-        new = torch.where(cnt > 0, (cs.gather(1, hi) - cs.gather(1, lo)) / cnt.clamp_min(1), c).sort(1).values
+        if cw is None:
+            cnt = (hi - lo).to(v.dtype)
+            new = torch.where(cnt > 0, (cs.gather(1, hi) - cs.gather(1, lo)) / cnt.clamp_min(1), c).sort(1).values
+        else:
+            cnt = cw.gather(1, hi) - cw.gather(1, lo)
+            new = torch.where(hi > lo, (cs.gather(1, hi) - cs.gather(1, lo)) / cnt.clamp_min(_W_FLOOR), c).sort(1).values
         if torch.equal(new, c):
             break
         c = new
     return c
 
 
-def _polish(v: Tensor, c: Tensor, width: int) -> Tensor:
+def _polish(v: Tensor, c: Tensor, width: int, wt: Optional[Tensor] = None) -> Tensor:
     """Centroids (G × k) of the least-SSE k segments of the sorted rows v (G × N) whose boundaries each lie within
     ``width`` values of those of c (sorted G × k: a cluster is the run between midpoints of adjacent centroids).
-    Exact DP over the band, O(k · (2·width + 1)²) per row; never worse than c's own clustering (in the band)."""
+    Exact DP over the band, O(k · (2·width + 1)²) per row; never worse than c's own clustering (in the band).
+    ``wt`` (G × N): weighted SSE and means."""
     g, n = v.shape
     k = c.shape[1]
     if k == 1:
@@ -155,13 +209,16 @@ def _polish(v: Tensor, c: Tensor, width: int) -> Tensor:
     cand = (torch.searchsorted(v, (c[:, 1:] + c[:, :-1]) / 2)[:, :, None] + offsets).clamp(0, n)  # G × (k-1) × W
     vc = v - v.mean(1, keepdim=True)
     zero = v.new_zeros(g, 1)
-    cs, cq = torch.cat([zero, vc.cumsum(1)], 1), torch.cat([zero, (vc * vc).cumsum(1)], 1)
+    wvc = vc if wt is None else wt * vc
+    cs, cq = torch.cat([zero, wvc.cumsum(1)], 1), torch.cat([zero, (wvc * vc).cumsum(1)], 1)
+    cw = None if wt is None else torch.cat([zero, wt.cumsum(1)], 1)
 
     def sse(a: Tensor, b: Tensor) -> Tensor:  # a, b: G × ... boundary positions, a <= b; SSE of v[a:b]
         shape = torch.broadcast_shapes(a.shape, b.shape)
         a, b = a.expand(shape).reshape(g, -1), b.expand(shape).reshape(g, -1)
         s = cs.gather(1, b) - cs.gather(1, a)
-        out = (cq.gather(1, b) - cq.gather(1, a)) - s * s / (b - a).clamp_min(1)
+        cnt = (b - a).clamp_min(1) if cw is None else (cw.gather(1, b) - cw.gather(1, a)).clamp_min(_W_FLOOR)
+        out = (cq.gather(1, b) - cq.gather(1, a)) - s * s / cnt
         return out.clamp_min(0).view(shape)
 
     f = sse(torch.zeros_like(cand[:, 0]), cand[:, 0])  # G × W: first segment ends at each candidate
@@ -181,8 +238,9 @@ def _polish(v: Tensor, c: Tensor, width: int) -> Tensor:
     cuts.append(torch.zeros_like(cuts[0]))
     cuts = torch.stack(cuts[::-1], 1)  # G × (k + 1) positions
     a, b = cuts[:, :-1], cuts[:, 1:]
-    raw = torch.cat([zero, v.cumsum(1)], 1)
-    means = (raw.gather(1, b) - raw.gather(1, a)) / (b - a).clamp_min(1)
+    raw = torch.cat([zero, (v if wt is None else wt * v).cumsum(1)], 1)
+    cnt = (b - a).clamp_min(1) if cw is None else (cw.gather(1, b) - cw.gather(1, a)).clamp_min(_W_FLOOR)
+    means = (raw.gather(1, b) - raw.gather(1, a)) / cnt
     return torch.where(b > a, means, c).sort(1).values
 
 
@@ -219,25 +277,28 @@ def _dc_schedule(n: int, device=None):
     return levels
 
 
-def _dp_grouped(v: Tensor, bounds: Tensor, k: int) -> Tensor:
+def _dp_grouped(v: Tensor, bounds: Tensor, k: int, wt: Optional[Tensor] = None) -> Tensor:
     """Exact DP over contiguous bins of each sorted row (bin b = values bounds[b]..bounds[b+1]-1; B = bins): the k
     segments of least SSE, as G × k segment means (fewer bins than k: the B means, repeated). Each layer j is
     f_j(i) = min_m f_{j-1}(m) + SSE(bins m..i-1), whose leftmost best m is non-decreasing in i (1-D k-means costs are
-    Monge), so divide and conquer evaluates O(B log B) candidates per layer, batched over rows and positions."""
+    Monge), so divide and conquer evaluates O(B log B) candidates per layer, batched over rows and positions.
+    ``wt`` (G × N weights > 0): counts, sums and sums of squares become Σw, Σw·v, Σw·v² (weighted SSE, still Monge)."""
     g, nb = bounds.shape[0], bounds.shape[1] - 1
     m_seg = min(k, nb)
     zero = v.new_zeros(g, 1)
-    p_n = bounds.to(v.dtype)
+    p_n = bounds.to(v.dtype) if wt is None else torch.cat([zero, wt.cumsum(1)], 1).gather(1, bounds)
+    floor = 1 if wt is None else _W_FLOOR
     vc = v - v.mean(1, keepdim=True)  # centred for the costs: prefix sums of squares lose less to cancellation
-    p_s = torch.cat([zero, vc.cumsum(1)], 1).gather(1, bounds)
-    p_q = torch.cat([zero, (vc * vc).cumsum(1)], 1).gather(1, bounds)
+    wvc = vc if wt is None else wt * vc
+    p_s = torch.cat([zero, wvc.cumsum(1)], 1).gather(1, bounds)
+    p_q = torch.cat([zero, (wvc * vc).cumsum(1)], 1).gather(1, bounds)
     width = nb + 1  # flat index of (row r, bin boundary b): r · width + b
     flat_n, flat_s, flat_q = p_n.reshape(-1), p_s.reshape(-1), p_q.reshape(-1)
 
     def sse(ia, ib):  # SSE of the bins between flat boundaries ia < ib; an empty run of bins costs 0
         cnt = flat_n.take(ib) - flat_n.take(ia)
         s = flat_s.take(ib) - flat_s.take(ia)
-        return ((flat_q.take(ib) - flat_q.take(ia)) - s * s / cnt.clamp_min(1)).clamp_min(0)
+        return ((flat_q.take(ib) - flat_q.take(ia)) - s * s / cnt.clamp_min(floor)).clamp_min(0)
 
     row_base = torch.arange(g, device=v.device)[:, None] * width
     f = sse(row_base.expand(g, width).reshape(-1), (row_base + torch.arange(width, device=v.device)).reshape(-1))
@@ -270,34 +331,41 @@ def _dp_grouped(v: Tensor, bounds: Tensor, k: int) -> Tensor:
     cuts = torch.stack(cuts[::-1], 1)  # G × (m_seg + 1) bin indices
     a, b = cuts[:, :-1], cuts[:, 1:]
     cnt = p_n.gather(1, b) - p_n.gather(1, a)
-    p_raw = torch.cat([zero, v.cumsum(1)], 1).gather(1, bounds)
-    means = (p_raw.gather(1, b) - p_raw.gather(1, a)) / cnt.clamp_min(1)
+    p_raw = torch.cat([zero, (v if wt is None else wt * v).cumsum(1)], 1).gather(1, bounds)
+    means = (p_raw.gather(1, b) - p_raw.gather(1, a)) / cnt.clamp_min(floor)
     means = torch.where(cnt > 0, means, v.gather(1, bounds.gather(1, a).clamp(max=v.shape[1] - 1)))
     if m_seg < k:  # fewer bins than centroids: repeat, the duplicates just share attention
         means = means[:, torch.arange(k, device=v.device) % m_seg]
     return means.sort(1).values
 
 
-def kmeans_nd_grouped(w: Tensor, k: int, *, seed: int = 0, iters: int = 50) -> Tensor:
-    """k-means++ seeding per group (batched sampling), then Lloyd on all vectors. w: G × N × d -> G × k × d."""
+def kmeans_nd_grouped(w: Tensor, k: int, *, seed: int = 0, iters: int = 50,
+                      weight: Optional[Tensor] = None) -> Tensor:
+    """k-means++ seeding per group (batched sampling), then Lloyd on all vectors. w: G × N × d -> G × k × d.
+    ``weight`` (G × N, > 0): seeding ∝ weight × distance², weighted means."""
     g, n, d = w.shape
     gen = torch.Generator().manual_seed(seed)
     rows = torch.arange(g, device=w.device)
     first = torch.randint(n, (g,), generator=gen).to(w.device)
+    weight = None if weight is None else weight.to(w.dtype)
     centers = [w[rows, first]]
     d2 = ((w - centers[0][:, None]) ** 2).sum(2)
     for _ in range(1, k):
         # a group whose vectors all sit on a centre samples uniformly (the repeat just shares attention)
-        probs = torch.where(d2.sum(1, keepdim=True) > 0, d2, torch.ones_like(d2)).double().cpu()
+        wd2 = d2 if weight is None else weight * d2
+        probs = torch.where(wd2.sum(1, keepdim=True) > 0, wd2, torch.ones_like(d2)).double().cpu()
         i = torch.multinomial(probs, 1, generator=gen)[:, 0].to(w.device)
         centers.append(w[rows, i])
         d2 = torch.minimum(d2, ((w - centers[-1][:, None]) ** 2).sum(2))
     c = torch.stack(centers, 1)
     for _ in range(iters):
         idx = nearest_centroid(w, c)
-        mass = torch.zeros(g, k, dtype=w.dtype, device=w.device).scatter_add_(1, idx, torch.ones_like(w[..., 0]))
-        moment = torch.zeros_like(c).scatter_add_(1, idx[..., None].expand(-1, -1, d), w)
-        new = torch.where(mass[..., None] > 0, moment / mass.clamp_min(1)[..., None], c)
+        ones = torch.ones_like(w[..., 0]) if weight is None else weight
+        mass = torch.zeros(g, k, dtype=w.dtype, device=w.device).scatter_add_(1, idx, ones)
+        moment = torch.zeros_like(c).scatter_add_(1, idx[..., None].expand(-1, -1, d),
+                                                  w if weight is None else w * weight[..., None])
+        new = torch.where(mass[..., None] > 0, moment / mass.clamp_min(1 if weight is None else _W_FLOOR)[..., None],
+                          c)
         if torch.equal(new, c):
             break
         c = new

@@ -78,19 +78,20 @@ def git_state(where: Path = HERE) -> dict:
     """The git state of the checkout (or ``git worktree``) holding ``where``: ``commit`` (full sha1), ``git``
     (``git describe --always --dirty``) and ``changed``: tracked files with uncommitted changes outside the results
     folders (benchmarks/<domain>/results/, which a run itself writes). {} outside a git checkout."""
-    def git(*args):
+    def git(*args, strip=True):
         r = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30)
-        return r.stdout.strip() if r.returncode == 0 else None
+        return (r.stdout.strip() if strip else r.stdout) if r.returncode == 0 else None
 
     try:
         commit = git("rev-parse", "HEAD")
         if commit is None:
             return {}
         top = Path(git("rev-parse", "--show-toplevel"))
-        status = git("status", "--porcelain=v1", "--untracked-files=no") or ""
+        status = git("status", "--porcelain=v1", "--untracked-files=no", strip=False) or ""  # "XY path" lines
     except (OSError, subprocess.SubprocessError):
         return {}
-    results = [(HERE / d / "results").relative_to(top).as_posix() + "/" for d in DOMAINS]
+    results = [(HERE / d / "results").relative_to(top).as_posix() + "/" for d in DOMAINS
+               if (HERE / d / "results").is_relative_to(top)]
     paths = [line[3:].split(" -> ")[-1] for line in status.splitlines()]  # a rename: "old -> new"
     changed = sorted(f for f in paths if f and not any(f.startswith(r) for r in results))
     return {"commit": commit, "git": git("describe", "--always", "--dirty") or commit[:7], "changed": changed}

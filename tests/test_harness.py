@@ -66,3 +66,19 @@ def test_every_benchmark_script_imports_and_runs_standalone_from_its_domain_fold
         r = subprocess.run([sys.executable, str(common.HERE / rel), "--help"], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0 and "--allow-dirty" in r.stdout, (rel, r.stderr[-2000:])
+
+
+def test_git_state_reads_the_first_changed_path_whole(tmp_path):
+    import subprocess
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert common.git_state(tmp_path)["changed"] == ["a.py"]

@@ -174,6 +174,35 @@ def kmeans_1d_grouped(x: Tensor, k: int, iters: int = 50, weight: Optional[Tenso
     return c.to(x.dtype)
 
 
+def kmeans_1d_costs(x: Tensor, k: int, weight: Optional[Tensor] = None) -> Tensor:
+    """The (weighted) SSE of every row of x (G × N) clustered into 1, 2, ..., k values, G × k, from one DP run (the
+    bins of kmeans_1d_grouped: exact for rows of at most max(1024, 4k) values, else the best clustering whose
+    boundaries lie on bin edges, an upper bound). For estimates at many bit widths (torchdkm.planner)."""
+    v, order = x.double().sort(1)
+    g, n = v.shape
+    if weight is None:
+        wt, mean = None, v.new_ones(g)
+    else:
+        wt = weight.double().gather(1, order)
+        mean = wt.mean(1).clamp_min(1e-300)
+        wt = (wt / mean[:, None]).clamp_min(_W_FLOOR)
+    bins = min(n, max(_MIN_BINS, _BINS_PER_CENTROID * k))
+    chunk = max(1, _OPT_CELLS // (k * (bins + 1)))
+    if g > chunk:
+        parts = weight.split(chunk) if weight is not None else [None] * len(x.split(chunk))
+        return torch.cat([kmeans_1d_costs(a, k, b) for a, b in zip(x.split(chunk), parts)])
+    if bins == n:
+        bounds = torch.arange(n + 1, device=v.device).expand(g, -1)
+    else:
+        bounds = torch.cat([_bin_starts(v, bins // 2), v.new_full((g, 1), n, dtype=torch.long)], 1)
+    prof: list = []
+    _dp_grouped(v, bounds, k, wt, prof)
+    out = torch.stack(prof, 1)
+    if out.shape[1] < k:  # fewer bins than k: more centroids cost nothing more
+        out = torch.cat([out, out[:, -1:].expand(g, k - out.shape[1])], 1)
+    return out * mean[:, None]
+
+
 def _lloyd_sorted(v: Tensor, c: Tensor, iters: int, wt: Optional[Tensor] = None) -> Tensor:
     """Lloyd on sorted rows v (G × N) from sorted centroids c (G × k): a cluster is the run between the midpoints of
     adjacent centroids, its mean a difference of prefix sums (``wt``: G × N weights, weighted means)."""
@@ -277,12 +306,14 @@ def _dc_schedule(n: int, device=None):
     return levels
 
 
-def _dp_grouped(v: Tensor, bounds: Tensor, k: int, wt: Optional[Tensor] = None) -> Tensor:
+def _dp_grouped(v: Tensor, bounds: Tensor, k: int, wt: Optional[Tensor] = None,
+                profile: Optional[list] = None) -> Tensor:
     """Exact DP over contiguous bins of each sorted row (bin b = values bounds[b]..bounds[b+1]-1; B = bins): the k
     segments of least SSE, as G × k segment means (fewer bins than k: the B means, repeated). Each layer j is
     f_j(i) = min_m f_{j-1}(m) + SSE(bins m..i-1), whose leftmost best m is non-decreasing in i (1-D k-means costs are
     Monge), so divide and conquer evaluates O(B log B) candidates per layer, batched over rows and positions.
-    ``wt`` (G × N weights > 0): counts, sums and sums of squares become Σw, Σw·v, Σw·v² (weighted SSE, still Monge)."""
+    ``wt`` (G × N weights > 0): counts, sums and sums of squares become Σw, Σw·v, Σw·v² (weighted SSE, still Monge).
+    ``profile`` (a list): receives the least SSE of every row with 1, 2, ..., min(k, B) segments (G-vectors)."""
     g, nb = bounds.shape[0], bounds.shape[1] - 1
     m_seg = min(k, nb)
     zero = v.new_zeros(g, 1)
@@ -304,6 +335,8 @@ def _dp_grouped(v: Tensor, bounds: Tensor, k: int, wt: Optional[Tensor] = None) 
     f = sse(row_base.expand(g, width).reshape(-1), (row_base + torch.arange(width, device=v.device)).reshape(-1))
     f = f.view(g, width)
     f[:, 0] = float("inf")
+    if profile is not None:
+        profile.append(f[:, nb].clone())
     opts = []
     for _ in range(1, m_seg):
         new = torch.full_like(f, float("inf"))
@@ -324,6 +357,8 @@ def _dp_grouped(v: Tensor, bounds: Tensor, k: int, wt: Optional[Tensor] = None) 
             opt.index_copy_(1, pos, (first.view(g, q) - row_base))
         f = new
         opts.append(opt.to(torch.int32))
+        if profile is not None:
+            profile.append(f[:, nb].clone())
     cuts = [torch.full((g,), nb, dtype=torch.long, device=v.device)]
     for opt in reversed(opts):
         cuts.append(opt.gather(1, cuts[-1][:, None])[:, 0].long())

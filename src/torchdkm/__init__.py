@@ -9,7 +9,10 @@ from .errors import ConfigError, FormatError, NonFiniteError, TorchDKMError
 from .export import export_onnx
 from .functional import dkm_cluster, dkm_cluster_reference, hard_cluster, nearest_centroid
 from .kmeans import kmeans_init
+from .planner import Plan, plan
+from .ptq import palettize
 from .report import LayerRow, Report, report
+from .sensitivity import Sensitivity, fisher_diagonal
 from .serialization import inspect_file, load, save
 from .training import recalibrate_batchnorm, soft_weights, step
 
@@ -41,5 +44,10 @@ __all__ = [
     "nearest_centroid",
     "prepare",
     "report",
+    "Plan",
+    "Sensitivity",
+    "fisher_diagonal",
+    "palettize",
+    "plan",
     "__version__",
 ]

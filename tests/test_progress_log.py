@@ -223,13 +223,15 @@ def test_a_resumed_run_may_change_its_progress_section_only(tmp_path):
 def test_a_long_phase_says_it_is_still_running(capsys):
     import time
 
-    p = ProgressLog(every_s=0.05, lines=True)
+    p = ProgressLog(every_s=0.1, lines=True)
     with p.phase("k-means init"):
-        time.sleep(0.3)
+        time.sleep(1.0)  # beats at 0.1, 0.3, 0.7 s: the waits double
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "k-means init ..." and re.fullmatch(r"k-means init: finished in [\d.]+ s", out[-1])
     beats = out[1:-1]
-    assert len(beats) >= 2 and all(re.fullmatch(r"k-means init: still running, [\d.]+ s so far", b) for b in beats)
+    assert len(beats) == 3 and all(re.fullmatch(r"k-means init: still running, [\d.]+ s so far", b) for b in beats)
+    at = [float(re.search(r"([\d.]+) s so far", b)[1]) for b in beats]
+    assert at[0] >= 0.1 and at[1] - at[0] > 0.15 and at[2] - at[1] > 0.35  # printed to 0.1 s
     with ProgressLog(every_s=0.05, lines=False).phase("k-means init"):  # a terminal: no heartbeat
         time.sleep(0.2)
     out = capsys.readouterr().out.splitlines()

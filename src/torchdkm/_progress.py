@@ -10,7 +10,8 @@
 
 Phase announcements are printed on a terminal too (through tqdm.write, so the bars stay intact); step lines only
 when stdout is not a terminal, where the bars are off, and there a phase that runs longer than every_s also says
-"still running" every every_s seconds (a slow run is told from a hung one). ``enabled=False`` (every rank but 0) prints nothing.
+"still running" after every_s, 2 every_s, 4 every_s, ... seconds (a slow run is told from a dead one, and a long
+phase adds only a few lines). ``enabled=False`` (every rank but 0) prints nothing.
 Used by ``torchdkm compress`` (torchdkm.app.job) and the Trainer callback (torchdkm.integrations.hf_trainer).
 """
 from __future__ import annotations
@@ -72,15 +73,17 @@ class ProgressLog:
                 self.say(f"{what}: {'finished in' if ok else 'stopped after'} {_duration(took)}")
 
     def _heartbeat(self, what: str, t0: float):
-        """In log mode, a daemon thread that says "still running" every every_s seconds until the returned
-        function stops it; None when there is nothing to do."""
+        """In log mode, a daemon thread that says "still running" after every_s, 2 every_s, 4 every_s, ... seconds
+        until the returned function stops it; None when there is nothing to do."""
         if not self.lines or self.every_s <= 0:
             return None
         done = threading.Event()
 
         def beat():
-            while not done.wait(self.every_s):
+            wait = self.every_s
+            while not done.wait(wait):
                 self.say(f"{what}: still running, {_duration(self.clock() - t0)} so far")
+                wait *= 2  # the intervals double: lines at 1, 2, 4, 8 ... x every_s
 
         thread = threading.Thread(target=beat, name="torchdkm-progress", daemon=True)
         thread.start()

@@ -133,3 +133,20 @@ def test_tied_weights_get_one_rule_for_both():
     assert [r.name for r in p.rows] == ["emb"] and p.rules["head"] == p.rules["emb"]
     out = palettize(lm, rules=p.rules, calibration=[torch.randint(0, 64, (2, 5))])
     assert torchdkm.report(out, print_table=False).compressed_bytes == p.total_bytes
+
+
+def test_plan_command_prints_the_table_and_writes_recipe_rules(tmp_path, capsys):
+    import yaml
+    from pathlib import Path
+
+    from torchdkm.app.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "digits_mlp.yaml"
+    out = tmp_path / "rules.yaml"
+    assert main(["plan", str(recipe), "--budget", "3bits", "--samples", "16", "--dims", "1", "--rules-out",
+                 str(out)]) == 0
+    assert "vs budget" in capsys.readouterr().out
+    rules = yaml.safe_load(out.read_text())["rules"]
+    assert set(rules) == {"net.0", "net.2", "net.4"}
+    assert main(["plan", str(recipe), "--budget", "10"]) == 2
+    assert "smallest model" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from .ptq import fisher_weights, weighted_error
 from .sensitivity import Sensitivity, fisher_diagonal
 
 __all__ = ["Plan", "PlanRow", "Candidate", "plan", "default_candidates", "parse_budget", "solve_mckp",
-           "candidate_bits"]
+           "candidate_bits", "rules_yaml"]
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,12 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
                                           seed=seed)
     t1 = time.perf_counter()
     pool = default_candidates() if candidates is None else list(candidates)
+    planned = {id(m.weight) for m in targets.values()}
+    fixed_bits = sum(p.numel() * p.element_size() * 8 for i, p in params.items() if i not in planned)
+    free = int(math.floor(budget_bytes * 8)) - fixed_bits
+    smallest = fixed_bits + sum(_smallest_bits(m.weight, pool, lut_bits) for m in targets.values())
+    if smallest > budget_bytes * 8:  # refused before any clustering
+        _refuse(budget_bytes, n_params, smallest, fixed_bits)
     rows = []
     for name, module in targets.items():
         if name not in sensitivity.fisher:
@@ -251,23 +257,33 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
         rows.append(_layer_candidates(name, module.weight.detach(), sensitivity.fisher[name], pool, lut_bits,
                                       weighted, kmeans_iters, exact_k, sample, seed))
     t2 = time.perf_counter()
-    planned = {id(m.weight) for m in targets.values()}
-    fixed_bits = sum(p.numel() * p.element_size() * 8 for i, p in params.items() if i not in planned)
-    free = int(math.floor(budget_bytes * 8)) - fixed_bits
-    smallest = fixed_bits + sum(min(c.bits for c in r.candidates) for r in rows)
     pick = solve_mckp([[c.bits for c in r.candidates] for r in rows], [[c.dloss for c in r.candidates] for r in rows],
                       free, resolution) if free >= 0 else None
     if pick is None:
-        raise ConfigError(f"plan: a budget of {budget_bytes:.0f} bytes ({8 * budget_bytes / n_params:.3f} bits/weight) "
-                          f"is below the smallest model these candidates can make: {math.ceil(smallest / 8)} bytes "
-                          f"({smallest / n_params:.3f} bits/weight, other parameters {fixed_bits / 8:.0f} bytes); "
-                          f"give at least that, or add smaller candidates")
+        _refuse(budget_bytes, n_params, smallest, fixed_bits)
     for r, j in zip(rows, pick):
         r.choice = r.candidates[j]
     rules = _rules(model, rows)
     total = (fixed_bits + sum(r.choice.bits for r in rows)) / 8
     return Plan(rows, rules, budget_bytes, total, fixed_bits / 8, n_params,
                 {"sensitivity": t1 - t0, "candidates": t2 - t1, "solve": time.perf_counter() - t2})
+
+
+def _refuse(budget_bytes: float, n_params: int, smallest: int, fixed_bits: int):
+    raise ConfigError(f"plan: a budget of {budget_bytes:.0f} bytes ({8 * budget_bytes / n_params:.3f} bits/weight) is "
+                      f"below the smallest model these candidates can make: {math.ceil(smallest / 8)} bytes "
+                      f"({smallest / n_params:.3f} bits/weight, other parameters {fixed_bits / 8:.0f} bytes); give at "
+                      f"least that, or add smaller candidates")
+
+
+def _smallest_bits(w: Tensor, pool, lut_bits: int) -> int:
+    """The fewest bits any candidate (or leaving it alone) stores the layer in."""
+    sizes = [w.numel() * w.element_size() * 8]
+    for cfg in pool:
+        cfg = fit_config(cfg.replace(min_numel=0), tuple(w.shape))
+        if cfg is not None:
+            sizes.append(candidate_bits(cfg, tuple(w.shape), lut_bits))
+    return min(sizes)
 
 
 def _targets(model: nn.Module, layers: Optional[Sequence[str]]) -> Dict[str, nn.Module]:
@@ -360,3 +376,16 @@ def _rules(model: nn.Module, rows: List[PlanRow]) -> Dict[str, Optional[DKMConfi
     for r in rows:
         by_tensor[id(modules[r.name].weight)] = r.choice.config
     return {name: by_tensor.get(id(m.weight)) for name, m in modules.items() if is_supported(m)}
+
+
+def rules_yaml(rules: Dict[str, Optional[DKMConfig]]) -> str:
+    """The rules as the YAML of a recipe's ``compression.rules`` (layout fields only; null: skip)."""
+    lines = []
+    for name, cfg in rules.items():
+        if cfg is None:
+            lines.append(f'  "{name}": null')
+        else:
+            lines.append(f'  "{name}": {{bits: {cfg.bits}, dim: {cfg.dim}, group_size: '
+                         f'{"null" if cfg.group_size is None else cfg.group_size}, channel_scale: '
+                         f'{"true" if cfg.channel_scale else "false"}, vector_axis: {cfg.vector_axis}}}')
+    return "rules:\n" + "\n".join(lines) + "\n"

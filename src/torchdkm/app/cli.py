@@ -1,6 +1,7 @@
-"""The torchdkm command line: ``compress``, ``inspect``, ``demo``.
+"""The torchdkm command line: ``compress``, ``inspect``, ``demo``, ``plan``.
 
     torchdkm compress recipes/digits_mlp.yaml --out runs/digits
+    torchdkm plan recipes/digits_mlp.yaml --budget 2.5bits
     torchrun --standalone --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml
     torchdkm inspect runs/digits/model.safetensors
     torchdkm demo
@@ -38,6 +39,38 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=args.out, quick=args.quick)
+    return 0
+
+
+def _plan(args) -> int:
+    import torch
+
+    from ..planner import default_candidates, plan, rules_yaml
+    from .build import build_data, build_model
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if recipe.model.is_transformers:
+        raise TorchDKMError("torchdkm plan takes recipes of built-in or custom (module:function) models for now; for a "
+                            "transformers model call torchdkm.plan(model, batches, budget=...) from Python")
+    model = build_model(recipe.model, recipe.folder).eval()
+    train, _ = build_data(recipe.data, recipe.folder)
+    pairs = [train[i] for i in range(min(args.samples, len(train)))]
+    batch = (torch.stack([torch.as_tensor(x) for x, _ in pairs]), torch.as_tensor([int(y) for _, y in pairs]))
+    cands = default_candidates(dims=args.dims)
+    p = plan(model, [batch], budget=args.budget, candidates=cands, loss="empirical" if args.empirical else "true",
+             lut_bits=args.lut_bits)
+    if recipe.training.fp32_epochs:
+        print(f"note: the recipe trains {recipe.training.fp32_epochs} fp32 epoch(s) first; this plan is for the model "
+              f"as built{' from model.checkpoint' if recipe.model.checkpoint else ' (untrained)'}")
+    print(p.table())
+    text = rules_yaml(p.rules)
+    if args.rules_out:
+        with open(args.rules_out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote the rules to {args.rules_out} (paste them under compression.rules)")
+    else:
+        print("\ncompression.rules for the recipe:\n" + text)
     return 0
 
 
@@ -100,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", metavar="DIR", default="out/demo", help="output folder")
     d.add_argument("--quick", action="store_true", help="3 fp32 epochs and 30 DKM steps (a smoke run, not converged)")
     d.set_defaults(func=_demo)
+
+    pl = sub.add_parser("plan", formatter_class=_Formatter, help="per-layer bits for a size budget (torchdkm.plan)",
+                        description="Measure the Fisher sensitivity of the recipe's model on training samples, estimate "
+                                    "each layer's loss increase under every candidate layout, and pick the layouts "
+                                    "of least estimated loss within the budget. Prints the plan and the rules to put "
+                                    "under compression.rules.")
+    pl.add_argument("recipe", metavar="RECIPE", help="YAML recipe file (see recipes/)")
+    pl.add_argument("--budget", required=True, help="the size: '64KiB', '1.5MiB', a number of bytes, or mean bits per "
+                                                    "weight of the whole model, '2.5bits'")
+    pl.add_argument("--samples", type=_at_least(1, int), default=64, help="training samples for the Fisher diagonal")
+    pl.add_argument("--dims", type=int, nargs="+", default=[1, 2, 4], help="cluster dimensions to consider")
+    pl.add_argument("--lut-bits", type=int, choices=[16, 32], default=32, help="bits per LUT entry and scale")
+    pl.add_argument("--empirical", action="store_true", help="the data's labels (empirical Fisher) instead of labels "
+                                                             "drawn from the model (true Fisher)")
+    pl.add_argument("--rules-out", metavar="FILE", default=None, help="write the rules (YAML) here")
+    pl.set_defaults(func=_plan)
     return p
 
 

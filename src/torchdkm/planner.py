@@ -114,12 +114,15 @@ def describe(cfg: Optional[DKMConfig]) -> str:
 
 def default_candidates(bits: Iterable[int] = range(1, 9), dims: Iterable[int] = (1, 2, 4),
                        group_sizes: Iterable[Optional[int]] = (None, 16),
-                       channel_scale: Iterable[bool] = (False, True)) -> List[DKMConfig]:
-    """The candidate layouts (every combination; dim > 1 uses vector_axis 'auto'). A layer whose axis-0 size a
-    group size does not divide gets the largest divisor below it; layouts a layer cannot take are dropped."""
+                       channel_scale: Iterable[bool] = (False, True), max_vector_rate: float = 2.0) -> List[DKMConfig]:
+    """The candidate layouts (every combination; dim > 1 uses vector_axis 'auto' and only rates bits/dim ≤
+    ``max_vector_rate``: above 2 bits per weight the 1-d layouts serve, and the vector k-means estimates cost most
+    there). A layer whose axis-0 size a group size does not divide gets the largest divisor below it; layouts a
+    layer cannot take are dropped."""
     return [DKMConfig(bits=b, dim=d, group_size=g, channel_scale=s, vector_axis="auto" if d > 1 else "flat",
                       min_numel=0)
-            for b in bits for d in dims for g in group_sizes for s in channel_scale]
+            for b in bits for d in dims for g in group_sizes for s in channel_scale
+            if d == 1 or b / d <= max_vector_rate]
 
 
 def candidate_bits(cfg: DKMConfig, shape: Sequence[int], lut_bits: int = 32) -> int:
@@ -197,7 +200,7 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
          budget_bits: Optional[float] = None, budget=None, sensitivity: Optional[Sensitivity] = None,
          candidates: Optional[Sequence[DKMConfig]] = None, layers: Optional[Sequence[str]] = None,
          lut_bits: int = 32, weighted: bool = True, loss="true", max_samples: Optional[int] = None,
-         kmeans_iters: int = 20, exact_k: int = 64, sample: int = 16384, resolution: int = 1 << 15,
+         kmeans_iters: int = 10, exact_k: int = 64, sample: int = 4096, resolution: int = 1 << 15,
          seed: int = 0) -> Plan:
     """Plan a compressed model of at most ``budget_bytes`` (or ``budget_bits`` mean bits per parameter of the whole
     model, or ``budget``: '64KiB' / '2.5 bits'), as counted by ``torchdkm.report`` (compressed layers + every other
@@ -207,8 +210,8 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
     (default every compressible one); the others stay as they are. weighted: estimate each candidate with the
     Fisher-weighted k-means (as ``palettize`` runs it) or the plain one (as DKM starts from).
     Estimates: d = 1 from one weighted DP per layout (exact up to ``exact_k`` centroids, beyond that the error is
-    taken to fall 4× per bit); d > 1 from a k-means fitted on ≤ ``sample`` vectors per LUT (``kmeans_iters``
-    Lloyd iterations), every vector then assigned.
+    taken to fall 4× per bit); d > 1 from a k-means fitted on about ``sample`` vectors in all (at least 4 per
+    centroid per LUT; ``kmeans_iters`` Lloyd iterations), every vector then assigned.
 
     Example::
 
@@ -360,6 +363,7 @@ def _measured(p: DKMWeight, vecs: Tensor, wts: Tensor, cfg: DKMConfig, fit_weigh
     (G × N × d; with ``sample`` > 0 fitted on at most that many vectors per group, then every vector assigned)."""
     g, n, _ = vecs.shape
     fit, fw = vecs, fit_weight
+    sample = max(sample // g, 4 * cfg.k) if sample else 0  # about ``sample`` vectors in all, ≥ 4 per centroid
     if sample and n > sample:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample].to(vecs.device)
         fit, fw = vecs[:, idx], None if fit_weight is None else fit_weight[:, idx]

@@ -9,7 +9,11 @@ ptq_granularity.py. Rows per bit width b:
 * weighted k-means:   torchdkm.palettize(model, cfg, sensitivity=F) - k-means weighted by the Fisher diagonal F
                       (true Fisher: labels drawn from the model's own softmax, per-sample squared gradients);
 * planned + weighted: torchdkm.plan at the size of the uniform row (same layers; candidates bits 1..8 at 1-d, one
-                      LUT or g16, with or without scales, or fp32), then the weighted k-means with the planned rules.
+                      LUT or g16, with or without scales, or fp32), then the weighted k-means with the planned rules;
+* coremltools PostTrainingPalettizer / SKMPalettizer (with --coreml): the same layers and layouts
+                      (per_grouped_channel, the same group sizes, enable_per_channel_scale), SKM with the same 32
+                      calibration images one per batch and the same loss (cross-entropy against labels drawn from the
+                      model's softmax); the same size as the k-means row.
 
 Calibration: 32 seeded views (seed 1) of the photos; evaluation: 320 other seeded views (seed 0) of the same photos
 (no labels: top-1 agreement with fp32 and mean KL(p_fp32 || p)). The calibration and evaluation images are
@@ -48,7 +52,46 @@ def fp16_weights(model, names):
             w.copy_(w.half().float())
 
 
-def run(bits_list, n_eval, n_cal, log=print) -> dict:
+def coreml_rows(fp32, rules, cfg, names, x_cal):
+    """(method, model, seconds) for coremltools' PostTrainingPalettizer and SKMPalettizer on the layers ``names``
+    with torchdkm's layouts (group size per layer from ``rules``)."""
+    import logging
+
+    import torch.nn.functional as F
+    from coremltools.optimize.torch.palettization import (ModulePostTrainingPalettizerConfig,
+                                                          ModuleSKMPalettizerConfig, PostTrainingPalettizer,
+                                                          PostTrainingPalettizerConfig, SKMPalettizer,
+                                                          SKMPalettizerConfig)
+
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
+
+    def layout(name):
+        c = rules.get(name) or cfg
+        return dict(n_bits=c.bits, granularity="per_grouped_channel", group_size=c.group_size,
+                    enable_per_channel_scale=bool(c.channel_scale))
+
+    out = []
+    t0 = time.perf_counter()
+    ptp = PostTrainingPalettizer(copy.deepcopy(fp32), PostTrainingPalettizerConfig(
+        module_name_configs={n: ModulePostTrainingPalettizerConfig(**layout(n)) for n in names})).compress()
+    out.append(("coremltools PostTrainingPalettizer", ptp, time.perf_counter() - t0))
+    gen = torch.Generator().manual_seed(0)
+
+    def loss_fn(model, data):
+        logits = model(data)
+        y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[:, 0]
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    t0 = time.perf_counter()
+    skm = SKMPalettizer(copy.deepcopy(fp32), SKMPalettizerConfig(
+        module_name_configs={n: ModuleSKMPalettizerConfig(**layout(n)) for n in names},
+        calibration_nsamples=len(x_cal))).compress(dataloader=[x_cal[i:i + 1] for i in range(len(x_cal))],
+                                                    loss_fn=loss_fn)
+    out.append(("coremltools SKMPalettizer", skm, time.perf_counter() - t0))
+    return out
+
+
+def run(bits_list, n_eval, n_cal, log=print, coreml=False) -> dict:
     import mobilenet_v2 as mv2
 
     fp32 = mv2.load_mobilenet_v2()
@@ -94,12 +137,21 @@ def run(bits_list, n_eval, n_cal, log=print) -> dict:
             rows.append(r)
             log(f"{bits}b {method:<20} {r['bits_per_weight']:.3f} b/w {r['mib']:.3f} MiB top-1 agree "
                 f"{100 * r['top1_agree']:.1f}% KL {r['kl']:.4f} ({secs:.1f} s)")
+        if coreml:
+            base = next(r for r in rows if r["bits"] == bits and r["method"] == "k-means")
+            for method, model, secs in coreml_rows(fp32, rules, cfg, layers, x_cal):
+                fp16_weights(model, layers)
+                logits = mv2.logits_of(model, x_eval)
+                r = {**{k: base[k] for k in ("bits", "bytes", "mib", "bits_per_weight", "layers")}, "method": method,
+                     "top1_agree": mv2.top1_agreement(logits, ref), "kl": mv2.kl_to_ref(logits, ref), "seconds": secs}
+                rows.append(r)
+                log(f"{bits}b {method:<20} top-1 agree {100 * r['top1_agree']:.1f}% KL {r['kl']:.4f} ({secs:.1f} s)")
     return {"rows": rows, "fisher_s": fisher_s, "samples": sens.samples, "n_eval": n_eval}
 
 
 def markdown(res) -> str:
     head = ["bits", "method", "bits/weight (compressed layers, incl. LUTs + scales)", "MiB", "top-1 agreement %",
-            "KL to fp32", "seconds (plan + k-means)"]
+            "KL to fp32", "seconds (plan + k-means; coremltools: sensitivity + k-means)"]
     rows = [[r["bits"], r["method"], f"{r['bits_per_weight']:.3f}", f"{r['mib']:.3f}", f"{100 * r['top1_agree']:.1f}",
              f"{r['kl']:.4f}", f"{r['seconds']:.1f}"] for r in res["rows"]]
     return common.markdown_table(head, rows)
@@ -111,6 +163,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=None, help="evaluation images (default 320)")
     p.add_argument("--calibration", type=int, default=32, help="calibration images for the Fisher diagonal")
     p.add_argument("--quick", action="store_true", help="16 images, 4 bits")
+    p.add_argument("--coreml", action="store_true", help="add coremltools' PostTrainingPalettizer and SKMPalettizer")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None)
     common.harness_args(p)
@@ -121,7 +174,7 @@ def main(argv=None):
     a.images = a.images or (16 if a.quick else 320)
     threads = common.setup_threads(a.threads)
     t0 = time.perf_counter()
-    res = run(a.bits, a.images, a.calibration)
+    res = run(a.bits, a.images, a.calibration, coreml=a.coreml)
     res.update(wall_s=time.perf_counter() - t0, command=" ".join(["python benchmarks/vision/ptq_weighted.py", *argv]),
                torch=torch.__version__, threads=threads, code=common.code_version(Path(__file__)), quick=a.quick)
     print("\n" + markdown(res))

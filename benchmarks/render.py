@@ -264,7 +264,8 @@ def vision_headline(ctx: Ctx) -> str:
             note = f", vector_axis {axis}" if axis is not None else (f" ({t})" if len(clean_ones) > 1 else "")
             picks.append((t, "1bit", ["st_kmeans", "qat_lsq", "dkm"] if i == 0 else ["dkm"], note))
     header = ["budget", "method"] + [f"{MODELS[m]} test top-1 % (KiB)" for m in MODELS] + ["seeds", "vs STE", "file"]
-    fp_row, rows = None, []
+    fp_row, rows, notes = None, [], {}
+    base = {m: vision_file("vision_2bit_cs", m)[0]["fp32"] for m in MODELS}
     for tag, budget, methods, note in picks:
         per = {m: vision_file(tag, m) for m in MODELS}
         for method in methods:
@@ -280,7 +281,11 @@ def vision_headline(ctx: Ctx) -> str:
                     fp_row = res
                 links.append(ctx.link(path, MODELS[m]))
                 seeds.add(len(runs))
-                cells.append(f"{fmt([r['top1'] for r in runs])} ({runs[0]['model_kib']:.1f})")
+                mark = ""
+                if res["fp32"].get("sha1") != base[m].get("sha1"):  # another fp32 training run of the same model
+                    mark = "*"
+                    notes[m] = f"{100 * res['fp32']['top1']:.2f}"
+                cells.append(f"{fmt([r['top1'] for r in runs])}{mark} ({runs[0]['model_kib']:.1f})")
                 ste = groups.get((budget, "st_kmeans"))
                 if ste and method != "st_kmeans":
                     words.append(f"{MODELS[m]}: {word(runs, ste)}")
@@ -294,7 +299,11 @@ def vision_headline(ctx: Ctx) -> str:
         res, _ = vision_file("vision_2bit_cs", m)
         fp.append(f"{100 * res['fp32']['top1']:.2f} ({res['fp32']['model_kib']:.1f})")
     rows.insert(0, ["32 bit", "fp32", *fp, "-", "-", "-"])
-    return table(header, rows)
+    out = table(header, rows)
+    if notes:
+        out += ("\n\n\\* fine-tuned from another fp32 training run of the same model (same recipe and seed; its test "
+                "top-1: " + ", ".join(f"{MODELS[m]} {v}" for m, v in notes.items()) + ").")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -86,7 +86,7 @@ def test_dim1_estimates_equal_the_palettized_error():
     net, x = _net(), torch.randn(6, 3, 8, 8)
     sens = fisher_diagonal(net, [x])
     cands = default_candidates(bits=(2, 3), dims=(1,), group_sizes=(None, 16), channel_scale=(False, True))
-    p = plan(net, sensitivity=sens, budget="3 bits", candidates=cands)
+    p = plan(net, sensitivity=sens, budget="3 bits", candidates=cands, bins=None)  # every value its own bin
     out = palettize(copy.deepcopy(net), rules=p.rules, sensitivity=sens)
     ref, got = dict(net.named_modules()), dict(out.named_modules())
     for r in p.rows:

@@ -174,10 +174,11 @@ def kmeans_1d_grouped(x: Tensor, k: int, iters: int = 50, weight: Optional[Tenso
     return c.to(x.dtype)
 
 
-def kmeans_1d_costs(x: Tensor, k: int, weight: Optional[Tensor] = None) -> Tensor:
+def kmeans_1d_costs(x: Tensor, k: int, weight: Optional[Tensor] = None, bins: Optional[int] = None) -> Tensor:
     """The (weighted) SSE of every row of x (G × N) clustered into 1, 2, ..., k values, G × k, from one DP run (the
     bins of kmeans_1d_grouped: exact for rows of at most max(1024, 4k) values, else the best clustering whose
-    boundaries lie on bin edges, an upper bound). For estimates at many bit widths (torchdkm.planner)."""
+    boundaries lie on bin edges, an upper bound; ``bins``: another bin count). For estimates at many bit widths
+    (torchdkm.planner)."""
     v, order = x.double().sort(1)
     g, n = v.shape
     if weight is None:
@@ -186,11 +187,12 @@ def kmeans_1d_costs(x: Tensor, k: int, weight: Optional[Tensor] = None) -> Tenso
         wt = weight.double().gather(1, order)
         mean = wt.mean(1).clamp_min(1e-300)
         wt = (wt / mean[:, None]).clamp_min(_W_FLOOR)
-    bins = min(n, max(_MIN_BINS, _BINS_PER_CENTROID * k))
+    nbins = bins
+    bins = min(n, max(_MIN_BINS, _BINS_PER_CENTROID * k) if nbins is None else max(nbins, k))
     chunk = max(1, _OPT_CELLS // (k * (bins + 1)))
     if g > chunk:
         parts = weight.split(chunk) if weight is not None else [None] * len(x.split(chunk))
-        return torch.cat([kmeans_1d_costs(a, k, b) for a, b in zip(x.split(chunk), parts)])
+        return torch.cat([kmeans_1d_costs(a, k, b, nbins) for a, b in zip(x.split(chunk), parts)])
     if bins == n:
         bounds = torch.arange(n + 1, device=v.device).expand(g, -1)
     else:

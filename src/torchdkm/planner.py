@@ -200,7 +200,8 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
          budget_bits: Optional[float] = None, budget=None, sensitivity: Optional[Sensitivity] = None,
          candidates: Optional[Sequence[DKMConfig]] = None, layers: Optional[Sequence[str]] = None,
          lut_bits: int = 32, weighted: bool = True, loss="true", max_samples: Optional[int] = None,
-         kmeans_iters: int = 10, exact_k: int = 64, sample: int = 4096, resolution: int = 1 << 15,
+         kmeans_iters: int = 10, exact_k: int = 64, bins: Optional[int] = 512, sample: int = 4096,
+         resolution: int = 1 << 15,
          seed: int = 0) -> Plan:
     """Plan a compressed model of at most ``budget_bytes`` (or ``budget_bits`` mean bits per parameter of the whole
     model, or ``budget``: '64KiB' / '2.5 bits'), as counted by ``torchdkm.report`` (compressed layers + every other
@@ -209,8 +210,9 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
     calibration: batches for the Fisher diagonal (or ``sensitivity``, measured before). layers: the layers to plan
     (default every compressible one); the others stay as they are. weighted: estimate each candidate with the
     Fisher-weighted k-means (as ``palettize`` runs it) or the plain one (as DKM starts from).
-    Estimates: d = 1 from one weighted DP per layout (exact up to ``exact_k`` centroids, beyond that the error is
-    taken to fall 4× per bit); d > 1 from a k-means fitted on about ``sample`` vectors in all (at least 4 per
+    Estimates: d = 1 from one weighted DP per row length over at most ``bins`` value bins per row (None: every value
+    its own bin up to max(1024, 4k) values, as kmeans_init; 512 measured within 2 % at 64 centroids), exact up to
+    ``exact_k`` centroids, beyond that the error taken to fall 4× per bit; d > 1 from a k-means fitted on about ``sample`` vectors in all (at least 4 per
     centroid per LUT; ``kmeans_iters`` Lloyd iterations), every vector then assigned.
 
     Example::
@@ -253,12 +255,11 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
     smallest = fixed_bits + sum(_smallest_bits(m.weight, pool, lut_bits) for m in targets.values())
     if smallest > budget_bytes * 8:  # refused before any clustering
         _refuse(budget_bytes, n_params, smallest, fixed_bits)
-    rows = []
-    for name, module in targets.items():
-        if name not in sensitivity.fisher:
-            raise ConfigError(f"plan: the sensitivity has no entry for layer {name!r}")
-        rows.append(_layer_candidates(name, module.weight.detach(), sensitivity.fisher[name], pool, lut_bits,
-                                      weighted, kmeans_iters, exact_k, sample, seed))
+    missing = [n for n in targets if n not in sensitivity.fisher]
+    if missing:
+        raise ConfigError(f"plan: the sensitivity has no entry for layer(s) {missing[:8]}; measure it on this model")
+    rows = _candidates({n: m.weight.detach() for n, m in targets.items()}, sensitivity.fisher, pool, lut_bits,
+                       weighted, kmeans_iters, exact_k, sample, seed, bins)
     t2 = time.perf_counter()
     pick = solve_mckp([[c.bits for c in r.candidates] for r in rows], [[c.dloss for c in r.candidates] for r in rows],
                       free, resolution) if free >= 0 else None
@@ -304,57 +305,63 @@ def _targets(model: nn.Module, layers: Optional[Sequence[str]]) -> Dict[str, nn.
 
 
 @torch.no_grad()
-def _layer_candidates(name: str, w: Tensor, fisher: Tensor, pool, lut_bits: int, weighted: bool, iters: int,
-                      exact_k: int, sample: int, seed: int) -> PlanRow:
-    """Every candidate of one layer with its exact size and its estimated loss increase ½ Σ F (w − ŵ)²."""
-    shape = tuple(w.shape)
-    keep = Candidate(None, w.numel() * w.element_size() * 8, 0.0)
-    todo, layouts = {}, {}
-    for cfg in pool:
-        cfg = fit_config(cfg.replace(min_numel=0), shape)
-        if cfg is None:
-            continue
-        size = candidate_bits(cfg, shape, lut_bits)
-        p = DKMWeight(cfg, w, name)
-        lay = (cfg.dim, p.groups, cfg.scale_kind, p.axis)
-        if (cfg.bits,) + lay in todo or size >= keep.bits:  # a duplicate, or no smaller than the layer as it is
-            continue
-        todo[(cfg.bits,) + lay] = (cfg, size)
-        if lay not in layouts:
-            vecs, _, _ = p.split(w)
-            layouts[lay] = (p, vecs, fisher_weights(p, w, fisher))
-    est = {}
-    by_len: Dict[int, list] = {}  # d = 1 layouts by row length: one DP for all of them
-    for lay, (p, vecs, wts) in layouts.items():
-        if lay[0] == 1:
-            by_len.setdefault(vecs.shape[1], []).append(lay)
-    for lays in by_len.values():
-        kmax = max(2 ** b for (b, *rest) in todo if tuple(rest) in lays)
-        kdp = min(kmax, exact_k)
-        cost = None  # plain k-means (weighted=False): cluster each candidate, then measure with the Fisher weights
-        if weighted:
-            cost = kmeans_1d_costs(torch.cat([layouts[lay][1][..., 0] for lay in lays]), kdp,
-                                   torch.cat([layouts[lay][2] for lay in lays]))
-        at = 0
-        for lay in lays:
-            p, vecs, wts = layouts[lay]
-            g = vecs.shape[0]
-            for (b, *rest), (cfg, _) in todo.items():
-                if tuple(rest) != lay:
-                    continue
-                if cost is None:
-                    est[(b,) + lay] = _measured(p, vecs, wts, cfg, None, iters)
-                    continue
-                k = 2 ** b
-                c = cost[at:at + g, min(k, kdp) - 1].sum()
-                est[(b,) + lay] = 0.5 * float(c) * (1.0 if k <= kdp else (kdp / k) ** 2)  # error ~ 2^(-2 bits)
-            at += g
-    for key, (cfg, _) in todo.items():
-        if key not in est:
-            p, vecs, wts = layouts[key[1:]]
-            est[key] = _measured(p, vecs, wts, cfg, wts if weighted else None, iters, sample, seed)
-    out = [keep] + [Candidate(cfg, size, est[key]) for key, (cfg, size) in todo.items()]
-    return PlanRow(name, shape, w.numel(), keep, out)
+def _candidates(weights: Dict[str, Tensor], fishers: Dict[str, Tensor], pool, lut_bits: int, weighted: bool,
+                iters: int, exact_k: int, sample: int, seed: int, bins: Optional[int] = None) -> List[PlanRow]:
+    """Every candidate of every layer with its exact size and its estimated loss increase ½ Σ F (w − ŵ)². The d = 1
+    layouts of all layers with rows of one length share one DP (kmeans_1d_costs): the DP's cost is per batch of rows
+    far more than per row."""
+    setups = []
+    for name, w in weights.items():
+        shape, fisher = tuple(w.shape), fishers[name]
+        keep = Candidate(None, w.numel() * w.element_size() * 8, 0.0)
+        todo, layouts = {}, {}
+        for cfg in pool:
+            cfg = fit_config(cfg.replace(min_numel=0), shape)
+            if cfg is None:
+                continue
+            size = candidate_bits(cfg, shape, lut_bits)
+            p = DKMWeight(cfg, w, name)
+            lay = (cfg.dim, p.groups, cfg.scale_kind, p.axis)
+            if (cfg.bits,) + lay in todo or size >= keep.bits:  # a duplicate, or no smaller than the layer as is
+                continue
+            todo[(cfg.bits,) + lay] = (cfg, size)
+            if lay not in layouts:
+                vecs, _, _ = p.split(w)
+                layouts[lay] = (p, vecs, fisher_weights(p, w, fisher))
+        setups.append((name, w, keep, todo, layouts, {}))
+    if weighted:  # d = 1: one DP per row length over all layers' layouts, every bit width read from it
+        by_len: Dict[int, list] = {}
+        for s_i, (_, _, _, todo, layouts, _) in enumerate(setups):
+            for lay, (_, vecs, _) in layouts.items():
+                if lay[0] == 1:
+                    kmax = max(2 ** key[0] for key in todo if key[1:] == lay)
+                    by_len.setdefault(vecs.shape[1], []).append((s_i, lay, kmax))
+        for items in by_len.values():
+            kdp = min(max(k for _, _, k in items), exact_k)
+            cost = kmeans_1d_costs(torch.cat([setups[i][4][lay][1][..., 0] for i, lay, _ in items]), kdp,
+                                   torch.cat([setups[i][4][lay][2] for i, lay, _ in items]),
+                                   None if bins is None else max(bins, 8 * kdp))
+            at = 0
+            for i, lay, _ in items:
+                todo, layouts, est = setups[i][3], setups[i][4], setups[i][5]
+                g = layouts[lay][1].shape[0]
+                per_k = cost[at:at + g].sum(0)
+                at += g
+                for key in todo:
+                    if key[1:] == lay:
+                        k = 2 ** key[0]
+                        # beyond kdp centroids the error is taken to fall 4× per bit (~ 2^(-2 bits))
+                        est[key] = 0.5 * float(per_k[min(k, kdp) - 1]) * (1.0 if k <= kdp else (kdp / k) ** 2)
+    rows = []
+    for name, w, keep, todo, layouts, est in setups:
+        for key, (cfg, _) in todo.items():
+            if key not in est:  # d > 1, or plain k-means: cluster, then measure with the Fisher weights
+                p, vecs, wts = layouts[key[1:]]
+                est[key] = _measured(p, vecs, wts, cfg, wts if weighted else None, iters, sample if cfg.dim > 1 else 0,
+                                     seed)
+        out = [keep] + [Candidate(cfg, size, est[key]) for key, (cfg, size) in todo.items()]
+        rows.append(PlanRow(name, tuple(w.shape), w.numel(), keep, out))
+    return rows
 
 
 def _measured(p: DKMWeight, vecs: Tensor, wts: Tensor, cfg: DKMConfig, fit_weight: Optional[Tensor], iters: int,

@@ -30,9 +30,10 @@ def _net(seed=0):
     return Net()
 
 
-def _distinct_vectors(w, dim):
-    v, _ = torchdkm.functional.to_vectors(w.detach(), dim)
-    return torch.unique(v, dim=0).shape[0]
+def _distinct_vectors(w, dim, axis=None):
+    """Distinct d-vectors of w in the layer's layout (row-major, or along ``axis``)."""
+    v, _ = torchdkm.functional.to_group_vectors(w.detach(), dim, 1, axis)
+    return torch.unique(v[0], dim=0).shape[0]
 
 
 def test_prepare_parametrizes_and_keeps_optimizer_parameters():
@@ -90,7 +91,7 @@ def test_finalize_leaves_at_most_k_distinct_vectors_and_is_idempotent():
     for name, k, dim in (("fc", 4, 2), ("conv", 4, 2), ("emb", 8, 3)):
         w = getattr(net, name).weight
         assert type(w) is nn.Parameter
-        assert _distinct_vectors(w, dim) <= k
+        assert _distinct_vectors(w, dim, getattr(net, name)._torchdkm.axis) <= k
     state = {k: v.clone() for k, v in net.state_dict().items()}
     finalize(net)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())

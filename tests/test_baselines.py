@@ -228,7 +228,7 @@ def test_ste_grouped_forward_is_nearest_centroid_times_scale_and_gradient_per_gr
 
 def test_fitted_granularity_takes_the_largest_divisor_and_drops_scales_that_do_not_fit():
     model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.Flatten(), nn.Linear(16 * 36, 12), nn.Linear(12, 10))
-    cfg = DKMConfig(bits=4, dim=4, min_numel=0, group_size=8, channel_scale=True)
+    cfg = DKMConfig(bits=4, dim=4, min_numel=0, group_size=8, channel_scale=True, vector_axis="flat")  # as STE's
     changes, notes = common.fitted_granularity(model, cfg)
     # conv: 9 weights per slice, dim 4 does not divide them; Linear(12, 10): 10 rows -> groups of 5 ...
     # ... but 5 × 12 = 60 weights hold whole 4-vectors, fine; Linear(576, 12): 12 rows -> groups of 6

@@ -110,7 +110,8 @@ def test_every_layout_trains_round_trips_and_the_check_agrees_with_the_metadata(
         assert float(err.max()) <= 1e-5 * float(table.abs().max())
 
 
-def test_auto_says_which_axis_it_picked():
+def test_auto_is_the_default_and_says_which_axis_it_picked():
+    assert DKMConfig().vector_axis == "auto"
     model = nn.Sequential(nn.Conv2d(12, 24, 3), nn.Conv2d(24, 24, 1), nn.Conv2d(24, 24, 3, groups=24))
     torchdkm.prepare(model, DKMConfig(bits=2, dim=4, vector_axis="auto", min_numel=1))
     rows = torchdkm.report(model, print_table=False)
@@ -121,7 +122,7 @@ def test_auto_says_which_axis_it_picked():
 
 def test_check_lists_every_layer_with_the_reason_and_the_fix():
     model = nn.Sequential(nn.Conv2d(12, 24, 3), nn.Conv2d(24, 36, 3), nn.Linear(36, 24))
-    torchdkm.prepare(model, DKMConfig(bits=2, dim=4, min_numel=1))  # row-major: 3x3 kernels cannot take 4-vectors
+    torchdkm.prepare(model, DKMConfig(bits=2, dim=4, vector_axis="flat", min_numel=1))  # 3x3 kernels: no 4-vectors
     problems = layout_problems(model)
     assert len(problems) == 2 and problems[0].startswith("'0' (weight (24, 12, 3, 3), dim=4")
     assert "does not divide its size 3" in problems[0] and "vector_axis='output' or vector_axis='input'" in problems[0]

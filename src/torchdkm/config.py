@@ -71,8 +71,9 @@ class DKMConfig:
                along the kernel width and across kernel rows);
                "output": d consecutive slices of axis 0 (output channels of Linear/Conv) at the same position;
                "input": d consecutive entries of axis 1 (input channels of a conv, inputs of a Linear);
-               "auto": "flat" where Core ML can ship it (dim divides the last axis of size > 1), else "output",
-               else "input" (whichever dim divides; per layer, see ``torchdkm.report``).
+               "auto" (default): "flat" where Core ML can ship it (dim divides the last axis of size > 1), else
+               "output", else "input" (whichever dim divides; per layer, see ``torchdkm.report``); "flat" where none
+               does. Measured level with "flat" at 1 bit (16 × 4-d) on two CNNs (docs/results.md).
                Core ML reads vectors along one axis, which "flat" is only when dim divides the last axis.
                "output" needs dim to divide each group's slices (C0 / G), "input" dim to divide axis 1.
     shard:     under torch.distributed (a process group of R > 1 ranks, e.g. torchrun + DDP), split this layer's
@@ -99,7 +100,7 @@ class DKMConfig:
     save_attention: bool = False
     group_size: Optional[int] = None
     channel_scale: Union[bool, str] = False
-    vector_axis: str = "flat"
+    vector_axis: str = "auto"
     shard: bool = False
     min_numel: int = 4096
     seed: int = 0

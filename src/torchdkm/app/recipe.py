@@ -35,7 +35,7 @@ the allowed ones)::
       direct_grad: 0.0                    # each weight also gets this × its own gradient (long runs: 1.0)
       group_size: null                    # null: one LUT per layer; g: one per g output channels
       channel_scale: false                # normalise each output channel by its max |w| before clustering
-      vector_axis: flat                   # dim > 1: flat (row-major) | output | input | auto (Core ML-safe)
+      vector_axis: auto                   # dim > 1: auto (Core ML-safe) | flat (row-major) | output | input
       coreml: false                       # true: refuse, before training, layouts Core ML cannot ship
       rules:
         stem.0: null                      # skip this layer

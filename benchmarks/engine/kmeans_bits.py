@@ -51,10 +51,7 @@ def main(argv=None):
                       f"finalize ({time.perf_counter() - t0:.0f} s).", "",
                       common.markdown_table(["layout"] + [f"{b} bit" for b in range(1, 9)], body), "",
                       common.provenance_md(run), ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    common.write_json(args.out.with_suffix(".json"), {"rows": rows, "provenance": run})
-    print(text)
+    common.write_report(args.out, text, rows)
     return 0
 
 

@@ -187,7 +187,7 @@ class DKMConfig:
         if axis is not None:
             if axis >= len(shape):
                 return f"vector_axis={self.vector_axis!r} needs a weight with an axis {axis}"
-            size = rows // self.groups(shape) if axis == 0 else shape[axis]
+            size = _axis_size(shape, self.groups(shape), axis)
             if size % self.dim:
                 what = "axis-0 slices per LUT" if axis == 0 else f"entries along axis {axis}"
                 return f"vector_axis={self.vector_axis!r}: dim={self.dim} does not divide its {size} {what}"
@@ -215,13 +215,18 @@ def flat_axis(shape) -> int:
     return max([i for i, s in enumerate(shape) if s > 1], default=len(shape) - 1)
 
 
+def _axis_size(shape, groups: int, axis: int) -> int:
+    """Entries a d-vector along ``axis`` may span: the axis' size, or for axis 0 the slices of one LUT."""
+    return shape[0] // groups if axis == 0 else shape[axis]
+
+
 def coreml_layout_problem(shape, dim: int, groups: int, axis: Optional[int]) -> Optional[str]:
     """Why Core ML cannot read the d-vectors of a weight of ``shape`` laid out along ``axis`` (None: row-major), or
     None. Core ML's LUT op takes vectors along one axis: dim must divide it, and for axis 0 each LUT's slices."""
     if dim == 1:
         return None
     a = flat_axis(shape) if axis is None else axis
-    size = shape[0] // groups if a == 0 else shape[a]
+    size = _axis_size(shape, groups, a)
     if size % dim:
         where = "row-major vectors run along" if axis is None else "vector_axis is"
         what = f"its {size} axis-0 slices per LUT" if a == 0 else f"its size {size}"

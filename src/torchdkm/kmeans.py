@@ -164,11 +164,7 @@ def kmeans_1d_grouped(x: Tensor, k: int, iters: int = 50, weight: Optional[Tenso
     if g > chunk:
         parts = weight.split(chunk) if weight is not None else [None] * len(x.split(chunk))
         return torch.cat([kmeans_1d_grouped(part, k, iters=iters, weight=wp) for part, wp in zip(x.split(chunk), parts)])
-    if bins == n:
-        bounds = torch.arange(n + 1, device=v.device).expand(g, -1)
-    else:
-        bounds = torch.cat([_bin_starts(v, bins // 2), v.new_full((g, 1), n, dtype=torch.long)], 1)
-    c = _dp_grouped(v, bounds, k, wt)
+    c = _dp_grouped(v, _bin_bounds(v, bins), k, wt)
     if bins < n:  # bins of ~n/B values: Lloyd, then the exact DP within a few bins of each boundary, then Lloyd
         c = _lloyd_sorted(v, _polish(v, _lloyd_sorted(v, c, iters, wt), 2 * -(-n // bins) + 1, wt), iters, wt)
     return c.to(x.dtype)
@@ -193,12 +189,8 @@ def kmeans_1d_costs(x: Tensor, k: int, weight: Optional[Tensor] = None, bins: Op
     if g > chunk:
         parts = weight.split(chunk) if weight is not None else [None] * len(x.split(chunk))
         return torch.cat([kmeans_1d_costs(a, k, b, nbins) for a, b in zip(x.split(chunk), parts)])
-    if bins == n:
-        bounds = torch.arange(n + 1, device=v.device).expand(g, -1)
-    else:
-        bounds = torch.cat([_bin_starts(v, bins // 2), v.new_full((g, 1), n, dtype=torch.long)], 1)
     prof: list = []
-    _dp_grouped(v, bounds, k, wt, prof)
+    _dp_grouped(v, _bin_bounds(v, bins), k, wt, prof)
     out = torch.stack(prof, 1)
     if out.shape[1] < k:  # fewer bins than k: more centroids cost nothing more
         out = torch.cat([out, out[:, -1:].expand(g, k - out.shape[1])], 1)
@@ -209,8 +201,8 @@ def _lloyd_sorted(v: Tensor, c: Tensor, iters: int, wt: Optional[Tensor] = None)
     """Lloyd on sorted rows v (G × N) from sorted centroids c (G × k): a cluster is the run between the midpoints of
     adjacent centroids, its mean a difference of prefix sums (``wt``: G × N weights, weighted means)."""
     g, n = v.shape
-    cs = torch.cat([v.new_zeros(g, 1), (v if wt is None else wt * v).cumsum(1)], 1)
-    cw = None if wt is None else torch.cat([v.new_zeros(g, 1), wt.cumsum(1)], 1)
+    cs = _cumsum0(v if wt is None else wt * v)
+    cw = None if wt is None else _cumsum0(wt)
     for _ in range(iters):
         bounds = torch.searchsorted(v, (c[:, 1:] + c[:, :-1]) / 2)
         lo = torch.cat([bounds.new_zeros(g, 1), bounds], 1)
@@ -238,11 +230,7 @@ def _polish(v: Tensor, c: Tensor, width: int, wt: Optional[Tensor] = None) -> Te
         return c
     offsets = torch.arange(-width, width + 1, device=v.device)
     cand = (torch.searchsorted(v, (c[:, 1:] + c[:, :-1]) / 2)[:, :, None] + offsets).clamp(0, n)  # G × (k-1) × W
-    vc = v - v.mean(1, keepdim=True)
-    zero = v.new_zeros(g, 1)
-    wvc = vc if wt is None else wt * vc
-    cs, cq = torch.cat([zero, wvc.cumsum(1)], 1), torch.cat([zero, (wvc * vc).cumsum(1)], 1)
-    cw = None if wt is None else torch.cat([zero, wt.cumsum(1)], 1)
+    cw, cs, cq = _cost_sums(v, wt)
 
     def sse(a: Tensor, b: Tensor) -> Tensor:  # a, b: G × ... boundary positions, a <= b; SSE of v[a:b]
         shape = torch.broadcast_shapes(a.shape, b.shape)
@@ -269,10 +257,32 @@ def _polish(v: Tensor, c: Tensor, width: int, wt: Optional[Tensor] = None) -> Te
     cuts.append(torch.zeros_like(cuts[0]))
     cuts = torch.stack(cuts[::-1], 1)  # G × (k + 1) positions
     a, b = cuts[:, :-1], cuts[:, 1:]
-    raw = torch.cat([zero, (v if wt is None else wt * v).cumsum(1)], 1)
+    raw = _cumsum0(v if wt is None else wt * v)
     cnt = (b - a).clamp_min(1) if cw is None else (cw.gather(1, b) - cw.gather(1, a)).clamp_min(_W_FLOOR)
     means = (raw.gather(1, b) - raw.gather(1, a)) / cnt
     return torch.where(b > a, means, c).sort(1).values
+
+
+def _bin_bounds(v: Tensor, bins: int) -> Tensor:
+    """Boundaries (G × (B + 1), from 0 to N) of the DP's bins of the sorted rows v (G × N): every value its own bin
+    when bins >= N, else :func:`_bin_starts` with 2·(bins // 2) bins."""
+    g, n = v.shape
+    if bins >= n:
+        return torch.arange(n + 1, device=v.device).expand(g, -1)
+    return torch.cat([_bin_starts(v, bins // 2), v.new_full((g, 1), n, dtype=torch.long)], 1)
+
+
+def _cumsum0(t: Tensor) -> Tensor:
+    """Prefix sums of each row of t (G × N) with a leading 0: G × (N + 1)."""
+    return torch.cat([t.new_zeros(t.shape[0], 1), t.cumsum(1)], 1)
+
+
+def _cost_sums(v: Tensor, wt: Optional[Tensor]):
+    """(Σw or None for counts, Σw·x, Σw·x²) prefix sums (G × (N + 1)) of the centred rows x = v − mean (centred: the
+    sums of squares lose less to cancellation); the SSE of a run a..b-1 is Δq − Δs² / Δn."""
+    vc = v - v.mean(1, keepdim=True)
+    wvc = vc if wt is None else wt * vc
+    return None if wt is None else _cumsum0(wt), _cumsum0(wvc), _cumsum0(wvc * vc)
 
 
 def _bin_starts(v: Tensor, half: int) -> Tensor:
@@ -318,13 +328,10 @@ def _dp_grouped(v: Tensor, bounds: Tensor, k: int, wt: Optional[Tensor] = None,
     ``profile`` (a list): receives the least SSE of every row with 1, 2, ..., min(k, B) segments (G-vectors)."""
     g, nb = bounds.shape[0], bounds.shape[1] - 1
     m_seg = min(k, nb)
-    zero = v.new_zeros(g, 1)
-    p_n = bounds.to(v.dtype) if wt is None else torch.cat([zero, wt.cumsum(1)], 1).gather(1, bounds)
+    cw, cs, cq = _cost_sums(v, wt)
+    p_n = bounds.to(v.dtype) if cw is None else cw.gather(1, bounds)
     floor = 1 if wt is None else _W_FLOOR
-    vc = v - v.mean(1, keepdim=True)  # centred for the costs: prefix sums of squares lose less to cancellation
-    wvc = vc if wt is None else wt * vc
-    p_s = torch.cat([zero, wvc.cumsum(1)], 1).gather(1, bounds)
-    p_q = torch.cat([zero, (wvc * vc).cumsum(1)], 1).gather(1, bounds)
+    p_s, p_q = cs.gather(1, bounds), cq.gather(1, bounds)
     width = nb + 1  # flat index of (row r, bin boundary b): r · width + b
     flat_n, flat_s, flat_q = p_n.reshape(-1), p_s.reshape(-1), p_q.reshape(-1)
 
@@ -368,7 +375,7 @@ def _dp_grouped(v: Tensor, bounds: Tensor, k: int, wt: Optional[Tensor] = None,
     cuts = torch.stack(cuts[::-1], 1)  # G × (m_seg + 1) bin indices
     a, b = cuts[:, :-1], cuts[:, 1:]
     cnt = p_n.gather(1, b) - p_n.gather(1, a)
-    p_raw = torch.cat([zero, (v if wt is None else wt * v).cumsum(1)], 1).gather(1, bounds)
+    p_raw = _cumsum0(v if wt is None else wt * v).gather(1, bounds)
     means = (p_raw.gather(1, b) - p_raw.gather(1, a)) / cnt.clamp_min(floor)
     means = torch.where(cnt > 0, means, v.gather(1, bounds.gather(1, a).clamp(max=v.shape[1] - 1)))
     if m_seg < k:  # fewer bins than centroids: repeat, the duplicates just share attention

@@ -21,11 +21,12 @@ from torchdkm.lut import finalized_layers, indices_to_weight, weight_to_indices
 from torchdkm.serialization import read_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {  # name -> (module builder, input shape)
-    "conv3x3": (lambda: nn.Conv2d(12, 24, 3, padding=1), (2, 12, 6, 6)),
-    "conv1x1": (lambda: nn.Conv2d(12, 24, 1), (2, 12, 6, 6)),
-    "depthwise": (lambda: nn.Conv2d(24, 24, 3, padding=1, groups=24), (2, 24, 6, 6)),
-    "linear": (lambda: nn.Linear(36, 24), (2, 36)),
+LAYERS = {  # name -> (module builder, example input)
+    "conv3x3": (lambda: nn.Conv2d(12, 24, 3, padding=1), lambda: torch.randn(2, 12, 6, 6)),
+    "conv1x1": (lambda: nn.Conv2d(12, 24, 1), lambda: torch.randn(2, 12, 6, 6)),
+    "depthwise": (lambda: nn.Conv2d(24, 24, 3, padding=1, groups=24), lambda: torch.randn(2, 24, 6, 6)),
+    "linear": (lambda: nn.Linear(36, 24), lambda: torch.randn(2, 36)),
+    "embedding": (lambda: nn.Embedding(40, 24), lambda: torch.randint(0, 40, (2, 5))),
 }
 AXES = ("flat", "output", "input", "auto")
 
@@ -58,7 +59,7 @@ def _layouts():
                          ids=lambda v: v if isinstance(v, str) else
                          f"d{v.dim}-{v.vector_axis}-g{v.group_size}-cs{int(bool(v.channel_scale))}")
 def test_every_layout_trains_round_trips_and_the_check_agrees_with_the_metadata(kind, cfg, tmp_path):
-    build, shape = LAYERS[kind]
+    build, make_x = LAYERS[kind]
     torch.manual_seed(0)
     model = nn.Sequential(build())
     wshape = tuple(model[0].weight.shape)
@@ -69,7 +70,7 @@ def test_every_layout_trains_round_trips_and_the_check_agrees_with_the_metadata(
         return
     fresh = copy.deepcopy(model)
     torchdkm.prepare(model, cfg)
-    x = torch.randn(shape)
+    x = make_x()
     model(x).square().mean().backward()  # one training forward/backward
     axis = cfg.axis(wshape)
     ships = coreml_layout_problem(wshape, cfg.dim, cfg.groups(wshape), axis) is None
@@ -108,6 +109,23 @@ def test_every_layout_trains_round_trips_and_the_check_agrees_with_the_metadata(
         table = lut.reshape(fin.groups, 4, cfg.dim).double()
         err = (along[:, :, None, :] - table[:, None]).abs().amax(-1).amin(-1)
         assert float(err.max()) <= 1e-5 * float(table.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("axis", AXES)
+def test_half_weights_round_trip_in_every_axis(dtype, axis, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 9, 8)).to(dtype)
+    fresh = copy.deepcopy(model)
+    torchdkm.prepare(model, DKMConfig(bits=3, dim=4, vector_axis=axis, group_size=8, channel_scale=True,
+                                      min_numel=1))
+    x = torch.randn(2, 8, 5, 5, dtype=dtype)
+    model(x).float().square().mean().backward()
+    torchdkm.finalize(model.eval())
+    y = model(x)
+    torchdkm.save(model, tmp_path / "m.safetensors")
+    assert torch.equal(torchdkm.load(tmp_path / "m.safetensors", fresh.eval())(x), y)
+    assert torch.equal(torchdkm.compact(copy.deepcopy(model))(x), y)
 
 
 def test_auto_is_the_default_and_says_which_axis_it_picked():

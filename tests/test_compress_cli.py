@@ -113,8 +113,13 @@ def _start_slow(recipe, out, after_epochs):
     after = after_epochs * 1344  # 1347 digits training samples, 21 full batches of 64 per epoch
     return subprocess.Popen([sys.executable, "-m", "torchdkm", "compress", str(recipe), "--out", str(out)],
                             env=_env(SLOW_DATA_SLEEP="0.01", SLOW_DATA_AFTER=str(after)), cwd=ROOT,
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN (no
+    # KeyboardInterrupt): restore the default so Ctrl-C reaches the run however the suite was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_checkpoint(proc, out, phase):

@@ -43,9 +43,8 @@ def _demo(args) -> int:
 
 
 def _plan(args) -> int:
-    import torch
-
     from ..planner import default_candidates, plan, rules_yaml
+    from .budget import calibration_batch
     from .build import build_data, build_model
     from .recipe import load_recipe
 
@@ -55,8 +54,7 @@ def _plan(args) -> int:
                             "transformers model call torchdkm.plan(model, batches, budget=...) from Python")
     model = build_model(recipe.model, recipe.folder).eval()
     train, _ = build_data(recipe.data, recipe.folder)
-    pairs = [train[i] for i in range(min(args.samples, len(train)))]
-    batch = (torch.stack([torch.as_tensor(x) for x, _ in pairs]), torch.as_tensor([int(y) for _, y in pairs]))
+    batch = calibration_batch(train, args.samples)
     cands = default_candidates(dims=args.dims)
     p = plan(model, [batch], budget=args.budget, candidates=cands, loss="empirical" if args.empirical else "true",
              lut_bits=args.lut_bits)

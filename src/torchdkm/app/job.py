@@ -152,8 +152,9 @@ class Job:
                 self.teacher.load_state_dict(ckpt["teacher"])
             self.teacher.requires_grad_(False)
         dkm_steps = self.t.epochs * self._steps_per_epoch()
+        rules = comp.rules if comp.budget is None else self._planned_rules(model, ckpt)
         prepare(model, _with_schedule(comp.config, dkm_steps), {k: _with_schedule(c, dkm_steps) if c else c
-                                                                 for k, c in comp.rules.items()})
+                                                                 for k, c in rules.items()})
         if comp.coreml:  # before any training step: a layout Core ML cannot read fails here, not at export
             check_layers(model)
         dkm_ckpt = ckpt if ckpt is not None and ckpt["phase"] == "dkm" else None
@@ -313,6 +314,25 @@ class Job:
         if self.fsdp:  # one process: nothing sharded, but the checkpoint keeps fsdp's name-keyed format
             return D.full_optimizer_state(model, opt)
         return opt.state_dict() if self.ctx.is_main else None
+
+    def _planned_rules(self, model: nn.Module, ckpt: Optional[dict]) -> dict:
+        """compression.budget: the planner's rules for the model entering compression. Planned once, on rank 0,
+        and broadcast; kept in the summary (so in every checkpoint), so a resumed run trains the same plan."""
+        from .budget import layouts_of, plan_for_recipe, planned_rules
+
+        comp = self.recipe.compression
+        layouts = (ckpt or {}).get("summary", {}).get("plan", {}).get("layouts")
+        if layouts is None:
+            found = None
+            if self.ctx.is_main:
+                with self.progress.phase(f"planning for compression.budget={comp.budget.size}"):
+                    p = plan_for_recipe(model, comp.rules, comp.budget, self.train_set)
+                tqdm_write(p.table())
+                found = {"layouts": layouts_of(p, comp.rules), **p.to_dict()}
+            found = D.broadcast_object(found, self.ctx)
+            self.summary["plan"] = found
+            layouts = found["layouts"]
+        return planned_rules(layouts, comp.config)
 
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch, as _train_phase's loader makes them (drop_last, batch split over ranks)."""

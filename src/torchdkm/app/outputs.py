@@ -64,6 +64,9 @@ def write_outputs(out: Path, model: nn.Module, recipe, metrics: list, summary: d
         "artifact": ARTIFACT_NAME,
         "plots": plots,
     }
+    if "plan" in summary:  # compression.budget: what the planner chose, and its size against the budget
+        result["plan"] = {k: summary["plan"][k] for k in ("budget_bytes", "total_bytes", "bits_per_weight", "dloss",
+                                                           "layers")}
     write_text_atomic(out / "report.json", json.dumps(_clean(result), indent=2) + "\n")
     write_text_atomic(out / "report.md", _markdown(result, size))
     print(_summary_line(result, out), flush=True)
@@ -209,6 +212,9 @@ def _markdown(r: dict, size) -> str:
         "",
         *_size_text(r),
         "",
+        *([f"planned for compression.budget: {r['plan']['total_bytes'] / 1024:.2f} KiB "
+           f"({r['plan']['bits_per_weight']:.3f} bits/weight) within {r['plan']['budget_bytes'] / 1024:.2f} KiB, "
+           f"estimated loss increase {r['plan']['dloss']:.4g}", ""] if "plan" in r else []),
         "| layer | kind | shape | bits | dim | weights | bits/weight | KiB |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]

@@ -37,6 +37,8 @@ the allowed ones)::
       channel_scale: false                # normalise each output channel by its max |w| before clustering
       vector_axis: auto                   # dim > 1: auto (Core ML-safe) | flat (row-major) | output | input
       coreml: false                       # true: refuse, before training, layouts Core ML cannot ship
+      budget: null                        # "2.5 bits" / "64KiB": plan every layer's layout for this size
+      plan: {samples: 64}                 # the planner's options (BudgetSpec); only with a budget
       rules:
         stem.0: null                      # skip this layer
         "re:.*fc": {bits: 8}              # fields override the global ones above
@@ -89,7 +91,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from ..config import DKMConfig
 from ..errors import ConfigError
@@ -162,10 +164,25 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class BudgetSpec:
+    """compression.budget / compression.plan: the size to plan for and the candidate layouts (torchdkm.plan)."""
+
+    size: Any  # '2.5 bits' (mean bits per parameter of the whole model) or '64KiB' / a number of bytes
+    samples: int = 64  # calibration samples (the first ones of the training set) for the Fisher diagonal
+    bits: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    dims: Tuple[int, ...] = (1, 2, 4)
+    group_sizes: Tuple[Optional[int], ...] = (None, 16)
+    channel_scale: Tuple[bool, ...] = (False, True)
+    lut_bits: int = 32
+    weighted: bool = True
+
+
+@dataclass(frozen=True)
 class CompressionSpec:
     config: DKMConfig
     rules: Dict[str, Optional[DKMConfig]]
     coreml: bool = False  # the model is meant for Core ML: every layer's vector layout is checked before training
+    budget: Optional[BudgetSpec] = None  # plan every layer's layout for this size instead of the rules' layouts
 
 
 @dataclass(frozen=True)
@@ -378,11 +395,12 @@ def _parse_training(raw) -> TrainingSpec:
 def _parse_compression(raw) -> CompressionSpec:
     _check_mapping("compression", raw)
     cfg_keys = tuple(f.name for f in fields(DKMConfig))
-    _check_keys("compression", raw, cfg_keys + ("rules", "coreml"))
+    extra = ("rules", "coreml", "budget", "plan")
+    _check_keys("compression", raw, cfg_keys + extra)
     coreml = raw.get("coreml", False)
     if not isinstance(coreml, bool):
         raise ConfigError(f"compression.coreml={coreml!r} is not allowed: give true or false")
-    glob = _dkm_config("compression", DKMConfig(), {k: v for k, v in raw.items() if k not in ("rules", "coreml")})
+    glob = _dkm_config("compression", DKMConfig(), {k: v for k, v in raw.items() if k not in extra})
     rules_raw = raw.get("rules") or {}
     _check_mapping("compression.rules", rules_raw)
     rules: Dict[str, Optional[DKMConfig]] = {}
@@ -396,7 +414,47 @@ def _parse_compression(raw) -> CompressionSpec:
         _check_mapping(where, value)
         _check_keys(where, value, cfg_keys)
         rules[key] = _dkm_config(where, glob, value)
-    return CompressionSpec(glob, rules, coreml)
+    budget = _parse_budget(raw.get("budget"), raw.get("plan"), rules)
+    return CompressionSpec(glob, rules, coreml, budget)
+
+
+def _parse_budget(size, options, rules) -> Optional[BudgetSpec]:
+    """compression.budget (a size) and compression.plan (the planner's options; only with a budget)."""
+    if size is None:
+        if options is not None:
+            raise ConfigError("compression.plan is given without compression.budget: give the size to plan for, e.g. "
+                              "budget: 2.5 bits or budget: 64KiB")
+        return None
+    from ..planner import parse_budget
+
+    try:
+        parse_budget(size)
+    except ConfigError as e:
+        raise ConfigError(f"compression.budget: {e}") from None
+    fixed = [k for k, v in rules.items() if v is not None]
+    if fixed:
+        raise ConfigError(f"compression.rules {fixed[:4]} give layouts, but with compression.budget the planner "
+                          f"chooses every layer's layout: keep only null rules (layers to leave as they are)")
+    options = options or {}
+    _check_mapping("compression.plan", options)
+    _check_keys("compression.plan", options, tuple(f.name for f in fields(BudgetSpec) if f.name != "size"))
+    seqs = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()}
+    spec = BudgetSpec(size, **seqs)
+    _int("compression.plan.samples", spec.samples, 1)
+    if spec.lut_bits not in (16, 32) or isinstance(spec.lut_bits, bool):
+        raise ConfigError(f"compression.plan.lut_bits={spec.lut_bits!r} is not allowed: give 16 or 32 (the bits of "
+                          f"each LUT entry and scale, as the planner counts them)")
+    if not isinstance(spec.weighted, bool):
+        raise ConfigError(f"compression.plan.weighted={spec.weighted!r} is not allowed: give true or false")
+    for key, ok, allowed in (("bits", lambda b: isinstance(b, int) and 1 <= b <= 8, "whole bits 1..8"),
+                             ("dims", lambda d: isinstance(d, int) and d >= 1, "vector sizes >= 1"),
+                             ("group_sizes", lambda g: g is None or (isinstance(g, int) and g >= 1),
+                              "null (one LUT) or a group size >= 1"),
+                             ("channel_scale", lambda c: isinstance(c, bool), "true / false")):
+        value = getattr(spec, key)
+        if not isinstance(value, tuple) or not value or not all(ok(v) for v in value):
+            raise ConfigError(f"compression.plan.{key}={value!r} is not allowed: give a non-empty list of {allowed}")
+    return spec
 
 
 def _parse_distributed(raw) -> DistributedSpec:

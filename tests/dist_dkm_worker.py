@@ -9,32 +9,51 @@ from torch import nn
 
 import torchdkm
 from torchdkm import DKMConfig
+from torchdkm import functional
 from torchdkm.functional import auto_tau, dkm_cluster
 from torchdkm.kmeans import kmeans_init
 
 
-def functional_case(rank, size):
-    """Grouped, d = 2, chunked: the sharded output, C and gradient against the single-process ones."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(3, 501, 2, generator=g, dtype=torch.float64)
-    c0 = kmeans_init(w, 8)
+def _case(rank, size, w, k, iters, *, c_up=False, out_up=True, **kw):
+    """Sharded dkm_cluster's output, C and gradient against one process's (the gradient: the mean over ranks of
+    each rank's own single-process gradient, what data-parallel training averages to)."""
+    c0 = kmeans_init(w, k)
     tau = auto_tau(c0, 0.1)
-    ups = [torch.randn(w.shape, generator=torch.Generator().manual_seed(10 + r), dtype=torch.float64)
-           for r in range(size)]  # each rank's own upstream gradient (its own batch)
+
+    def upstream(r, shape):  # each rank's own upstream gradient (its own batch)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(10 + r), dtype=w.dtype)
+
+    def loss(out, c, r):
+        return (out * upstream(r, out.shape)).sum() * out_up + (c * upstream(100 + r, c.shape)).sum() * c_up
+
     x = w.clone().requires_grad_()
-    out, c = dkm_cluster(x, c0, tau, 3, chunk_rows=120, process_group=dist.group.WORLD)
-    (out * ups[rank]).sum().backward()
-    grad = x.grad
+    out, c = dkm_cluster(x, c0, tau, iters, process_group=dist.group.WORLD, **kw)
+    loss(out, c, rank).backward()
     ref_grads = []
     for r in range(size):
         y = w.clone().requires_grad_()
-        ref_out, ref_c = dkm_cluster(y, c0, tau, 3, chunk_rows=120)
-        (ref_out * ups[r]).sum().backward()
+        ref_out, ref_c = dkm_cluster(y, c0, tau, iters, value_grid=False, **kw)
+        loss(ref_out, ref_c, r).backward()
         ref_grads.append(y.grad)
-    ref_grad = torch.stack(ref_grads).mean(0)  # what data-parallel training averages to
-    out, c = out.detach(), c.detach()
-    return {"out": float((out - ref_out).abs().max()), "c": float((c - ref_c).abs().max()),
-            "grad": float((grad - ref_grad).abs().max()), "grad_scale": float(ref_grad.abs().max())}
+    ref_grad = torch.stack(ref_grads).mean(0)
+    return {"out": float((out.detach() - ref_out.detach()).abs().max()),
+            "c": float((c.detach() - ref_c.detach()).abs().max()),
+            "grad": float((x.grad - ref_grad).abs().max()), "grad_scale": float(ref_grad.abs().max())}
+
+
+def functional_cases(rank, size):
+    """float64; rows split unevenly, in chunks, and moved in pieces of 64 values (so every collective loops):
+    grouped d = 2 (each rank's rows strided in memory), one LUT d = 1 (rows contiguous: sent in place), attention
+    kept from forward to backward, the centroids' gradient alone, and hard output."""
+    functional.PIECE = 64
+    g = torch.Generator().manual_seed(0)
+    grouped = torch.randn(3, 501, 2, generator=g, dtype=torch.float64)
+    flat = torch.randn(1001, 1, generator=g, dtype=torch.float64)
+    return {"grouped": _case(rank, size, grouped, 8, 3, chunk_rows=120),
+            "flat": _case(rank, size, flat, 16, 3, chunk_rows=100, c_up=True),
+            "kept": _case(rank, size, flat, 16, 2, chunk_rows=100, save_attention=True, reuse_bytes=1 << 30),
+            "c_only": _case(rank, size, grouped, 8, 2, chunk_rows=120, out_up=False, c_up=True),
+            "hard": _case(rank, size, flat, 16, 2, chunk_rows=100, hard_output=True)}
 
 
 def train_two_steps(model, rank):
@@ -102,12 +121,17 @@ def fsdp_case(rank):
 
 def main():
     dist.init_process_group("gloo")
-    rank, size = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    res = {"functional": functional_case(rank, size), "ddp": ddp_case(rank, size), "fsdp": fsdp_case(rank)}
-    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.destroy_process_group()
+    try:
+        rank, size = dist.get_rank(), dist.get_world_size()
+        torch.set_num_threads(1)
+        res = {"functional": functional_cases(rank, size), "ddp": ddp_case(rank, size), "fsdp": fsdp_case(rank)}
+        with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+        dist.barrier()  # no rank tears its group down while a peer is still in a collective
+    finally:
+        # Always, also after an error: a process that exits with its gloo group alive can abort at interpreter exit
+        # ("terminate called without an active exception", its worker threads still holding work).
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

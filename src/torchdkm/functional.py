@@ -94,18 +94,19 @@ class _Opts(NamedTuple):
     group: object = None  # a torch.distributed process group to shard the rows over, or None
 
 
-def _shard(n: int, group) -> Tuple[int, int]:
-    """This rank's contiguous share [lo, hi) of n rows (all of them without a group)."""
+def _shard(n: int, group, rank: Optional[int] = None) -> Tuple[int, int]:
+    """Rank ``rank``'s (default: this rank's) contiguous share [lo, hi) of n rows (all of them without a group)."""
     if group is None:
         return 0, n
     import torch.distributed as dist
 
-    r, size = dist.get_rank(group), dist.get_world_size(group)
+    r = dist.get_rank(group) if rank is None else rank
+    size = dist.get_world_size(group)
     return n * r // size, n * (r + 1) // size
 
 
 def _sum_ranks_(t: Tensor, group) -> Tensor:
-    """Sum ``t`` over the ranks of ``group``, in place (nothing without a group)."""
+    """Sum ``t`` over the ranks of ``group``, in place (nothing without a group). For k-sized statistics only."""
     if group is not None:
         import torch.distributed as dist
 
@@ -113,9 +114,55 @@ def _sum_ranks_(t: Tensor, group) -> Tensor:
     return t
 
 
-def _local_chunks(n: int, o: "_Opts"):
-    lo, hi = _shard(n, o.group)
-    return [slice(lo + s.start, lo + s.stop) for s in _row_chunks(hi - lo, o.rows)] if hi > lo else []
+# Rows moved per collective when a rank's rows are sent in pieces (elements): bounds the staging buffers to 4 MiB
+# (float32) whatever the layer's size.
+PIECE = 1 << 20
+
+
+def _pieces(groups: int, d: int, lo: int, hi: int):
+    """Row ranges (a, b) covering [lo, hi) with at most PIECE values over all groups each (at least one row)."""
+    step = max(1, PIECE // (groups * d))
+    return [(a, min(hi, a + step)) for a in range(lo, hi, step)]
+
+
+def _gather_rows_(t: Tensor, group) -> Tensor:
+    """Fill ``t`` (G × N × d) on every rank from each rank's own rows [lo, hi), in place: the owner of each share
+    broadcasts it. N·d values sent per rank, no weight-sized buffer (an all-reduce sends about twice that, and gloo's
+    all-gather stages a second copy of the whole output: both measured)."""
+    import torch.distributed as dist
+
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    for r in range(size):
+        src = dist.get_global_rank(group, r)
+        for a, b in _pieces(t.shape[0], t.shape[2], *_shard(t.shape[1], group, r)):
+            view = t[:, a:b]
+            if view.is_contiguous():  # one group: the rows are one block of memory, sent in place
+                dist.broadcast(view, src=src, group=group)
+                continue
+            buf = view.contiguous() if r == me else view.new_empty(view.shape)
+            dist.broadcast(buf, src=src, group=group)
+            if r != me:
+                view.copy_(buf)
+    return t
+
+
+def _mean_rows_into_(dst: Tensor, g: Tensor, group) -> Tensor:
+    """dst (G × n_r × d, this rank's rows) = the mean over ranks of their ``g`` (G × N × d) at this rank's rows:
+    a reduce to each share's owner in turn, in pieces, so no rank holds more than its rows and one piece."""
+    import torch.distributed as dist
+
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    lo = _shard(g.shape[1], group)[0]
+    for r in range(size):
+        dst_rank = dist.get_global_rank(group, r)
+        for a, b in _pieces(g.shape[0], g.shape[2], *_shard(g.shape[1], group, r)):
+            slot = dst[:, a - lo:b - lo] if r == me else None
+            in_place = slot is not None and slot.is_contiguous()  # one group: reduced straight into dst
+            buf = slot.copy_(g[:, a:b]) if in_place else g[:, a:b].clone(memory_format=torch.contiguous_format)
+            dist.reduce(buf, dst=dst_rank, group=group)  # gloo may use a non-root's buffer as scratch: never g itself
+            if slot is not None and not in_place:
+                slot.copy_(buf)
+    return dst.div_(size)
 
 
 def _transposed(v: Tensor) -> Tensor:
@@ -128,14 +175,19 @@ def _untransposed(v: Tensor) -> Tensor:
 
 
 class _DKMLean(torch.autograd.Function):
+    """Sharded (``o.group``): each rank computes attention for its own rows [lo, hi) only, and keeps only their
+    state; per iteration the k·(d+1) statistics are all-reduced. The whole W~ and the whole gradient are built once,
+    in the returned tensor, from each owner's rows (:func:`_gather_rows_`)."""
+
     @staticmethod
     def forward(ctx, w: Tensor, c0: Tensor, o: _Opts):
         groups, n, k = w.shape[0], w.shape[1], c0.shape[1]
-        x = _transposed(w)
-        chunks = _local_chunks(n, o)  # sharded: this rank's rows only; per-iteration sums are all-reduced
+        lo, hi = _shard(n, o.group)
+        x = _transposed(w[:, lo:hi])  # this rank's rows (all of them without a group): G × d × n_r
+        chunks = list(_row_chunks(hi - lo, o.rows))
         # Keep an iteration's attention blocks (to reuse them for the output, and in backward) when they fit the
-        # budget; with one chunk the block is alive anyway.
-        keep = len(chunks) == 1 or groups * n * k * w.element_size() <= o.reuse_bytes
+        # budget; with one chunk the block is alive anyway. Sharded, the budget holds this rank's rows only.
+        keep = len(chunks) <= 1 or groups * (hi - lo) * k * w.element_size() <= o.reuse_bytes
         thr = stop_threshold(c0, o.eps, o.eps_rel) if (o.eps > 0 or o.eps_rel > 0) else None
         cs, masses, blks = [c0], [], None
         for _ in range(o.iters):
@@ -163,11 +215,13 @@ class _DKMLean(torch.autograd.Function):
         if o.hard_output:  # value: nearest centroid of C_T; gradient (backward): the soft output's
             out = lookup(c_last, nearest_centroid(w, c_last))
         else:
-            out_t = torch.empty_like(x) if o.group is None else torch.zeros_like(x)
+            # sharded: this rank's rows go straight into the whole output (G × N × d), the others' arrive there
+            out = w.new_empty(w.shape) if o.group is not None else None
+            out_t = torch.empty_like(x) if out is None else out[:, lo:hi].transpose(1, 2)
             att = None if blks is not None else _Attention(cs[-2], o.tau, o.window_tol)
             for i, s in enumerate(chunks):
                 out_t[:, :, s] = (blks[i] if blks is not None else att(x[:, :, s])).mix(c_last)
-            out = _untransposed(_sum_ranks_(out_t, o.group))  # sharded: every rank's rows, on every rank
+            out = _untransposed(out_t) if out is None else _gather_rows_(out, o.group)
         ctx.save_for_backward(w, *cs, *masses)
         ctx.o, ctx.iters_run, ctx.keep = o, len(masses), keep
         ctx.blocks = blks if o.save_attention else None
@@ -180,23 +234,28 @@ class _DKMLean(torch.autograd.Function):
         saved, o = ctx.saved_tensors, ctx.o
         t_run = ctx.iters_run
         w, cs, masses = saved[0], saved[1 : t_run + 2], saved[t_run + 2 :]
-        x = _transposed(w)
-        chunks = _local_chunks(w.shape[1], o)
-        g_x = torch.zeros_like(x)
+        lo, hi = _shard(w.shape[1], o.group)
+        x = _transposed(w[:, lo:hi])
+        chunks = list(_row_chunks(hi - lo, o.rows))
         g_c = torch.zeros_like(cs[-1]) if g_c is None else g_c.clone()
         last, ctx.blocks = ctx.blocks, None  # A_T blocks (from C_{T-1}) saved by forward, or None
-        if o.group is not None:
-            # Sharded: the backward is linear in the incoming gradients, so the mean over ranks of each rank's
-            # full backward (what data-parallel training averages) is one backward of their mean, which the ranks
-            # now split by rows. Every rank ends with that same full gradient; averaging it again changes nothing.
+        if o.group is None:
+            g_x, gt = torch.empty_like(x), None if g_out is None else _transposed(g_out)
+        else:
+            # Sharded: the backward is linear in the incoming gradients, so the mean over ranks of each rank's full
+            # backward (what data-parallel training averages) is one backward of their mean, which the ranks split by
+            # rows. Each rank needs that mean at its own rows only; it waits in this rank's rows of the returned
+            # gradient (G × N × d), read there before the pass over iteration T overwrites it. Every rank ends
+            # with the same whole gradient; averaging it again changes nothing.
             size = float(torch.distributed.get_world_size(o.group))
-            g_out = None if g_out is None else _sum_ranks_(g_out.contiguous().clone(), o.group).div_(size)
+            g_w = w.new_empty(w.shape)
+            g_x = g_w[:, lo:hi].transpose(1, 2)  # G × d × n_r view
+            gt = None if g_out is None else _mean_rows_into_(g_w[:, lo:hi], g_out, o.group).transpose(1, 2)
             g_c = _sum_ranks_(g_c, o.group).div_(size)
 
         # W~ = A_T C_T. Its part of dL/dC_T, A_T^T g_out, is a reduction over all rows needed before the last
         # iteration's pass: a first pass computes only that. Its part of dL/dA_T (g_out · C_T) goes through the
         # same softmax as the last iteration's, so it joins that pass (one softmax backward for both).
-        gt = None if g_out is None else _transposed(g_out)
         if gt is not None:
             att = _Attention(cs[-2], o.tau, o.window_tol)
             fresh = [] if last is None and ctx.keep else None
@@ -225,12 +284,17 @@ class _DKMLean(torch.autograd.Function):
                 blk = reuse[i] if reuse is not None else att(xs)
                 g_a = blk.rowdot(xs, g_m, g_s)  # dL/dA_t (G × k × n), then + the output's g_out · C_T
                 g_l = blk.softmax_backward_(blk.rowdot_add_(g_a, gt[:, :, s], cs[-1]) if out_term else g_a)
-                g_x[:, :, s] += blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
+                g_xs = blk.mix(g_m).add_(blk.logit_grad_w(g_l, c_prev))
+                # the first pass sets g_x (sharded, over the mean incoming gradient it has just read), later ones add
+                if t == t_run:
+                    g_x[:, :, s] = g_xs
+                else:
+                    g_x[:, :, s] += g_xs
                 g_c_prev += blk.logit_grad_c(g_l, xs, c_prev)
             last = reuse = None
             # + empty clusters passing C_{t-1} through (the same on every rank: added once, after the sum)
             g_c = _sum_ranks_(g_c_prev, o.group).add_(torch.where(full[..., None], 0.0, g_c))
-        return _untransposed(_sum_ranks_(g_x, o.group)), None, None
+        return (_untransposed(g_x) if o.group is None else _gather_rows_(g_w, o.group)), None, None
 
 
 def _converged(c: Tensor, c_prev: Tensor, thr: Tensor) -> bool:
@@ -333,9 +397,11 @@ def dkm_cluster(
     * ``hard_output``: the returned W~ is each vector's nearest centroid of C_T (what finalize ships) while the
       gradient is the soft output's (straight-through from soft to hard); skips the forward's output pass.
     * ``process_group``: a torch.distributed group whose ranks hold the same w and c0 (data-parallel training):
-      each rank computes attention for its own share of the rows, the k·(d+1) statistics are all-reduced per
-      iteration, W~ and the gradient reach every rank whole (all-reduced). The gradient every rank gets is the
-      mean over ranks of the single-process one, which is what data-parallel training then averages to.
+      each rank computes attention for its own share of the rows and keeps only their state (the automatic
+      ``chunk_rows`` and the ``reuse_bytes`` budget apply to that share), the k·(d+1) statistics are all-reduced per
+      iteration, and W~ and the gradient reach every rank whole, each rank's rows broadcast by their owner (the
+      incoming gradient is averaged onto each owner's rows). The gradient every rank gets is the mean over ranks of
+      the single-process one, which is what data-parallel training then averages to.
     * ``value_grid``: for d = 1 without a process group, compute attention on a grid of U weight values and
       interpolate it at the weights (torchdkm._valuegrid): O(N + U·k) instead of O(N·k), each attention entry
       within 1e-6 (so W~ within about 1e-6 of the largest centroid gap) and its derivative within about 6e-5 of the
@@ -348,21 +414,24 @@ def dkm_cluster(
     t = _check_inputs(w, c0, tau, iters, eps)
     if not (eps_rel >= 0 and math.isfinite(eps_rel)):
         raise ConfigError(f"dkm_cluster got eps_rel={eps_rel!r}: allowed is a finite float >= 0")
-    if w.dim() == 2:
-        out, c = dkm_cluster(w[None], c0[None], t, iters, eps, eps_rel=eps_rel, chunk_rows=chunk_rows,
+    if w.dim() == 2:  # squeeze, not out[0]: indexing's backward would allocate and copy a weight-sized gradient
+        out, c = dkm_cluster(w.unsqueeze(0), c0.unsqueeze(0), t, iters, eps, eps_rel=eps_rel, chunk_rows=chunk_rows,
                              window_tol=window_tol, reuse_bytes=reuse_bytes, save_attention=save_attention,
                              hard_output=hard_output, process_group=process_group, value_grid=value_grid)
-        return out[0], c[0]
+        return out.squeeze(0), c.squeeze(0)
     dt = compute_dtype(w)
     wc = w.to(dt)
     c = c0.detach().to(dt, copy=True)  # saved for backward: must not alias the caller's (mutable) buffer
     groups, n, d = wc.shape
-    # chunk_rows counts vectors over all groups; a chunk takes the same columns of every group
-    rows = -(-(chunk_rows or auto_chunk_rows(groups * n, c.shape[1], d)) // groups)
+    group = _usable_group(process_group)
+    share = n if group is None else -(-n // torch.distributed.get_world_size(group))  # rows this rank works on
+    # chunk_rows counts vectors over all groups; a chunk takes the same columns of every group. Automatic chunks
+    # are sized from this rank's rows, so that sharded temporaries shrink with the share.
+    rows = -(-(chunk_rows or auto_chunk_rows(groups * share, c.shape[1], d)) // groups)
     # One group: a plain float keeps the scalar kernels (and the windowed path) of the per-tensor case.
     tau_arg = float(t[0]) if groups == 1 else t.to(dt).to(w.device).view(groups, 1, 1)
     o = _Opts(tau_arg, iters, float(eps), float(eps_rel), int(rows), float(window_tol), int(reuse_bytes),
-              bool(save_attention), bool(hard_output), _usable_group(process_group))
+              bool(save_attention), bool(hard_output), group)
     if value_grid and d == 1 and o.group is None:
         got = _grid_cluster(wc, c, o)
         if got is not None:

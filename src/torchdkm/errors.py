@@ -29,3 +29,13 @@ class DataNotFoundError(TorchDKMError, FileNotFoundError):
 class NonFiniteError(TorchDKMError, FloatingPointError):
     """A weight, centroid or loss became NaN/inf during training; the message names the layer (and, from the
     ``torchdkm compress`` job, the step)."""
+
+
+class WriteError(TorchDKMError, OSError):
+    """A file could not be written (a full disk, no permission, ...); the message names the path and the cause.
+    The previous file at that path, if any, is left as it was."""
+
+
+class DistributedError(TorchDKMError, RuntimeError):
+    """A multi-process run lost a rank: it stopped answering within ``distributed.timeout_s`` or died; the message
+    says where the run stopped and which checkpoint it can resume from."""

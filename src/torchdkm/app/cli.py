@@ -20,7 +20,8 @@ def _compress(args) -> int:
     from .job import compress
 
     try:
-        compress(args.recipe, out_dir=args.out, resume=args.resume, progress_every_s=args.progress_every_s,
+        resume = {"no": False, "yes": True, "auto": "auto"}[args.resume]
+        compress(args.recipe, out_dir=args.out, resume=resume, progress_every_s=args.progress_every_s,
                  progress_every_steps=args.progress_every_steps)
     except KeyboardInterrupt:
         return 130  # the job already printed where the checkpoint is and how to resume
@@ -106,10 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "artifact, report.md/json, metrics.jsonl, plots and a checkpoint per epoch. "
                                    "Under torchrun each rank trains on batch_size/world_size samples per step.",
                        epilog="examples:\n  torchdkm compress recipes/digits_mlp.yaml --out runs/digits\n"
-                              "  torchrun --standalone --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml")
+                              "  torchrun --standalone --nproc_per_node 2 -m torchdkm compress recipes/digits_mlp.yaml\n"
+                              "  torchrun --standalone --nproc_per_node 2 --max-restarts 3 -m torchdkm compress "
+                              "recipes/digits_mlp.yaml --out runs/digits --resume auto")
     c.add_argument("recipe", metavar="RECIPE", help="YAML recipe file (see recipes/)")
     c.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<recipe file name>)")
-    c.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    c.add_argument("--resume", nargs="?", const="yes", default="no", choices=["yes", "auto"], metavar="auto",
+                   help="continue the run in DIR from its last checkpoint (an error if there is none); --resume auto: "
+                        "continue it if DIR holds one, else start: the one command line for a first start and "
+                        "every restart (torchrun --max-restarts N; see docs/distributed.md)")
     c.add_argument("--progress-every-s", metavar="S", type=_at_least(0.0, float), default=None,
                    help="when stdout is not a terminal: a progress line every S seconds (0: off; default: the "
                         "recipe's progress.every_s, else 30)")

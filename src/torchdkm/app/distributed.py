@@ -3,6 +3,10 @@ and the two ways of wrapping the model (recipe ``distributed.strategy``): Distri
 PyTorch's FSDP2 ``fully_shard`` (``fsdp``), with the full state dicts an FSDP run checkpoints and finalizes from.
 
 Without ``WORLD_SIZE`` > 1 in the environment everything runs in one process and these helpers are no-ops.
+
+A failure on one rank must stop every rank, never leave the others waiting in a collective it will not join:
+:func:`agree` turns a local error into the same error on every rank, and ``distributed.timeout_s`` bounds every
+collective, so a rank that hangs (or dies without closing its connections) stops the others after that long.
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import inspect
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List
+from datetime import timedelta
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TorchDKMError
 from ..layers import is_supported
 from ..parametrization import dkm_parametrization, original_weight
 
@@ -43,9 +48,11 @@ class Context:
         return self.distributed and self.strategy == "fsdp"
 
 
-def setup(device: str = "auto", strategy: str = "ddp") -> Context:
+def setup(device: str = "auto", strategy: str = "ddp", timeout_s: Optional[float] = None) -> Context:
     """Join the process group that torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (gloo on
-    CPU, nccl on CUDA); pick this process's device. ``device``: auto | cpu | cuda; ``strategy``: ddp | fsdp."""
+    CPU, nccl on CUDA); pick this process's device. ``device``: auto | cpu | cuda; ``strategy``: ddp | fsdp;
+    ``timeout_s``: how long any collective may wait for the other ranks before it fails (None: torch's default,
+    30 min for gloo, 10 for nccl)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
@@ -56,9 +63,26 @@ def setup(device: str = "auto", strategy: str = "ddp") -> Context:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **kw, **_restart_store(world, timeout_s))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Context(dist.get_rank(), dist.get_world_size(), dev, strategy)
+
+
+def _restart_store(world: int, timeout_s: Optional[float]) -> dict:
+    """init_process_group's store under torchrun's agent store: the agent's, under a prefix of this attempt.
+
+    torchrun (--standalone, torch 2.13) keeps one store across ``--max-restarts`` attempts, where torch assumes a
+    new one per attempt, so a restarted worker read the gloo addresses of the previous attempt's dead workers
+    ("Gloo connectFullMesh failed ... Connection refused"). Outside torchrun's agent: {} (torch's own env://)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                         timeout=timedelta(seconds=timeout_s or 1800))
+    return {"store": dist.PrefixStore(f"torchdkm/attempt_{attempt}", base), "rank": int(env["RANK"]),
+            "world_size": world}
 
 
 def teardown(ctx: Context) -> None:
@@ -161,6 +185,43 @@ def broadcast_object(obj, ctx: Context):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agree(error: Optional[BaseException], ctx: Context) -> None:
+    """Raise on every rank when any rank has an ``error`` (None: not this one), so that no rank goes on into a
+    collective that a failing rank will never join (gloo notices a dead peer; nccl would wait for the timeout).
+
+    Every rank must call it at the same point. When all are fine it costs one one-element all-reduce. Otherwise
+    every rank raises the same error: the lowest failing rank's message after ``rank R of N: ``, of its type
+    when that is a TorchDKMError (else TorchDKMError), chained to the local error on the rank that had it."""
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0.0 if error is None else 1.0], device=ctx.device)
+    dist.all_reduce(flag)
+    if float(flag) == 0:
+        return
+    ours = isinstance(error, TorchDKMError)
+    mine = None if error is None else (type(error) if ours else TorchDKMError,
+                                       str(error) if ours else f"{type(error).__name__}: {error}")
+    every: List[Optional[tuple]] = [None] * ctx.world_size
+    dist.all_gather_object(every, mine)
+    failed = [r for r, e in enumerate(every) if e is not None]
+    kind, text = every[failed[0]]
+    also = f" (rank(s) {', '.join(map(str, failed[1:]))} failed too)" if len(failed) > 1 else ""
+    raise kind(f"rank {failed[0]} of {ctx.world_size}: {text}{also}") from error
+
+
+def check_on_every_rank(fn, ctx: Context):
+    """``fn()`` on this rank, then :func:`agree` on whether every rank's call succeeded (an error raised by any
+    rank is raised on all). Returns this rank's result."""
+    try:
+        result, error = fn(), None
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must stop with it
+        result, error = None, e
+    agree(error, ctx)
+    return result
 
 
 def barrier(ctx: Context) -> None:

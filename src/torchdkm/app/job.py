@@ -12,7 +12,8 @@ say how long they took.
 
 Every epoch ends with an atomic checkpoint (model incl. DKM centroids, optimizer, schedule, RNG states,
 metrics so far). Data order depends only on (seed, epoch), so ``resume=True`` continues a killed run and
-ends with the same weights as an uninterrupted one.
+ends with the same weights as an uninterrupted one; ``resume="auto"`` does when there is a checkpoint, else
+starts (torchdkm.app.resume: the one command line for torchrun's elastic restarts).
 
 Under ``torchrun`` each rank takes ``batch_size / world_size`` samples of every global batch (the same
 global batches as one process), gradients are averaged by DistributedDataParallel, and only rank 0
@@ -23,16 +24,21 @@ phase (after prepare and the k-means init). A sharded model can neither be evalu
 forward is a collective) nor finalized, so every process keeps an unsharded copy: at each epoch's end all ranks
 gather the full state dict (and the optimizer's) into rank 0's copy, which is evaluated and checkpointed; after
 a phase's last epoch every rank's copy gets it and training, finalize and the outputs go on from that copy.
+
+A failure on one rank stops all of them with the same error (torchdkm.app.distributed.agree): a refused
+folder, a NaN/inf loss (checked on every rank before the backward's all-reduce), a failed checkpoint or artifact
+write on rank 0. A rank that hangs or dies turns into a DistributedError on the others (torchdkm.app.faults).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -44,7 +50,7 @@ from .._progress import ProgressLog
 from ..api import finalize, initialize, prepare
 from ..config import DKMConfig
 from ..distill import distillation_loss
-from ..errors import ConfigError, NonFiniteError
+from ..errors import ConfigError, NonFiniteError, TorchDKMError, WriteError
 from ..export.coreml import check_layers
 from ..parametrization import is_dtensor
 from ..stats import dkm_layer_stats, weights_and_centroids
@@ -53,8 +59,10 @@ from ..training import step as dkm_step
 from . import distributed as D
 from .build import build_data, build_model, build_optimizer, build_scheduler
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .faults import first_non_finite_output, lost_peers
 from .outputs import write_metrics, write_outputs
 from .recipe import Recipe, load_recipe
+from .resume import checkpoint_to_resume, run_id
 
 RESULT_FILES = ("report.json", CHECKPOINT_NAME)
 
@@ -62,7 +70,7 @@ RESULT_FILES = ("report.json", CHECKPOINT_NAME)
 class Job:
     """One run of a recipe into ``out_dir``; :meth:`run` does everything and returns the report dict."""
 
-    def __init__(self, recipe: Recipe, out_dir, resume: bool = False, recipe_path: Optional[str] = None):
+    def __init__(self, recipe: Recipe, out_dir, resume: Union[bool, str] = False, recipe_path: Optional[str] = None):
         self.recipe, self.t = recipe, recipe.training
         self.out = Path(out_dir)
         self.resume = resume
@@ -71,6 +79,7 @@ class Job:
         self.metrics: list = []
         self.summary: dict = {}
         self.saved_at: Optional[str] = None  # "phase epoch" of the last checkpoint written, for Ctrl-C
+        self.where = "set-up"  # the step (or phase) the run is at: named when a rank is lost
         self.teacher: Optional[nn.Module] = None  # the fp32 model, with training.distill > 0
         self.lm = recipe.model.is_causal_lm
         self.metric = "ppl" if self.lm else "acc"  # what _evaluate measures: perplexity or accuracy
@@ -79,7 +88,7 @@ class Job:
 
     # ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        self.ctx = D.setup(self.t.device, self.recipe.distributed.strategy)
+        self.ctx = D.setup(self.t.device, self.recipe.distributed.strategy, self.recipe.distributed.timeout_s)
         p = self.recipe.progress
         self.progress = ProgressLog(enabled=self.ctx.is_main, every_steps=p.every_steps, every_s=p.every_s)
         try:
@@ -92,6 +101,12 @@ class Job:
                       f"Resume with:  {cmd}" + ("  (with the same torchrun prefix)" if self.ctx.distributed else ""),
                       file=sys.stderr, flush=True)
             raise
+        except RuntimeError as e:  # a collective failed: a rank hung past distributed.timeout_s, or died
+            lost = lost_peers(e, self.ctx.rank, self.recipe.distributed.timeout_s, self.where,
+                              self._resume_hint()) if self.ctx.distributed else None
+            if lost is None:
+                raise
+            raise lost from e
         finally:
             D.teardown(self.ctx)
 
@@ -101,8 +116,7 @@ class Job:
 
     def _run(self) -> dict:
         self.t0, self.prior_s = time.perf_counter(), 0.0
-        ckpt = self._check_out_dir()
-        D.barrier(self.ctx)  # every rank has checked the folder before rank 0 writes into it
+        ckpt = self._check_out_dir()  # a collective: every rank knows whether it resumes before rank 0 writes
         _seed_everything(self.t.seed)
         spec, folder = self.recipe.model, self.recipe.folder
         num_labels = None
@@ -182,35 +196,38 @@ class Job:
             self._evaluate_extra(model, "final")
         self.summary.update({f"{self.metric}_final": value, "test_loss_final": test_loss,
                              "wall_time_s": self._elapsed()})
-        result = {}
+        result, error = {}, None
+        self.where = "writing the outputs"
         if self.ctx.is_main:
             dist_info = {"world_size": self.ctx.world_size, "ranks_identical": not mismatch,
                          "mismatched": sorted(set(mismatch))}
-            result = write_outputs(self.out, model, self.recipe, self.metrics, self.summary, snapshot, dist_info)
-        D.barrier(self.ctx)
+            try:
+                result = write_outputs(self.out, model, self.recipe, self.metrics, self.summary, snapshot, dist_info)
+            except WriteError as e:  # the previous file (if any) is intact, and so is the last checkpoint
+                error = WriteError(f"{e}. {self._resume_hint()}")
+        D.agree(error, self.ctx)
         return result
 
     # ------------------------------------------------------------------------------------------------
     def _check_out_dir(self) -> Optional[dict]:
-        """The checkpoint to resume from (or None); refuses to overwrite a previous run's results."""
-        if self.resume:
-            if not self.ckpt_path.is_file():
-                raise ConfigError(f"--resume: no checkpoint at {self.ckpt_path}; run without --resume to start")
-            ckpt = load_checkpoint(self.ckpt_path)
-            if _without_progress(ckpt["recipe"]) != _without_progress(self.recipe.raw):
-                diff = sorted(_diff_keys(_without_progress(ckpt["recipe"]), _without_progress(self.recipe.raw)))
-                raise ConfigError(f"--resume: the recipe differs from the one {self.ckpt_path} was trained with "
-                                  f"(changed: {', '.join(diff)}); restore it or start a new --out folder")
-            if ckpt["world_size"] != self.ctx.world_size and self.ctx.is_main:
-                print(f"note: resuming a {ckpt['world_size']}-process run with {self.ctx.world_size} process(es); "
-                      f"the global batches are the same", file=sys.stderr)
-            self.saved_at = f"{ckpt['phase']} epoch {ckpt['epoch']}"
-            return ckpt
-        existing = [n for n in RESULT_FILES if (self.out / n).exists()]
-        if existing:
-            raise ConfigError(f"{self.out} already holds a run ({', '.join(existing)}); pass --resume to continue "
-                              f"it, or choose another --out folder (nothing was overwritten)")
-        return None
+        """The checkpoint to resume from (or None). Rank 0 reads the folder and decides (torchdkm.app.resume);
+        every rank gets the decision, and a refusal is raised on every rank, before any other collective."""
+        ctx = self.ctx
+        command = f"torchdkm compress {self.recipe_path} --out {self.out}"
+        decide = lambda: checkpoint_to_resume(self.out, self.ckpt_path, RESULT_FILES, self.recipe.raw,  # noqa: E731
+                                              self.resume, command)
+        ckpt = D.check_on_every_rank(decide if ctx.is_main else lambda: None, ctx)
+        if not D.broadcast_object(ckpt is not None, ctx):
+            return None
+        if not ctx.is_main:  # the same file rank 0 read (--out is shared by every rank); a failure stops all
+            ckpt = D.check_on_every_rank(lambda: load_checkpoint(self.ckpt_path), ctx)
+        else:
+            D.check_on_every_rank(lambda: None, ctx)
+        if ckpt["world_size"] != ctx.world_size and ctx.is_main:
+            print(f"note: resuming a {ckpt['world_size']}-process run with {ctx.world_size} process(es); the global "
+                  f"batches are the same", file=sys.stderr)
+        self.saved_at = f"{ckpt['phase']} epoch {ckpt['epoch']}"
+        return ckpt
 
     def _train_phase(self, model: nn.Module, phase: str, epochs: int, lr: float, ckpt: Optional[dict]) -> nn.Module:
         """Train ``model`` for the phase's epochs; returns the model to go on with: ``model`` itself, or under fsdp
@@ -257,16 +274,20 @@ class Job:
             predicted = 0  # samples (classifier) or next tokens (causal LM) this rank scored
             for step, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show)):
                 x, y = _to(x, ctx.device), y.to(ctx.device)
-                where = f"{label} epoch {epoch + 1}, step {step + 1} of {steps}"
+                where = self.where = f"{label} epoch {epoch + 1}, step {step + 1} of {steps}"
                 opt.zero_grad(set_to_none=True)
+                failure = None
                 try:
                     logits = self._forward(net, x)
+                    loss = self._loss(logits, x, y, distill=phase == "dkm" and self.teacher is not None)
+                    if not bool(torch.isfinite(loss)):
+                        failure = self._non_finite(f"at {where}: the loss is {float(loss.detach())}"
+                                                   f"{self._culprit(model, x)}")
                 except NonFiniteError as e:  # a DKM layer refused a NaN/inf weight: say when
-                    raise self._non_finite(f"at {where}: {e}") from None
-                loss = self._loss(logits, x, y, distill=phase == "dkm" and self.teacher is not None)
-                if not bool(torch.isfinite(loss)):
-                    raise self._non_finite(f"at {where}: the loss is {float(loss.detach())}"
-                                           f"{_first_non_finite(model, ' (first non-finite tensor: {})')}")
+                    failure = self._non_finite(f"at {where}: {e}")
+                # every rank learns of a failure on any rank here, before the backward's all-reduce, which the
+                # failing rank would never join (nccl would wait for the timeout); one 1-element all-reduce
+                D.agree(failure, ctx)
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -278,13 +299,15 @@ class Job:
                 correct += hits
                 predicted += n
             bad = _first_non_finite(model)  # the last step's update may have broken a weight: never checkpoint it
-            if bad:
-                raise self._non_finite(f"after {label} epoch {epoch + 1} (step {steps}): {bad} is non-finite")
+            D.agree(self._non_finite(f"after {label} epoch {epoch + 1} (step {steps}): {bad} is non-finite")
+                    if bad else None, ctx)  # fsdp: each rank checks its own shard
+            self.where = f"the end of {label} epoch {epoch + 1}"
             train_loss = D.mean_over_ranks(float(loss_sum) / steps, ctx)
             train_acc = D.mean_over_ranks(float(correct) / predicted, ctx)
             row = {"phase": phase, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_epoch, 3)}
             opt_state = self._gather(model, full, opt, everywhere=epoch + 1 == epochs)
+            error = None
             if ctx.is_main:
                 m = self.metric
                 with self.progress.phase(f"{label} epoch {epoch + 1} evaluation", kind="evaluation"):
@@ -297,8 +320,13 @@ class Job:
                         for key in ("entropy", "gap"):
                             row[f"mean_{key}"] = sum(s[key] for s in stats.values()) / max(len(stats), 1)
                 self.metrics.append(row)
-                self._save(phase, epoch + 1, full, opt_state, sched)
-                tqdm_write(_epoch_line(label, epoch + 1, epochs, row, m))
+                try:
+                    self._save(phase, epoch + 1, full, opt_state, sched)
+                except WriteError as e:  # a full disk: the previous checkpoint is intact; say so on every rank
+                    error = WriteError(f"{e}; the run stopped after {label} epoch {epoch + 1}. {self._resume_hint()}")
+                if error is None:
+                    tqdm_write(_epoch_line(label, epoch + 1, epochs, row, m))
+            D.agree(error, ctx)  # the others would otherwise wait in the next epoch's first all-reduce
             model.train()
         return full
 
@@ -354,6 +382,19 @@ class Job:
             tqdm_write(f"BatchNorm statistics re-estimated on {n} batches under the hard weights: test "
                        f"{_metric_text(self.metric, value)}")
 
+    def _culprit(self, model: nn.Module, x) -> str:
+        """Where a non-finite loss came from: the first layer with a NaN/inf output (not under fsdp, where a
+        forward is a collective), else the first non-finite weight or centroid."""
+        found = "" if self.ctx.sharded else first_non_finite_output(model, self._forward, x)
+        return found or _first_non_finite(model, " (first non-finite tensor: {})")
+
+    def _resume_hint(self) -> str:
+        """What the last checkpoint allows, for an error that stops the run."""
+        if not self.saved_at:
+            return "no checkpoint was written in this run"
+        return (f"the last checkpoint {self.ckpt_path} (after {self.saved_at}) is intact: `torchdkm compress "
+                f"{self.recipe_path} --out {self.out} --resume auto` continues from it")
+
     def _non_finite(self, what: str) -> NonFiniteError:
         """The error that stops a run gone NaN/inf: what, where, and the last good checkpoint (never overwritten)."""
         if self.saved_at:
@@ -368,10 +409,11 @@ class Job:
         self.summary["elapsed_s"] = self._elapsed()
         state = {"phase": phase, "epoch": epoch, "model": model.state_dict(), "optimizer": opt_state,
                  "scheduler": sched.state_dict(), "rng": rng_state(), "metrics": self.metrics,
-                 "summary": self.summary, "recipe": self.recipe.raw, "world_size": self.ctx.world_size}
+                 "summary": self.summary, "recipe": self.recipe.raw, "world_size": self.ctx.world_size,
+                 "run_id": run_id()}  # a torchrun restart of the same job resumes from it (torchdkm.app.resume)
         if phase == "dkm" and self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
-        save_checkpoint(self.ckpt_path, state)
+        save_checkpoint(self.ckpt_path, state, keep=self.t.keep_checkpoints)
         write_metrics(self.out, self.metrics)
         self.saved_at = f"{phase} epoch {epoch}"
 
@@ -446,10 +488,12 @@ class Job:
         return loss / n, correct / n
 
 
-def compress(recipe_path, out_dir=None, resume: bool = False, progress_every_s: Optional[float] = None,
+def compress(recipe_path, out_dir=None, resume: Union[bool, str] = False, progress_every_s: Optional[float] = None,
              progress_every_steps: Optional[int] = None) -> dict:
     """Run a recipe file; ``out_dir`` defaults to ``runs/<recipe file name>``. Returns the report dict
-    (empty on ranks other than 0). ``progress_every_s`` / ``_steps`` override the recipe's progress section."""
+    (empty on ranks other than 0). ``resume``: False (start; refuse a folder holding a run), True (continue the
+    folder's run) or "auto" (continue it if there is one, else start). ``progress_every_s`` / ``_steps``
+    override the recipe's progress section."""
     recipe = load_recipe(recipe_path)
     given = {k: v for k, v in (("every_s", progress_every_s), ("every_steps", progress_every_steps)) if v is not None}
     if given:
@@ -522,16 +566,3 @@ def _epoch_line(label: str, epoch: int, epochs: int, row: dict, metric: str = "a
     if "mean_entropy" in row:
         line += f", attention entropy {row['mean_entropy']:.3f}, soft-hard gap {row['mean_gap']:.3f}"
     return line
-
-
-def _without_progress(raw: dict) -> dict:
-    """A recipe mapping without its progress section, which changes what is printed, not what is computed."""
-    return {k: v for k, v in raw.items() if k != "progress"}
-
-
-def _diff_keys(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in set(a) | set(b):
-            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-    elif a != b:
-        yield prefix.rstrip(".") or "(whole recipe)"

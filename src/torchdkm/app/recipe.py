@@ -27,6 +27,7 @@ the allowed ones)::
       distill: 0.0                        # weight of distillation from the fp32 model: (1-w) CE + w KD
       distill_temperature: 2.0
       bn_recal_batches: 0                 # re-estimate BatchNorm statistics on this many batches before finalize
+      keep_checkpoints: 1                 # also keep the newest N epoch checkpoints (app.checkpoint)
     compression:                          # DKMConfig fields, then per-layer rules
       bits: 4
       dim: 1
@@ -44,11 +45,13 @@ the allowed ones)::
         "re:.*fc": {bits: 8}              # fields override the global ones above
     distributed:                          # only read under torchrun with more than one process
       strategy: ddp                       # ddp: DistributedDataParallel | fsdp: FSDP2 fully_shard (torchdkm.app.job)
+      timeout_s: null                     # a rank silent this long stops the run (null: torch's 30 min, nccl 10)
     progress:                             # plain progress lines when stdout is not a terminal (torchdkm._progress)
       every_s: 30                         # a line every 30 s ...
       every_steps: 0                      # ... or every N training steps, whichever comes first (0: off)
 
-The progress section only changes what is printed: a run resumed with other values is the same run.
+The progress section, training.keep_checkpoints and distributed.timeout_s change what is printed or kept, not
+what is computed: a run resumed with other values is the same run.
 
 A custom model function returns an ``nn.Module``; a custom data function returns ``(train, test)`` datasets
 of ``(input, label)`` pairs (the loss is cross-entropy). Its module is found in the recipe's folder, then the
@@ -161,6 +164,7 @@ class TrainingSpec:
     distill: float = 0.0
     distill_temperature: float = 2.0
     bn_recal_batches: int = 0
+    keep_checkpoints: int = 1  # numbered epoch checkpoints kept beside checkpoint.pt (1: only checkpoint.pt)
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ class CompressionSpec:
 @dataclass(frozen=True)
 class DistributedSpec:
     strategy: str = "ddp"  # ddp | fsdp: how the model is wrapped under torchrun with more than one process
+    timeout_s: Optional[float] = None  # how long a collective waits for the other ranks (None: torch's default)
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,7 @@ def _parse_training(raw) -> TrainingSpec:
     _number("training.momentum", t.momentum)
     _number("training.distill_temperature", t.distill_temperature, positive=True)
     _int("training.bn_recal_batches", t.bn_recal_batches, 0)
+    _int("training.keep_checkpoints", t.keep_checkpoints, 1)
     if not (isinstance(t.distill, (int, float)) and not isinstance(t.distill, bool) and 0 <= t.distill <= 1):
         raise ConfigError(f"training.distill={t.distill!r} is not allowed: give a number in [0, 1] (the weight of "
                           f"the distillation loss; 0 = off)")
@@ -460,8 +466,10 @@ def _parse_budget(size, options, rules) -> Optional[BudgetSpec]:
 def _parse_distributed(raw) -> DistributedSpec:
     _check_mapping("distributed", raw)
     _check_keys("distributed", raw, tuple(f.name for f in fields(DistributedSpec)))
-    spec = DistributedSpec(**raw)
+    spec = DistributedSpec(**{k: _float_or_keep(v) if k == "timeout_s" else v for k, v in raw.items()})
     _choice("distributed.strategy", spec.strategy, STRATEGIES)
+    if spec.timeout_s is not None:
+        _number("distributed.timeout_s", spec.timeout_s, positive=True)
     return spec
 
 

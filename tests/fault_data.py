@@ -65,7 +65,17 @@ def _fill(path, leave):
 
 
 def digits(n_train=512, n_test=128):
-    """The first ``n_train`` digits training samples (a few steps per epoch) and ``n_test`` test samples."""
-    train, test = load_digits(test_fraction=0.25, seed=0)
-    cut = lambda d, n: TensorDataset(*(t[:n] for t in d.tensors))  # noqa: E731
-    return _Faulty(cut(train, n_train)), cut(test, n_test)
+    """The first ``n_train`` digits training samples (a few steps per epoch) and ``n_test`` test samples, read
+    from the file FAULT_DIGITS when it exists (written by :func:`cache`: no scikit-learn import per process)."""
+    cached = os.environ.get("FAULT_DIGITS")
+    if cached and os.path.exists(cached):
+        tensors = torch.load(cached)
+    else:
+        tensors = [d.tensors for d in load_digits(test_fraction=0.25, seed=0)]
+    (xs, ys), (xt, yt) = tensors
+    return _Faulty(TensorDataset(xs[:n_train], ys[:n_train])), TensorDataset(xt[:n_test], yt[:n_test])
+
+
+def cache(path):
+    """Write the digits tensors to ``path`` for FAULT_DIGITS."""
+    torch.save([d.tensors for d in load_digits(test_fraction=0.25, seed=0)], path)

@@ -40,14 +40,30 @@ def _recipe(folder: Path, strategy="ddp", timeout_s=60) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def digits_file(tmp_path_factory):
+    """The digits tensors in a file: each process reads it instead of importing scikit-learn (seconds)."""
+    import fault_data
+
+    path = tmp_path_factory.mktemp("digits") / "digits.pt"
+    fault_data.cache(path)
+    old = os.environ.get("FAULT_DIGITS")
+    os.environ["FAULT_DIGITS"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["FAULT_DIGITS"]
+    else:
+        os.environ["FAULT_DIGITS"] = old
+
+
 def _env(**extra):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
                 **extra)
 
 
-def _torchrun(recipe, out, *args, restarts=0, stderr=subprocess.PIPE, **env):
+def _torchrun(recipe, out, *args, restarts=0, stderr=subprocess.PIPE, launcher=(), **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), "--monitor-interval", "0.1",
+           "--max-restarts", str(restarts), "--monitor-interval", "0.1", *launcher,
            "-m", "torchdkm", "compress", str(recipe), "--out", str(out), *args]
     return subprocess.Popen(cmd, env=_env(**env), cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
@@ -91,7 +107,6 @@ def test_a_rank_killed_mid_epoch_restarts_by_itself_to_the_same_artifact(referen
     err = _finish(_torchrun(recipe, out, "--resume", "auto", restarts=1, FAULT="kill", FAULT_AT=str(MID_DKM_2),
                             FAULT_MARK=str(mark)))
     assert mark.exists(), "rank 1 was never killed"
-    assert "resuming" not in err or True
     a, b = _artifact(out), _artifact(ref)
     assert a.keys() == b.keys()
     for k in a:  # bit for bit: same processes, same global batches, the same all-reduce order
@@ -104,13 +119,11 @@ def test_a_rank_killed_mid_epoch_restarts_by_itself_to_the_same_artifact(referen
 
 def test_a_diverging_rank_stops_every_rank_with_the_same_error(tmp_path):
     recipe, out, logs = _recipe(tmp_path), tmp_path / "run", tmp_path / "logs"
-    proc = _torchrun(recipe, out, "--log-dir", str(logs), "--redirects", "2", FAULT="nan", FAULT_AT=str(DKM_1_STEP_2))
+    proc = _torchrun(recipe, out, launcher=("--log-dir", str(logs), "--redirects", "2"), FAULT="nan",
+                     FAULT_AT=str(DKM_1_STEP_2))
     proc.communicate(timeout=TIMEOUT)
     assert proc.returncode != 0
-    errors = []
-    for rank in (0, 1):
-        text = next(logs.rglob(f"attempt_0/{rank}/stderr.log")).read_text()
-        errors.append([line for line in text.splitlines() if line.startswith("torchdkm compress: error:")])
+    errors = _errors_by_rank(logs)
     assert len(errors[0]) == 1 and errors[0] == errors[1], errors
     msg = errors[0][0]
     assert "rank 1 of 2: the run stopped at DKM epoch 1, step 2 of 8: the loss is nan" in msg
@@ -119,6 +132,23 @@ def test_a_diverging_rank_stops_every_rank_with_the_same_error(tmp_path):
     ckpt = _ckpt(out / "checkpoint.pt")
     assert (ckpt["phase"], ckpt["epoch"]) == ("fp32", 1)
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+    # the same command again: rank 0 refuses the folder, and every rank stops with that refusal (none waits)
+    logs = tmp_path / "logs2"
+    proc = _torchrun(recipe, out, launcher=("--log-dir", str(logs), "--redirects", "2"))
+    proc.communicate(timeout=TIMEOUT)
+    errors = _errors_by_rank(logs)
+    assert proc.returncode != 0 and len(errors[0]) == 1 and errors[0] == errors[1], errors
+    assert "rank 0 of 2: " in errors[0][0] and "already holds a run (checkpoint.pt)" in errors[0][0]
+
+
+def _errors_by_rank(logs: Path):
+    """The `torchdkm compress: error:` lines of each rank's stderr (torchrun --log-dir D --redirects 2)."""
+    errors = []
+    for rank in (0, 1):
+        text = next(logs.rglob(f"attempt_0/{rank}/stderr.log")).read_text()
+        errors.append([line for line in text.splitlines() if line.startswith("torchdkm compress: error:")])
+    return errors
 
 
 def _resume_from(ckpt: Path, out: Path) -> None:
@@ -231,7 +261,7 @@ def test_a_hung_rank_stops_the_others_with_a_timeout_error(tmp_path):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)  # torchrun's own SIGTERM waits on a stopped process
             proc.communicate(timeout=TIMEOUT)
     assert proc.returncode != 0
-    assert 5 <= waited < 30, waited
+    assert 3 <= waited < 30, waited  # rank 0 may start waiting a little before rank 1 writes its pid
     text = log.read_text()
     assert "rank 0: no answer from another rank within distributed.timeout_s=5 s at DKM epoch 1, step 2 of 8" in text
     assert "(after fp32 epoch 1) is intact" in text

@@ -102,8 +102,8 @@ class Job:
                       file=sys.stderr, flush=True)
             raise
         except RuntimeError as e:  # a collective failed: a rank hung past distributed.timeout_s, or died
-            lost = lost_peers(e, self.ctx.rank, self.recipe.distributed.timeout_s, self.where,
-                              self._resume_hint()) if self.ctx.distributed else None
+            lost = lost_peers(e, self.ctx.rank, self.recipe.distributed.timeout_s, self.where, self._resume_hint()) \
+                if self.ctx.distributed and not isinstance(e, TorchDKMError) else None
             if lost is None:
                 raise
             raise lost from e
@@ -327,6 +327,7 @@ class Job:
                 if error is None:
                     tqdm_write(_epoch_line(label, epoch + 1, epochs, row, m))
             D.agree(error, ctx)  # the others would otherwise wait in the next epoch's first all-reduce
+            self.saved_at = f"{phase} epoch {epoch + 1}"  # every rank's errors name the checkpoint rank 0 wrote
             model.train()
         return full
 

@@ -64,6 +64,7 @@ def parse(argv=None):
     p.add_argument("--tag", default="planned")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="run nothing: write the report from the JSONs in --out")
     common.harness_args(p)
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
@@ -246,8 +247,10 @@ def main(argv=None):
     common.setup_threads(a.threads)
     a.out = common.output_path(a.out, a.allow_dirty)
     a.out.mkdir(parents=True, exist_ok=True)
-    data = V.load_data(a.v)
-    results = [run_model(name, a, data, print) for name in a.models]
+    results = []
+    if not a.report_only:
+        data = V.load_data(a.v)
+        results = [run_model(name, a, data, print) for name in a.models]
     done = [json.loads(p.read_text()) for p in sorted(a.out.glob(f"{a.tag}_*.json"))]
     plans = []
     for res in done:

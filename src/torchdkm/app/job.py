@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import sys
 import time
@@ -213,9 +212,8 @@ class Job:
         """The checkpoint to resume from (or None). Rank 0 reads the folder and decides (torchdkm.app.resume);
         every rank gets the decision, and a refusal is raised on every rank, before any other collective."""
         ctx = self.ctx
-        command = f"torchdkm compress {self.recipe_path} --out {self.out}"
         decide = lambda: checkpoint_to_resume(self.out, self.ckpt_path, RESULT_FILES, self.recipe.raw,  # noqa: E731
-                                              self.resume, command)
+                                              self.resume)
         ckpt = D.check_on_every_rank(decide if ctx.is_main else lambda: None, ctx)
         if not D.broadcast_object(ckpt is not None, ctx):
             return None

@@ -26,11 +26,11 @@ def run_id() -> Optional[str]:
     return rid if rid and rid != "none" else None
 
 
-def checkpoint_to_resume(out: Path, ckpt_path: Path, result_files, raw: dict, mode: Union[bool, str],
-                         command: str) -> Optional[dict]:
+def checkpoint_to_resume(out: Path, ckpt_path: Path, result_files, raw: dict,
+                         mode: Union[bool, str]) -> Optional[dict]:
     """The checkpoint to continue from, or None to start; a ConfigError when the folder may not be used.
-    ``mode``: False | True (``--resume``) | 'auto'; ``raw``: the recipe mapping; ``command``: the command line
-    without --resume, for the messages."""
+    ``result_files``: the names that mean the folder holds a run; ``raw``: the recipe mapping; ``mode``: False |
+    True (``--resume``) | 'auto'."""
     has = ckpt_path.is_file()
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     if mode is True and not has:

@@ -77,10 +77,10 @@ class DKMConfig:
                Core ML reads vectors along one axis, which "flat" is only when dim divides the last axis.
                "output" needs dim to divide each group's slices (C0 / G), "input" dim to divide axis 1.
     shard:     under torch.distributed (a process group of R > 1 ranks, e.g. torchrun + DDP), split this layer's
-               DKM rows across the ranks of the default group: each computes attention for N/R rows, the
-               statistics are all-reduced per iteration and the clustered weight and its gradient all-reduced
-               (results equal one process's to float rounding; see torchdkm.functional.dkm_cluster). No effect in
-               one process.
+               DKM rows across the ranks of the default group: each computes attention for N/R rows and keeps
+               only their state for the backward; the k·(d+1) statistics are all-reduced per iteration, and each
+               rank's rows of the clustered weight and of its gradient are broadcast by their owner (results equal
+               one process's to float rounding; see torchdkm.functional.dkm_cluster). No effect in one process.
     min_numel: layers with fewer weights are left alone unless a rule names them.
     seed:      seed of the k-means initialisation.
     chunk_rows: rows per chunk in the memory-lean backward (None = chosen from sizes).

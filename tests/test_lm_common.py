@@ -127,6 +127,14 @@ def test_heldout_split_is_deterministic_and_small():
     assert 0.03 < len(held) / len(titles) < 0.07
 
 
+def test_wiki_valid_split_is_disjoint_from_test_and_train_novalid():
+    titles = [f"Article {i}" for i in range(4000)]
+    held = {t for t in titles if lm.heldout_title(t)}
+    valid = {t for t in titles if lm.valid_title(t)}
+    assert not held & valid and 0.03 < len(valid) / len(titles) < 0.07
+    assert all(lm.title_bucket(t) in range(5, 10) for t in valid)
+
+
 def test_peak_rss_positive():
     lm.reset_peak_rss()
     assert lm.peak_rss_mib() > 0

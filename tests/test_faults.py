@@ -156,9 +156,10 @@ def _resume_from(ckpt: Path, out: Path) -> None:
     shutil.copy(ckpt, out / "checkpoint.pt")
 
 
-def _close_to(out, ref, tol=1e-4):
+def _close_to(out, ref, tol=1e-5):
     """Resumed with another number of processes: the schedule's clock and the data order continue; the numbers
-    agree to the rounding of another all-reduce order, amplified by DKM, not bit for bit."""
+    agree to the rounding of another all-reduce order, amplified by DKM, not bit for bit (measured: 3e-7 on weights,
+    4e-8 relative on epoch losses; the data order of another epoch moves the loss by 1e-3)."""
     ra, rb = _rows(out), _rows(ref)
     assert [(r["phase"], r["epoch"]) for r in ra] == [(r["phase"], r["epoch"]) for r in rb]
     assert [r["lr"] for r in ra] == pytest.approx([r["lr"] for r in rb], rel=1e-12)

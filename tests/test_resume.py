@@ -32,6 +32,14 @@ def test_auto_starts_an_empty_folder_and_resumes_a_checkpoint(tmp_path, monkeypa
         _decide(tmp_path, False)
 
 
+def test_a_restart_removes_the_partial_writes_of_a_killed_process(tmp_path):
+    _write(tmp_path)
+    (tmp_path / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert _decide(tmp_path, "auto") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "notes.tmp"]
+
+
 def test_only_keys_that_change_no_result_may_differ_on_a_resume(tmp_path):
     _write(tmp_path)
     quiet = dict(RAW, training={"epochs": 1, "keep_checkpoints": 5}, distributed={}, progress={"every_s": 1})

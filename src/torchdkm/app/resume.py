@@ -40,10 +40,12 @@ def checkpoint_to_resume(out: Path, ckpt_path: Path, result_files, raw: dict,
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("run_id") == run_id():  # written by an earlier attempt of this very torchrun job
             _check_same_recipe(ckpt, raw, ckpt_path)
+            _remove_partial_writes(out)
             return ckpt
     if mode and has:
         ckpt = load_checkpoint(ckpt_path)
         _check_same_recipe(ckpt, raw, ckpt_path)
+        _remove_partial_writes(out)  # only in a run this command continues
         return ckpt
     existing = [n for n in result_files if (out / n).exists()]
     if existing:
@@ -52,6 +54,14 @@ def checkpoint_to_resume(out: Path, ckpt_path: Path, result_files, raw: dict,
     if mode == "auto":
         print(f"--resume auto: no checkpoint at {ckpt_path}; starting the run", file=sys.stderr, flush=True)
     return None
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Delete the temporary files of writes a killed process left (torchdkm._fileio writes ``.NAME.*.tmp`` and
+    renames it): a job preempted again and again would otherwise fill the disk with partial checkpoints."""
+    if out.is_dir():
+        for p in list(out.glob(".*.tmp")) + list(out.glob(".checkpoint-*.pt.link")):
+            p.unlink(missing_ok=True)
 
 
 def _check_same_recipe(ckpt: dict, raw: dict, ckpt_path: Path) -> None:

@@ -74,7 +74,9 @@ def _restart_store(world: int, timeout_s: Optional[float]) -> dict:
 
     torchrun (--standalone, torch 2.13) keeps one store across ``--max-restarts`` attempts, where torch assumes a
     new one per attempt, so a restarted worker read the gloo addresses of the previous attempt's dead workers
-    ("Gloo connectFullMesh failed ... Connection refused"). Outside torchrun's agent: {} (torch's own env://)."""
+    ("Gloo connectFullMesh failed ... Connection refused"). The prefix is torchrun's restart count, the same on every
+    node of a job unless a node joins it later (then give each attempt a fresh rendezvous). Outside torchrun's
+    agent: {} (torch's own env://)."""
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from ..errors import DistributedError, NonFiniteError
 
@@ -24,7 +25,8 @@ def first_non_finite_output(model: nn.Module, forward: Callable, x) -> str:
                 return
             bad_in = any(isinstance(a, torch.Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all())
                          for a in args)
-            found.append(f"layer {name!r} ({type(module).__name__})"
+            kind = type(module).__bases__[0] if is_parametrized(module) else type(module)  # not Parametrized...
+            found.append(f"layer {name!r} ({kind.__name__})"
                          + (", whose input already was: the batch itself holds NaN/inf" if bad_in else ""))
         return check
 

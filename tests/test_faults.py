@@ -203,21 +203,21 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_names_the_path(tmpfs, monkeypatch, tmp_path):
-    recipe, out, filler = _recipe(tmp_path), tmpfs / "run", tmpfs / "filler"
-    monkeypatch.setenv("FAULT", "fill")  # in DKM epoch 1 the disk fills up: its checkpoint cannot be written
-    monkeypatch.setenv("FAULT_AT", str(2 * PER_RANK_EPOCH + 100))  # one process: 512 samples an epoch
-    monkeypatch.setenv("FAULT_FILL", str(filler))
-    with pytest.raises(WriteError) as e:
-        compress(recipe, out)
-    msg = str(e.value)
-    assert f"could not write {out / 'checkpoint.pt'}: No space left on device" in msg
+def test_a_full_disk_keeps_the_last_checkpoint_and_names_the_path(tmpfs, tmp_path):
+    recipe, out, filler, logs = _recipe(tmp_path), tmpfs / "run", tmpfs / "filler", tmp_path / "logs"
+    # in DKM epoch 1 the disk fills up: rank 0 cannot write its checkpoint, and both ranks stop with that error
+    proc = _torchrun(recipe, out, launcher=("--log-dir", str(logs), "--redirects", "2"), FAULT="fill", FAULT_RANK="0",
+                     FAULT_AT=str(PER_RANK_EPOCH + 100), FAULT_FILL=str(filler))
+    proc.communicate(timeout=TIMEOUT)
+    errors = _errors_by_rank(logs)
+    assert proc.returncode != 0 and len(errors[0]) == 1 and errors[0] == errors[1], errors
+    msg = errors[0][0]
+    assert f"rank 0 of 2: could not write {out / 'checkpoint.pt'}: No space left on device" in msg
     assert "after DKM epoch 1" in msg and "(after fp32 epoch 1) is intact" in msg
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-fp32-0001.pt", "checkpoint.pt", "metrics.jsonl"]
     assert (_ckpt(out / "checkpoint.pt")["phase"], _ckpt(out / "checkpoint.pt")["epoch"]) == ("fp32", 1)
 
-    filler.unlink()  # space again: the same command line continues the run
-    monkeypatch.delenv("FAULT")
+    filler.unlink()  # space again: the same command line continues the run (here in one process)
     compress(recipe, out, resume="auto")
     kept = sorted(p.name for p in out.glob("checkpoint*.pt"))
     assert kept == ["checkpoint-dkm-0001.pt", "checkpoint-dkm-0002.pt", "checkpoint-dkm-0003.pt", "checkpoint.pt"]
@@ -225,13 +225,12 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_names_the_path(tmpfs, monkeyp
 
     # an artifact overwritten on a full disk: the previous file stays, whole
     import torchdkm
+    from fault_data import _fill
+    from torchdkm.app.zoo.models import MLP
 
     before = (out / "model.safetensors").read_bytes()
-    from fault_data import _fill
-
+    model = torchdkm.load(out / "model.safetensors", MLP(in_features=64, hidden=32, num_classes=10))
     _fill(str(filler), 0)
-    model = torchdkm.load(out / "model.safetensors", __import__("torchdkm.app.zoo.models", fromlist=["MLP"])
-                          .MLP(in_features=64, hidden=32, num_classes=10))
     with pytest.raises(WriteError, match=f"could not write {out / 'model.safetensors'}: .*(No space|os error 28)"):
         torchdkm.save(model, out / "model.safetensors")
     assert (out / "model.safetensors").read_bytes() == before and not list(out.glob(".*.tmp"))

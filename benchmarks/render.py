@@ -468,8 +468,49 @@ def ptq_granularity(ctx: Ctx) -> str:
     return "\n\n".join(out)
 
 
+PLANNED_ROWS = {"planned_dkm": "planned + DKM", "uniform_dkm": "uniform DKM", "hand_dkm": "hand rule + DKM",
+                "uniform_qat": "uniform QAT (LSQ+)", "planned_qat": "planned QAT (LSQ+)"}
+
+
+def planned(ctx: Ctx) -> str:
+    """benchmarks/vision/planned.py: one row per budget × method, both CNNs side by side, each row against the
+    planned + DKM row of its budget and model."""
+    files = {m: vision_file("planned", m) for m in MODELS}
+    have = {m: res for m, (res, _) in files.items() if res is not None and is_clean(res)}
+    left = [ctx.link(path) for m, (res, path) in files.items() if res is not None and m not in have]
+    if not have:
+        return "No results from a clean commit yet: `python benchmarks/vision/planned.py` makes them." + (
+            f" Left out: {', '.join(left)}." if left else "")
+    head = ["budget (size of)", "method"] + [f"{MODELS[m]} test top-1 % (KiB)" for m in have] + [
+        "seeds", "planned + DKM vs this row"]
+    rows = []
+    for budget in ("1bit", "2bit"):
+        for row, label in PLANNED_ROWS.items():
+            cells, words, seeds = [], [], set()
+            for m, res in have.items():
+                rs = sorted((r for r in res["runs"] if r["budget"] == budget and r["row"] == row),
+                            key=lambda r: r["seed"])
+                ref = [r for r in res["runs"] if r["budget"] == budget and r["row"] == "planned_dkm"]
+                if not rs:
+                    cells.append("-")
+                    continue
+                seeds.add(len(rs))
+                cells.append(f"{fmt([r['top1'] for r in rs])} ({rs[0]['model_kib']:.1f})")
+                if row != "planned_dkm" and ref:
+                    words.append(f"{MODELS[m]}: {word(ref, rs)}")
+            if any(c != "-" for c in cells):
+                rows.append([f"uniform {budget.replace('bit', ' bit')}", label, *cells,
+                             "/".join(map(str, sorted(seeds))), "; ".join(words) or "-"])
+    links = ", ".join(ctx.link(path, MODELS[m]) for m, (_, path) in files.items() if m in have)
+    out = table(head, rows) + f"\n\nSource: {links}; every row's plan and settings in [planned.md]" \
+        f"({Path(_relpath(BENCH / 'vision' / 'results' / 'planned.md', ctx.doc.parent)).as_posix()})."
+    if left:
+        out += f"\n\nNot shown (made from a tree with uncommitted changes): {', '.join(left)}."
+    return out
+
+
 TABLES = {f.__name__: f for f in (vision_tag, vision_headline, vision_new_1bit, provenance_list, nlp_table, nlp_val,
-                                   llm_table, include, paper_sizes, ptq_granularity)}
+                                   llm_table, include, paper_sizes, ptq_granularity, planned)}
 TABLES["rule"] = lambda ctx: RULE
 
 

@@ -509,8 +509,34 @@ def planned(ctx: Ctx) -> str:
     return out
 
 
+def llm_whole(ctx: Ctx) -> str:
+    """SmolLM2 as whole files: the Q4_1 source, llama.cpp's quantizers of the same weights, and torchdkm's whole
+    models (embedding/head compressed), one evaluator; sorted by size."""
+    files = {"llama.cpp": BENCH / "llm" / "results" / "llamacpp.json", "torchdkm": BENCH / "llm" / "results" / "whole.json"}
+    rows, left = [], []
+    for who, path in files.items():
+        res = load(str(path.relative_to(BENCH)))
+        if not is_clean(res):
+            left.append(ctx.link(path))
+            continue
+        for r in res["rows"]:
+            if who == "torchdkm":
+                label = f"torchdkm {r['label']}" + (" (chosen on validation)" if r.get("chosen") else "")
+            else:
+                label = r["label"]
+            rows.append((r["file_mib"], [label, f"{r['file_mib']:.1f}", f"{r['ptb_ppl']:,.2f}",
+                                         f"{r['wiki_ppl']:,.2f}"]))
+    out = table(["model (every file from the same Q4_1 weights)", "file MiB", "PTB test ppl", "Wiki test ppl"],
+                [r for _, r in sorted(rows, key=lambda x: -x[0])])
+    out += "\n\nSources: " + ", ".join(ctx.link(p) for p in files.values()) + "."
+    if left:
+        out += f"\n\nNot shown (no clean commit recorded): {', '.join(left)}."
+    return out
+
+
 TABLES = {f.__name__: f for f in (vision_tag, vision_headline, vision_new_1bit, provenance_list, nlp_table, nlp_val,
-                                   llm_table, include, paper_sizes, ptq_granularity, planned)}
+                                   llm_table, include, paper_sizes, ptq_granularity, planned,
+                                   llm_whole)}
 TABLES["rule"] = lambda ctx: RULE
 
 

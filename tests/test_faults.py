@@ -95,7 +95,9 @@ def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     runs = {s: (_recipe(folder, s), folder / s) for s in ("ddp", "fsdp")}
     for recipe, out in runs.values():
-        err = _finish(_torchrun(recipe, out, "--resume", "auto"))
+        # restarts=1 (as users run): gloo on a loaded 2-core CPU now and then aborts a rank (std::terminate in its
+        # transport, about 1 run in 5 here; not traced to torchdkm); a restarted run resumes to the same artifact
+        err = _finish(_torchrun(recipe, out, "--resume", "auto", restarts=1))
         assert "no checkpoint" in err and "starting the run" in err
     return runs
 
@@ -181,7 +183,7 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(reference, strate
     _close_to(one, ref)
     assert _ckpt(one / "checkpoint-dkm-0002.pt")["world_size"] == 1
     _resume_from(one / "checkpoint-dkm-0002.pt", two)  # written by 1 process, resumed by 2
-    err = _finish(_torchrun(recipe, two, "--resume"))
+    err = _finish(_torchrun(recipe, two, "--resume", restarts=1))  # restarts: see reference()
     assert "resuming a 1-process run with 2 process(es)" in err
     _close_to(two, ref)
 

@@ -32,12 +32,8 @@ def plan_for_recipe(model: nn.Module, skipped: Dict[str, None], spec: BudgetSpec
     layers = [n for n, m in model.named_modules() if is_supported(m) and n not in skipped]
     cands = default_candidates(bits=spec.bits, dims=spec.dims, group_sizes=spec.group_sizes,
                                channel_scale=spec.channel_scale)
-    was = model.training
-    try:
-        return plan(model, [calibration_batch(dataset, spec.samples)], budget=spec.size, candidates=cands,
-                    layers=layers, lut_bits=spec.lut_bits, weighted=spec.weighted)
-    finally:
-        model.train(was)
+    return plan(model, [calibration_batch(dataset, spec.samples)], budget=spec.size, candidates=cands, layers=layers,
+                lut_bits=spec.lut_bits, weighted=spec.weighted)  # fisher_diagonal restores the training flag
 
 
 def planned_rules(layouts: Dict[str, Optional[dict]], base: DKMConfig) -> Dict[str, Optional[DKMConfig]]:

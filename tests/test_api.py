@@ -238,6 +238,30 @@ def test_tied_weights_are_clustered_once_and_read_by_both():
     assert len(torchdkm.report(tied, print_table=False).layers) == 1
 
 
+def test_tied_weights_run_dkm_once_per_forward_pass():
+    """The embedding and its tied head share one DKM output per pass: one clustering run (not one per read), and the
+    gradient and centroids of computing W~ once by hand and reading it twice."""
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 64, bias=False)).double()
+    tied[1].weight = tied[0].weight
+    prepare(tied, DKMConfig(bits=2, min_numel=0))
+    torchdkm.initialize(tied)
+    ref = copy.deepcopy(tied)
+    ids = torch.arange(8)
+    with torchdkm.functional.record_iterations() as runs:
+        tied(ids).square().mean().backward()
+    assert len(runs) == 1
+    p, w = dkm_parametrization(ref[0]), ref[0].parametrizations.weight.original
+    wt = p(w)  # the by-hand reference: DKM once, its output read by both layers
+    nn.functional.linear(nn.functional.embedding(ids, wt), wt).square().mean().backward()
+    assert torch.equal(tied[0].parametrizations.weight.original.grad, w.grad)
+    assert torch.equal(dkm_parametrization(tied[0]).centroids, p.centroids)
+    with torchdkm.functional.record_iterations() as runs:  # a submodule on its own: no pass, DKM per read
+        tied[1](torch.randn(3, 16, dtype=torch.float64))
+        tied(ids)
+    assert len(runs) == 2 and dkm_parametrization(tied[0])._memo is None
+
+
 def test_prepare_rejects_wrong_types():
     with pytest.raises(ConfigError, match="nn.Module"):
         prepare("model")

@@ -12,8 +12,8 @@ from .errors import ConfigError
 from .layers import FinalizedLayer, select_layers, tied_partners
 from .functional import nearest_centroid
 from .lut import indices_to_weight
-from .parametrization import (DKMWeight, dkm_parametrization, full_tensor, is_dtensor, original_weight,
-                              remove_weight_parametrizations, require_plain)
+from .parametrization import (DKMWeight, begin_pass, dkm_parametrization, end_pass, full_tensor, is_dtensor,
+                              original_weight, remove_weight_parametrizations, require_plain)
 
 
 def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optional[Rules] = None) -> nn.Module:
@@ -22,8 +22,8 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
     Every supported layer with at least ``config.min_numel`` weights uses ``config``; ``rules`` maps a
     module name or ``"re:<regex>"`` to a DKMConfig or ``None`` (skip) - see torchdkm.config for precedence.
     Tied weights (an LM head sharing its embedding's tensor) are clustered once, with the first layer's config;
-    the other layers read the same clustered weight (DKM then runs once per read: twice per step for a tied
-    embedding and head). Skip the shared tensor with ``rules={"lm_head": None, "model.embed_tokens": None}``.
+    the other layers read the same clustered weight. DKM runs once per forward pass of ``model`` for such a tensor
+    (hooks on ``model`` mark the pass; a submodule called on its own runs DKM once per read). Skip the shared tensor with ``rules={"lm_head": None, "model.embed_tokens": None}``.
     Centroids are initialised by k-means on the first forward (or ``initialize(model)``).
 
     Example::
@@ -54,6 +54,9 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
         parametrize.register_parametrization(module, "weight", dkm, unsafe=True)
         for _, partner in partners.get(name, ()):  # tied: the same parametrization reads the same tensor
             parametrize.register_parametrization(partner, "weight", dkm, unsafe=True)
+    if partners:
+        model.register_forward_pre_hook(begin_pass)
+        model.register_forward_hook(end_pass, always_call=True)
     return model
 
 

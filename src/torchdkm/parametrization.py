@@ -54,6 +54,9 @@ class DKMWeight(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=weight.device))
         self.soft_eval = False
+        # Tied weights: {read key: output} during one forward pass of the prepared model, else None (see
+        # begin_pass); the second read of the shared tensor (an LM head after its embedding) reuses the first's.
+        self._memo: Optional[dict] = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the schedule existed have no step counter: they resume at step 0.
@@ -102,6 +105,16 @@ class DKMWeight(nn.Module):
         return self.join(w_tilde, weight, pad, scale)
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self._memo is None:
+            return self._forward(weight)
+        # Same tensor, unchanged, same mode: the same value and the same autograd graph, so the gradients of
+        # every read meet in one DKM backward, and the centroids move once per pass.
+        key = (id(weight), weight._version, self.training, torch.is_grad_enabled())
+        if key not in self._memo:
+            self._memo[key] = self._forward(weight)
+        return self._memo[key]
+
+    def _forward(self, weight: Tensor) -> Tensor:
         if not bool(self.initialized):
             self.initialize(weight)
         if not self.training and self.soft_eval:
@@ -143,6 +156,28 @@ class DKMWeight(nn.Module):
         axis = "" if self.axis is None else f", vector_axis={self.axis}"
         return (f"bits={c.bits}, dim={c.dim}{axis}{gran}, tau={c.tau!r}, iters={c.iters}{sched}, "
                 f"hard_forward={c.hard_forward}{direct}")
+
+
+def _tied(model: nn.Module) -> Iterator[DKMWeight]:
+    """The DKMWeights of ``model`` that more than one module reads (tied weights)."""
+    seen: dict = {}
+    for p in (dkm_parametrization(m) for m in model.modules()):
+        if p is not None:
+            seen[id(p)] = (p, seen.get(id(p), (p, 0))[1] + 1)
+    return (p for p, reads in seen.values() if reads > 1)
+
+
+def begin_pass(model: nn.Module, *_) -> None:
+    """Forward pre-hook of a prepared model with tied weights: within one forward pass DKM runs once per shared
+    tensor, not once per read (an embedding and its tied LM head: half the DKM work on that tensor)."""
+    for p in _tied(model):
+        p._memo = {}
+
+
+def end_pass(model: nn.Module, *_) -> None:
+    """Forward hook (always called, also on an exception): outside a pass every read runs DKM itself."""
+    for p in _tied(model):
+        p._memo = None
 
 
 def is_dtensor(t) -> bool:

@@ -484,10 +484,12 @@ def st_kmeans_prepare(model: nn.Module, config: torchdkm.DKMConfig, rules=None, 
     """Register the straight-through k-means parametrization (initialised by torchdkm's k-means on the same
     vectors torchdkm clusters: per group, scaled when channel_scale is on); returns {centroid parameter:
     lr multiplier} for train(). Each layer takes its own config from ``rules`` like torchdkm.prepare."""
-    from torchdkm.layers import select_layers
+    from torchdkm.layers import select_layers, tied_partners
 
     mult = {}
-    for name, mod, cfg in select_layers(model, config, rules):
+    chosen = select_layers(model, config, rules)
+    partners = tied_partners(chosen)  # tied layers (an LM head and its embedding) share one table, as in torchdkm
+    for name, mod, cfg in chosen:
         w = mod.weight.detach()
         problem = cfg.layout_problem(tuple(w.shape))
         if problem:
@@ -498,6 +500,8 @@ def st_kmeans_prepare(model: nn.Module, config: torchdkm.DKMConfig, rules=None, 
         c = torchdkm.kmeans_init(vecs, cfg.k, seed=cfg.seed)  # k × d, or G × k × d grouped
         p = _STKMeans(c, cfg.dim, scale_kind=cfg.scale_kind)
         parametrize.register_parametrization(mod, "weight", p, unsafe=True)
+        for _, partner in partners.get(name, ()):
+            parametrize.register_parametrization(partner, "weight", p, unsafe=True)
         mult[p.centroids] = centroid_lr_mult
     return mult
 

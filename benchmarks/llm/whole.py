@@ -21,6 +21,9 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
   (benchmarks/llm/llm_dkm.py: KL per token, AdamW, cosine lr; --dkm-steps × --dkm-batch windows of --dkm-seq tokens
   of PTB train + the Wikipedia "train_novalid" part, disjoint from validation and test), then finalize. DKM starts
   from its own plain k-means, not the Fisher-weighted one.
+* ``planned-ste``: the same plan's rules and k-means start, hard k-means + straight-through fine-tuning with the same
+  loop, windows, steps, lr and seed (llm_dkm.distill_ste): what DKM itself adds over hard clustering.
+  Both trained methods run once per ``--seeds`` seed (k-means seed, window order).
 
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
 tokens of PTB train (seed 0). Selection: per budget the row with the lowest mean log-perplexity over the validation
@@ -55,7 +58,8 @@ import torchdkm  # noqa: E402
 from torchdkm.layers import is_supported  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-METHODS = ["uniform", "uniform-fisher", "planned", "planned-dkm"]
+METHODS = ["uniform", "uniform-fisher", "planned", "planned-dkm", "planned-ste"]
+TRAINED = ("planned-dkm", "planned-ste")
 DKM_TRAIN = dict(steps=36, batch=4, seq=128, lr=3e-4)  # --dkm-steps etc.; lr: llm.py's best 4-bit setting, not re-tuned
 GROUP = 16
 
@@ -113,16 +117,15 @@ def embed_bits(model: nn.Module) -> str:
 SAME = ("max_tokens", "window", "calib_windows", "calib_seq", "params", "group")  # settings rows must share
 
 
-def keep_rows(path: Path, settings: dict, budgets, methods) -> List[dict]:
-    """Rows of an earlier run into the same file with the same evaluation and calibration settings, except those
-    this run redoes (each row records the commit and command that made it)."""
+def keep_rows(path: Path, settings: dict) -> List[dict]:
+    """Rows of an earlier run into the same file with the same evaluation and calibration settings (each records
+    the commit and command that made it); a row this run redoes replaces its old one when it is done."""
     if not path.is_file():
         return []
     old = json.loads(path.read_text())
     if any(old.get("settings", {}).get(k) != settings[k] for k in SAME):
         return []
-    redo = {f"{b}b-{m}" for b in budgets for m in methods}
-    return [r for r in old.get("rows", []) if r["key"] not in redo]
+    return old.get("rows", [])
 
 
 def evaluate(model, streams: Dict[str, torch.Tensor], a) -> Dict[str, float]:
@@ -131,16 +134,18 @@ def evaluate(model, streams: Dict[str, torch.Tensor], a) -> Dict[str, float]:
 
 def markdown(res: dict) -> str:
     s = res["settings"]
-    head = ["budget", "method", "chosen on validation", "file MiB (vs Q4_1 source)", "bits/weight (whole model)",
-            "embedding/head", "PTB valid ppl", "Wiki valid ppl", "PTB test ppl", "Wiki test ppl", "compress s",
-            "peak RSS MiB"]
+    head = ["budget", "method", "seed", "chosen on validation", "file MiB (vs Q4_1 source)",
+            "bits/weight (whole model)", "embedding/head", "PTB valid ppl", "Wiki valid ppl", "PTB test ppl",
+            "Wiki test ppl", "compress s", "step s", "peak RSS MiB"]
     body = []
     for r in res["rows"]:
-        body.append([r["budget"], r["label"], "**yes**" if r.get("chosen") else "",
+        body.append([r["budget"], r["label"], str(r.get("seed", 0)) if r["method"] in TRAINED else "-",
+                     "**yes**" if r.get("chosen") else "",
                      f"{r['file_mib']:.1f} ({100 * (r['file_mib'] / s['source_mib'] - 1):+.0f} %)",
                      f"{r['bits_per_weight']:.3f}", r["embedding"], f"{r['ptb_valid_ppl']:.2f}",
                      f"{r['wiki_valid_ppl']:.2f}", f"{r['ptb_ppl']:.2f}", f"{r['wiki_ppl']:.2f}",
-                     f"{r['compress_s']:.0f}", f"{r['peak_rss_mib']:.0f}"])
+                     f"{r['compress_s']:.0f}", f"{r['step_s']:.1f}" if r.get("step_s") else "-",
+                     f"{r['peak_rss_mib']:.0f}"])
     md = ["# SmolLM2-135M, the whole model: tied embedding/head included, sized as shipped", "",
           common.provenance_md(res["provenance"]) + " Rows kept from earlier runs with the same settings record their "
           "own commit and command in the .json.", "",
@@ -163,13 +168,42 @@ def markdown(res: dict) -> str:
           "validation titles (sha1 bucket 5-9), disjoint from test and from the calibration text; per budget the "
           "row with the lowest mean log-perplexity over both is chosen. Test: PTB test and the held-out Wikipedia "
           "titles (bucket 0-4), read once per row. compress s: Fisher-weighted or plain k-means (+ planning, + "
-          "fine-tuning) of the row, 1 thread on a shared 2-core CPU; peak RSS: the process during the row (holds the base model too).",
+          "fine-tuning) of the row, 1 thread on a shared 2-core CPU; step s: median seconds of a fine-tuning step "
+          "(teacher forward included) after the first; peak RSS: the process during the row (holds the base "
+          "model too). planned + hard k-means + STE: the same plan, k-means start, loop, steps, lr and seed as "
+          "planned + DKM; only the clustering differs.",
           "", common.markdown_table(head, body)]
+    vs = dkm_vs_ste(res["rows"])
+    if vs:
+        md += ["", "DKM against STE at the same layout, budget, steps and seeds:", "", *vs]
     return "\n".join(md) + "\n"
+
+
+def dkm_vs_ste(rows: List[dict]) -> List[str]:
+    """Per budget and test corpus, planned + DKM against planned + STE over their seeds, by the project's rule
+    (benchmarks/render.py RULE) on the negated log-perplexity (higher is better)."""
+    from render import RULE, compare, mean_std
+
+    out = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        runs = {m: {r.get("seed", 0): r for r in rows if r["budget"] == budget and r["method"] == m} for m in TRAINED}
+        if not all(runs.values()):
+            continue
+        words = []
+        for corpus in ("ptb", "wiki"):
+            a, b = ({sd: -math.log(r[f"{corpus}_ppl"]) for sd, r in runs[m].items()} for m in TRAINED)
+            ppl = [mean_std([r[f"{corpus}_ppl"] for r in runs[m].values()]) for m in TRAINED]
+            shown = [f"{m_:.2f}" + (f" ± {s_:.2f}" if s_ is not None else "") + f" ({n_} seed{'s' * (n_ > 1)})"
+                     for m_, s_, n_ in ppl]
+            words.append(f"{'PTB' if corpus == 'ptb' else 'Wiki'} test ppl DKM {shown[0]} vs STE {shown[1]}: DKM "
+                         f"**{compare(a, b) or 'no word (1 seed)'}**")
+        out.append(f"* {budget}: " + "; ".join(words) + ".")
+    return out + ([f"Rule: {RULE}"] if out else [])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0", help="seeds of the trained methods (default 0)")
     p.add_argument("--budgets", default="4,3,2", help="uniform bit widths whose sizes are the budgets (default 4,3,2)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--max-tokens", type=int, default=8192)
@@ -190,6 +224,7 @@ def main(argv=None):
     common.start(__file__, a, argv)
     out = common.output_path(a.out or common.results_dir(__file__) / "whole", a.allow_dirty)
     budgets = [int(b) for b in a.budgets.split(",")]
+    seeds = [int(x) for x in a.seeds.split(",")]
     methods = [m.strip() for m in a.methods.split(",")]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -217,46 +252,52 @@ def main(argv=None):
     settings = dict(max_tokens=a.max_tokens, window=a.window, calib_windows=a.calib_windows, calib_seq=a.calib_seq,
                     source_mib=src.stat().st_size / lm.MIB, source_bytes=src.stat().st_size, params=params,
                     fp16_values=n_fp16, fisher_s=fisher_s, group=GROUP)
-    res = dict(settings=settings, rows=keep_rows(out.with_suffix(".json"), settings, budgets, methods))
+    res = dict(settings=settings, rows=keep_rows(out.with_suffix(".json"), settings))
     print(f"loaded in {time.perf_counter() - t0:.0f} s; {params:,} parameters ({n_fp16} norm values in fp16)", flush=True)
 
     for bits in budgets:
-        budget_bytes = None
-        for method in methods:
+        budget_bytes, pl = None, None
+        runs = [(m, 0) for m in methods if m not in TRAINED] + [(m, sd) for sd in seeds for m in methods if m in TRAINED]
+        for method, seed in runs:
             lm.reset_peak_rss()
             t1 = time.perf_counter()
             model = copy.deepcopy(base)
             plan_info = None
-            if method in ("planned", "planned-dkm"):
+            if method.startswith("planned"):
                 if budget_bytes is None:  # the uniform row's accounted bytes, without running it
                     tmp = copy.deepcopy(base)
                     torchdkm.prepare(tmp, uniform_config(bits))
                     budget_bytes = accounted_bytes(tmp)
                     del tmp
-                pl = torchdkm.plan(model, sensitivity=sens, budget_bytes=budget_bytes, candidates=candidates(),
-                                   lut_bits=16)
+                reused = pl is not None  # then its seconds count in this row's compress s as if it planned
+                if pl is None:  # one plan per budget (deterministic), shared by its rows
+                    pl = torchdkm.plan(model, sensitivity=sens, budget_bytes=budget_bytes, candidates=candidates(),
+                                       lut_bits=16)
                 plan_info = dict(total_bytes=pl.total_bytes, budget_bytes=pl.budget_bytes, dloss=pl.dloss,
                                  seconds=pl.seconds)
                 if method == "planned":
                     torchdkm.palettize(model, rules=pl.rules, sensitivity=sens)
                 else:
-                    from llm_dkm import distill_dkm
+                    from llm_dkm import distill_dkm, distill_ste
 
                     held = {id(m.weight) for m in model.modules() if is_supported(m)}
                     for prm in model.parameters():  # the fp16 norms stay as shipped (AdamW's eps underflows in fp16)
                         if id(prm) not in held:
                             prm.requires_grad_(False)
                     train_ids = torch.cat([lm.ptb("train", tok), lm.wiki_summaries("train_novalid", tok)])
-                    distill_dkm(model, base, train_ids, uniform_config(bits), pl.rules, log=print, **DKM_TRAIN)
-                    plan_info["train"] = dict(DKM_TRAIN, losses=model._distill_log)
+                    fn = distill_dkm if method == "planned-dkm" else distill_ste
+                    fn(model, base, train_ids, uniform_config(bits), pl.rules, seed=seed, log=print, **DKM_TRAIN)
+                    log = model._distill_log
+                    plan_info["train"] = dict(DKM_TRAIN, seed=seed, losses=log["loss"], step_seconds=log["seconds"])
             else:
                 torchdkm.palettize(model, uniform_config(bits), sensitivity=sens if method == "uniform-fisher" else None,
                                    weighted=method == "uniform-fisher")
                 if budget_bytes is None:
                     budget_bytes = accounted_bytes(model)
-            compress_s = time.perf_counter() - t1
+            compress_s = time.perf_counter() - t1 + (pl.seconds if plan_info and reused else 0.0)
             acc = accounted_bytes(model)
-            path = a.work / f"smollm2_whole_{bits}b_{method}.safetensors"
+            key = f"{bits}b-{method}" + (f"-s{seed}" if seed else "")
+            path = a.work / f"smollm2_whole_{key}.safetensors"
             torchdkm.save(model, path, lut_dtype=torch.float16)
             layout, emb = layout_summary(model), embed_bits(model)
             del model
@@ -265,13 +306,17 @@ def main(argv=None):
             ppl_t = evaluate(shipped, test, a)
             del shipped
             size = path.stat().st_size
-            row = dict(key=f"{bits}b-{method}", budget=f"{bits}-bit uniform size", method=method,
+            train = (plan_info or {}).get("train")
+            row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed,
+                       step_s=sorted(train["step_seconds"][1:])[(len(train["step_seconds"]) - 1) // 2] if train else None,
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",
                               "planned": "planned (torchdkm.plan) + Fisher-weighted k-means",
                               "planned-dkm": f"planned (torchdkm.plan) + DKM + distillation ({DKM_TRAIN['steps']} "
                                              f"steps × {DKM_TRAIN['batch']}×{DKM_TRAIN['seq']} tokens, lr "
-                                             f"{DKM_TRAIN['lr']:g})"}[method],
+                                             f"{DKM_TRAIN['lr']:g})",
+                              "planned-ste": f"planned (torchdkm.plan) + hard k-means + STE + distillation (the same "
+                                             f"{DKM_TRAIN['steps']} steps, lr {DKM_TRAIN['lr']:g})"}[method],
                        file=path.name, file_bytes=size, file_mib=size / lm.MIB, accounted_bytes=acc,
                        budget_bytes=budget_bytes, bits_per_weight=8 * size / params, embedding=emb, weights_by_bits=layout,
                        plan=plan_info, ptb_valid_ppl=ppl_v["ptb_valid"], wiki_valid_ppl=ppl_v["wiki_valid"],
@@ -279,9 +324,10 @@ def main(argv=None):
                        wall_s=time.perf_counter() - t1, peak_rss_mib=lm.peak_rss_mib(),
                        valid_score=0.5 * (math.log(ppl_v["ptb_valid"]) + math.log(ppl_v["wiki_valid"])),
                        commit=common._RUN.get("git"), command=common._RUN.get("command"))
-            res["rows"].append(row)
+            res["rows"] = [r for r in res["rows"] if r["key"] != key] + [row]
             order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
-            res["rows"].sort(key=lambda r: order.get(r["key"], len(order)))
+            res["rows"].sort(key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
+                                            r.get("seed", 0)))
             group = [r for r in res["rows"] if r["budget"] == row["budget"]]
             best = min(group, key=lambda r: r["valid_score"])
             for r in group:

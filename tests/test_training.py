@@ -203,3 +203,42 @@ def test_schedule_hard_forward_and_distillation_train_and_finalize_ships_the_las
     assert acc(student) == last
     # the fine-tuning does real work: it recovers most of what 1-bit k-means alone lost
     assert acc(teacher) - last < 0.5 * (acc(teacher) - kmeans_only), (acc(teacher), kmeans_only, last)
+
+
+def _tied_lm(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Embedding(48, 16), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Linear(16, 48))
+    m[4].weight = m[0].weight
+    return m.double()
+
+
+def test_accumulate_gives_the_one_batch_gradient_with_one_dkm_run_per_layer():
+    """Three micro-batches inside accumulate = one batch of all three (DKM runs once either way): same gradients
+    and centroids in float64, and DKM ran once per prepared layer (the tied embedding/head once)."""
+    cfg = DKMConfig(bits=2, group_size=8, channel_scale=True, min_numel=0)
+    models = [torchdkm.initialize(torchdkm.prepare(_tied_lm(), cfg)) for _ in range(2)]
+    ids = torch.randint(0, 48, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torchdkm.functional.record_iterations() as runs:
+        with torchdkm.accumulate(models[0]):
+            for row in ids:
+                models[0](row).square().sum().backward()
+    assert len(runs) == 3  # embedding/head, two Linears
+    models[1](ids.reshape(-1)).square().sum().backward()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=name)
+    for a, b in zip(models[0].buffers(), models[1].buffers()):
+        assert torch.equal(a, b)
+    with torchdkm.accumulate(models[0]):  # eval forwards inside the block compute as usual (hard weights)
+        models[0].eval()
+        inside = models[0](ids[0])
+    assert torch.equal(inside, models[0](ids[0]))
+
+
+def test_accumulate_refuses_a_weight_changed_inside_the_block():
+    model = torchdkm.prepare(_tied_lm(), DKMConfig(bits=2, min_numel=0))
+    with pytest.raises(ConfigError, match=r"weight of '0' changed inside the block"):
+        with torchdkm.accumulate(model):
+            model(torch.arange(4)).sum().backward()
+            with torch.no_grad():
+                model[0].parametrizations.weight.original.mul_(0.5)
+    assert all(p._held is None for p in torchdkm.parametrization.dkm_layers(model))

@@ -2,8 +2,9 @@
 
 Two methods share one loop (same windows, optimizer, schedule and seed), so they differ only in the clustering:
 
-* :func:`distill_dkm`: the model prepared with torchdkm (DKM in the forward pass), the DKM temperature schedule
-  advanced every step, then finalize.
+* :func:`distill_dkm`: the model prepared with torchdkm (DKM in the forward pass; a step's micro-batches inside
+  ``torchdkm.accumulate``, so DKM runs once per optimizer step), the DKM temperature schedule advanced every step,
+  then finalize.
 * :func:`distill_ste`: hard k-means + straight-through (benchmarks/common.py's ``st_kmeans``: each weight's nearest
   centroid in the forward, its own gradient in the backward, trainable centroids), the same layout and k-means
   start; shipped as torchdkm.finalize of the same layout holding the trained weights and centroids (the same
@@ -14,6 +15,7 @@ AdamW, cosine learning rate to 0, gradient norm clipped at 1.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -31,11 +33,13 @@ import common  # noqa: E402
 
 
 def distill(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, *, steps: int, batch: int, seq: int,
-            lr: float, seed: int = 0, after_step: Optional[Callable[[], None]] = None,
-            log: Optional[Callable[[str], None]] = None) -> Dict[str, list]:
-    """``steps`` AdamW steps on random windows (batch × seq, from ``seed``) of ``train_ids`` (1-D token ids) against
-    ``teacher``'s token distributions; every trainable parameter of ``model`` is optimized. Returns {"loss": per
-    step, "seconds": per step}."""
+            lr: float, micro: int = 1, seed: int = 0, after_step: Optional[Callable[[], None]] = None,
+            step_context: Callable = contextlib.nullcontext, log: Optional[Callable[[str], None]] = None
+            ) -> Dict[str, list]:
+    """``steps`` AdamW steps, each of ``micro`` micro-batches (gradient accumulation) of random windows (batch × seq,
+    from ``seed``) of ``train_ids`` (1-D token ids) against ``teacher``'s token distributions, every micro-batch's
+    forward and backward inside ``step_context(model)``; every trainable parameter of ``model`` is optimized.
+    Returns {"loss": per step (mean over its micro-batches), "seconds": per step}."""
     teacher.eval()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -45,19 +49,23 @@ def distill(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, *, st
     out = {"loss": [], "seconds": []}
     for step in range(steps):
         t0 = time.perf_counter()
-        starts = torch.randint(0, train_ids.numel() - seq, (batch,), generator=gen)
-        ids = torch.stack([train_ids[s:s + seq] for s in starts.tolist()])
-        with torch.no_grad():
-            target = teacher(ids).logits
-        loss = torchdkm.distillation_loss(model(ids).logits, target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        with step_context(model):
+            for _ in range(micro):
+                starts = torch.randint(0, train_ids.numel() - seq, (batch,), generator=gen)
+                ids = torch.stack([train_ids[s:s + seq] for s in starts.tolist()])
+                with torch.no_grad():
+                    target = teacher(ids).logits
+                part = torchdkm.distillation_loss(model(ids).logits, target) / micro
+                part.backward()
+                loss += float(part.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if after_step is not None:
             after_step()
-        out["loss"].append(float(loss.detach()))
+        out["loss"].append(loss)
         out["seconds"].append(time.perf_counter() - t0)
         if log is not None:
             log(f"  step {step + 1}/{steps}: KL {out['loss'][-1]:.4f} ({out['seconds'][-1]:.1f} s)")
@@ -78,7 +86,7 @@ def distill_dkm(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
                      rules={n: c if c is None else c.replace(seed=seed) for n, c in (rules or {}).items()})
     torchdkm.initialize(model)
     model._distill_log = distill(model, teacher, train_ids, seed=seed, after_step=lambda: torchdkm.step(model),
-                                 **train)
+                                 step_context=torchdkm.accumulate, **train)
     torchdkm.finalize(model)
     return _stored_bits(model)
 

@@ -60,8 +60,14 @@ from torchdkm.layers import is_supported  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 METHODS = ["uniform", "uniform-fisher", "planned", "planned-dkm", "planned-ste"]
 TRAINED = ("planned-dkm", "planned-ste")
-DKM_TRAIN = dict(steps=36, batch=4, seq=128, lr=3e-4)  # --dkm-steps etc.; lr: llm.py's best 4-bit setting, not re-tuned
+DKM_TRAIN = dict(steps=36, batch=4, seq=128, lr=3e-4, micro=1)  # --dkm-steps etc.; lr: llm.py's best 4-bit setting, not re-tuned
 GROUP = 16
+
+
+def train_text() -> str:
+    t = DKM_TRAIN
+    micro = f"{t['micro']} × " if t["micro"] > 1 else ""
+    return f"{t['steps']} steps × {micro}{t['batch']}×{t['seq']} tokens, lr {t['lr']:g}"
 
 
 def fp16_other_params(model: nn.Module) -> int:
@@ -312,11 +318,9 @@ def main(argv=None):
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",
                               "planned": "planned (torchdkm.plan) + Fisher-weighted k-means",
-                              "planned-dkm": f"planned (torchdkm.plan) + DKM + distillation ({DKM_TRAIN['steps']} "
-                                             f"steps × {DKM_TRAIN['batch']}×{DKM_TRAIN['seq']} tokens, lr "
-                                             f"{DKM_TRAIN['lr']:g})",
-                              "planned-ste": f"planned (torchdkm.plan) + hard k-means + STE + distillation (the same "
-                                             f"{DKM_TRAIN['steps']} steps, lr {DKM_TRAIN['lr']:g})"}[method],
+                              "planned-dkm": f"planned (torchdkm.plan) + DKM + distillation ({train_text()})",
+                              "planned-ste": f"planned (torchdkm.plan) + hard k-means + STE + distillation "
+                                             f"({train_text()})"}[method],
                        file=path.name, file_bytes=size, file_mib=size / lm.MIB, accounted_bytes=acc,
                        budget_bytes=budget_bytes, bits_per_weight=8 * size / params, embedding=emb, weights_by_bits=layout,
                        plan=plan_info, ptb_valid_ppl=ppl_v["ptb_valid"], wiki_valid_ppl=ppl_v["wiki_valid"],

@@ -14,7 +14,7 @@ from .ptq import palettize
 from .report import LayerRow, Report, report
 from .sensitivity import Sensitivity, fisher_diagonal
 from .serialization import inspect_file, load, save
-from .training import recalibrate_batchnorm, soft_weights, step
+from .training import accumulate, recalibrate_batchnorm, soft_weights, step
 
 __version__ = _version("torchdkm")
 
@@ -32,6 +32,7 @@ __all__ = [
     "LayerRow",
     "Report",
     "distillation_loss",
+    "accumulate",
     "recalibrate_batchnorm",
     "soft_weights",
     "step",

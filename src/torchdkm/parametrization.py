@@ -57,6 +57,8 @@ class DKMWeight(nn.Module):
         # Tied weights: {read key: output} during one forward pass of the prepared model, else None (see
         # begin_pass); the second read of the shared tensor (an LM head after its embedding) reuses the first's.
         self._memo: Optional[dict] = None
+        # torchdkm.accumulate: {read key: a leaf W~} held across one optimizer step's micro-batches, else None.
+        self._held: Optional[dict] = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the schedule existed have no step counter: they resume at step 0.
@@ -104,12 +106,20 @@ class DKMWeight(nn.Module):
                                  chunk_rows=cfg.chunk_rows)
         return self.join(w_tilde, weight, pad, scale)
 
+    @staticmethod
+    def read_key(weight: Tensor, training: bool) -> tuple:
+        """What makes two reads of the weight give the same DKM output: the same tensor, unchanged (its version
+        counter), the same mode."""
+        return id(weight), weight._version, training, torch.is_grad_enabled()
+
     def forward(self, weight: Tensor) -> Tensor:
+        key = self.read_key(weight, self.training)
+        if self._held is not None and key in self._held:
+            return self._held[key]
         if self._memo is None:
             return self._forward(weight)
         # Same tensor, unchanged, same mode: the same value and the same autograd graph, so the gradients of
         # every read meet in one DKM backward, and the centroids move once per pass.
-        key = (id(weight), weight._version, self.training, torch.is_grad_enabled())
         if key not in self._memo:
             self._memo[key] = self._forward(weight)
         return self._memo[key]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .parametrization import dkm_layers
+from .parametrization import dkm_layers, dkm_parametrization, is_dtensor, original_weight
 
 
 @torch.no_grad()
@@ -25,6 +25,56 @@ def step(model: nn.Module) -> None:
     in each layer's ``step`` buffer, so it is saved and resumed with the model's ``state_dict``."""
     for p in dkm_layers(model):
         p.step.add_(1)
+
+
+@contextlib.contextmanager
+def accumulate(model: nn.Module):
+    """One optimizer step's micro-batches (gradient accumulation) with DKM run once, not once per micro-batch.
+
+    The weights do not change between micro-batches, so neither does DKM's output W~: the block computes W~ once per
+    prepared layer (moving its centroids once), every forward inside reads it, backward passes sum their gradients
+    in W~, and leaving the block sends that sum through DKM's backward once, into the weights' ``.grad``. The
+    gradients are those of running the micro-batches as one batch (up to float rounding). DKM's cost per
+    optimizer step no longer grows with the number of micro-batches; memory holds one W~ and its gradient per layer
+    for the block. One process only (under DDP/FSDP each micro-batch's backward synchronizes gradients itself).
+
+        for batch in loader:                      # each batch: several micro-batches
+            with torchdkm.accumulate(model):
+                for mb in batch:
+                    loss_fn(model(mb.x), mb.y).div(len(batch)).backward()
+            clip_grad_norm_(...); opt.step(); opt.zero_grad(); torchdkm.step(model)
+
+    Changing a weight inside the block (an optimizer step) raises: its held gradient would belong to the old
+    weight. Eval-mode and no-grad forwards inside the block compute as usual."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ConfigError("torchdkm.accumulate runs in one process: under DDP/FSDP each micro-batch's backward "
+                          "synchronizes gradients, so DKM runs per micro-batch there (use model.no_sync() as usual)")
+    held = []  # (parametrization, weight, its version, W~ with DKM's graph, the leaf the forwards read)
+    for mod in model.modules():
+        p = dkm_parametrization(mod)
+        if p is None or not p.training or any(h[0] is p for h in held):
+            continue
+        w = original_weight(mod)
+        if is_dtensor(w):
+            raise ConfigError("torchdkm.accumulate got a sharded (DTensor) weight: it runs in one process")
+        with torch.enable_grad():
+            out = p._forward(w)
+        leaf = out.detach().requires_grad_(out.requires_grad)
+        p._held = {p.read_key(w, True): leaf}
+        held.append((p, w, w._version, out, leaf))
+    try:
+        yield model
+    finally:
+        for p, *_ in held:
+            p._held = None
+    changed = [p.name for p, w, version, _, _ in held if w._version != version]
+    if changed:
+        raise ConfigError(f"torchdkm.accumulate: the weight of {changed[0]!r} changed inside the block (an "
+                          f"optimizer step?): step the optimizer after leaving it; the held gradients are dropped")
+    pending = [(out, leaf.grad) for _, _, _, out, leaf in held if leaf.grad is not None and out.requires_grad]
+    if pending:
+        torch.autograd.backward([o for o, _ in pending], [g for _, g in pending])
 
 
 @contextlib.contextmanager

@@ -68,9 +68,9 @@ def child(mode: str, micro: int, a) -> dict:
     gen = torch.Generator().manual_seed(0)
     loaded = rss_mib()
     lm.reset_peak_rss()
-    times = []
+    times, cpu = [], []
     for _ in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torchdkm.accumulate(model) if mode == "dkm-accumulate" else contextlib.nullcontext():
             for _ in range(micro):
                 starts = torch.randint(0, ids_all.numel() - a.seq, (a.batch,), generator=gen)
@@ -84,8 +84,10 @@ def child(mode: str, micro: int, a) -> dict:
         if mode != "plain":
             torchdkm.step(model)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         print(f"  {mode} ×{micro}: step {len(times)} {times[-1]:.1f} s", file=sys.stderr, flush=True)
-    return {"mode": mode, "micro": micro, "times": times, "loaded_mib": loaded, "peak_mib": lm.peak_rss_mib()}
+    return {"mode": mode, "micro": micro, "times": times, "cpu_times": cpu, "loaded_mib": loaded,
+            "peak_mib": lm.peak_rss_mib()}
 
 
 def steady(times, warmup):
@@ -99,15 +101,17 @@ def markdown(res: dict) -> str:
     rows = []
     plain = {r["micro"]: r for r in res["runs"] if r["mode"] == "plain"}
     for r in res["runs"]:
-        st, ref = r["step"], plain.get(r["micro"])
+        st, cs, ref = r["step"], r["cpu_step"], plain.get(r["micro"])
         tokens = r["micro"] * s["batch"] * s["seq"]
         ratio = "-" if r["mode"] == "plain" or ref is None else \
-            f"{st['median'] / ref['step']['median']:.2f}× / {r['peak_mib'] / ref['peak_mib']:.2f}×"
+            f"{st['median'] / ref['step']['median']:.2f}× / {cs['median'] / ref['cpu_step']['median']:.2f}× / " \
+            f"{r['peak_mib'] / ref['peak_mib']:.2f}×"
         rows.append([r["mode"], f"{r['micro']} × {s['batch']}×{s['seq']} = {tokens:,}",
-                     f"{st['median']:.1f} [{st['q1']:.1f}–{st['q3']:.1f}]", f"{r['peak_mib'] / 1024:.2f}",
+                     f"{st['median']:.1f} [{st['q1']:.1f}–{st['q3']:.1f}]",
+                     f"{cs['median']:.1f} [{cs['q1']:.1f}–{cs['q3']:.1f}]", f"{r['peak_mib'] / 1024:.2f}",
                      f"{(r['peak_mib'] - r['loaded_mib']) / 1024:.2f}", ratio])
     head = ["mode", "tokens per optimizer step (micro-batches × batch×seq)", "step s, median [quartiles]",
-            "peak RSS GiB", "peak above loaded GiB", "DKM / plain: step, peak RSS"]
+            "step CPU s", "peak RSS GiB", "peak above loaded GiB", "DKM / plain: step, step CPU, peak RSS"]
     return "\n".join([
         "# SmolLM2-135M: DKM fine-tuning against plain distillation fine-tuning, per optimizer step", "",
         common.provenance_md(res["provenance"]), "",
@@ -116,7 +120,8 @@ def markdown(res: dict) -> str:
         "(g16 + channel scale on all 210 Linears and the tied embedding/head, 134.5 M clustered weights); "
         "dkm-accumulate: the micro-batches of a step inside torchdkm.accumulate (DKM once per optimizer step). "
         f"Step time: median [quartiles] of {s['steps']} steps after {s['warmup']} warm-up step(s), each row in its "
-        "own process, 1 torch thread, on a 2-core CPU. Peak RSS: the process during those steps (teacher and "
+        "own process, 1 torch thread, on a 2-core CPU; step CPU s: the process's CPU time per step (the same "
+        "statistic), which other processes on the machine disturb less than wall time. Peak RSS: the process during those steps (teacher and "
         "student held); above loaded: minus the RSS after loading.", "",
         common.markdown_table(head, rows)]) + "\n"
 
@@ -160,6 +165,7 @@ def main(argv=None):
                 raise SystemExit(f"{mode} ×{micro} failed:\n{got.stderr[-3000:]}")
             run = json.loads(got.stdout.strip().splitlines()[-1])
             run["step"] = steady(run["times"], a.warmup)
+            run["cpu_step"] = steady(run["cpu_times"], a.warmup)
             res["runs"].append(run)
             print(f"{mode} ×{micro}: {run['step']['median']:.1f} s/step, peak {run['peak_mib']:.0f} MiB", flush=True)
             res["provenance"] = dict(common._RUN)

@@ -217,3 +217,38 @@ def test_grouped_early_stop_is_decided_by_the_median_table():
         for _ in range(3):
             _, c = dkm_cluster(w, c, auto_tau(c, 0.05), 3, eps_rel=1e-2)
     assert log[-1] == 1, log
+
+
+@pytest.mark.parametrize("kind", ["max", "rms"])
+def test_scaled_slices_gradients_match_autograd_of_the_expression(kind):
+    """scaled_slices = (w / channel_scale(w), channel_scale(w)) with autograd's gradients (ties of max |w| share the
+    scale's gradient evenly, as amax does; an all-zero slice has scale 1), checked in float64 and by gradcheck."""
+    from torchdkm.functional import channel_scale, scaled_slices
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 10, dtype=torch.float64)
+    w[1, 3], w[1, 7] = 2.5, -2.5  # a tie of the largest |w|
+    w[4] = 0.0  # an all-zero slice
+    g_v, g_s = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
+    v, s = scaled_slices(a, kind)
+    (v * g_v).sum().add_((s * g_s).sum()).backward()
+    s_ref = channel_scale(b, kind)
+    (b / s_ref * g_v).sum().add_((s_ref * g_s).sum()).backward()
+    torch.testing.assert_close(v, (w / s_ref).detach(), rtol=0, atol=0)
+    keep = torch.arange(6) != 4
+    torch.testing.assert_close(a.grad[keep], b.grad[keep], rtol=1e-12, atol=1e-12)
+    # the zero slice: scale 1, constant there; autograd's sqrt at 0 gives NaN for "rms", scaled_slices does not
+    torch.testing.assert_close(a.grad[4], g_v[4], rtol=0, atol=0)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: scaled_slices(t, kind), (x,))
+
+
+def test_scaled_slices_hold_no_float32_copy_of_a_bf16_weight():
+    from torchdkm.functional import scaled_slices
+
+    w = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    held = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t) or t, lambda t: t):
+        v, s = scaled_slices(w, "max")
+    assert v.dtype == torch.float32 and sum(t.numel() * t.element_size() for t in held) == w.numel() * 2 + 64 * 4

@@ -576,12 +576,53 @@ def channel_scale(weight: Tensor, kind: str = "max") -> Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+class _ScaledSlices(torch.autograd.Function):
+    """(w / s in float32 or float64, s) with s = channel_scale(w), saving only w (the parameter itself, in its own
+    dtype) and s: autograd would hold a float32 copy of a half-precision weight and |w| (4 + 4 bytes a weight)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, kind: str):
+        wc = w.to(compute_dtype(w))
+        s = channel_scale(wc, kind)
+        ctx.save_for_backward(w, s)
+        ctx.kind = kind
+        return wc / s, s
+
+    @staticmethod
+    def backward(ctx, g_v: Tensor, g_s: Tensor):
+        w, s = ctx.saved_tensors
+        wc = w.to(s.dtype)
+        dims = tuple(range(1, w.dim()))
+        g_w = g_v / s
+        # through s: dL/ds = g_s - sum_j g_v,j w_j / s^2 per slice, then ds/dw (zero for an all-zero slice, s = 1)
+        g_scale = g_s - (g_v * wc).sum(dims, keepdim=True) / s.square() if dims else g_s - g_v * wc / s.square()
+        if ctx.kind == "max":  # ds/dw: sign(w) at the slice's maxima of |w|, shared evenly among ties (as amax)
+            at_max = (wc.abs() == s) & (wc != 0)
+            count = at_max.sum(dims, keepdim=True).clamp_(min=1) if dims else at_max.to(s.dtype)
+            g_w += torch.where(at_max, wc.sign() * g_scale / count, 0.0)
+        else:  # rms: ds/dw_j = w_j / (n s)
+            g_w += wc * g_scale / (wc[0].numel() * s) if dims else wc.sign() * g_scale
+        return g_w.to(w.dtype), None
+
+
+def scaled_slices(weight: Tensor, kind: str = "max") -> Tuple[Tensor, Tensor]:
+    """(weight / channel_scale(weight, kind), the scale), both in the compute dtype (float32 for half weights), with
+    the gradients of that expression; the backward holds only ``weight`` and the scale."""
+    if kind not in ("max", "rms"):
+        raise ConfigError(f"channel_scale got kind={kind!r}: allowed are 'max' and 'rms'")
+    return _ScaledSlices.apply(weight, kind)
+
+
 def from_vectors(vectors: Tensor, shape, pad: int, axis: Optional[int] = None) -> Tensor:
     """Inverse of :func:`to_vectors` and of :func:`to_group_vectors` (with the same ``axis``)."""
     if axis is not None:
         pre, post = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
         d = vectors.shape[-1]
-        return vectors.reshape(pre, shape[axis] // d, post, d).transpose(2, 3).reshape(shape)
+        out = vectors.reshape(pre, shape[axis] // d, post, d).transpose(2, 3).reshape(shape)
+        # reshape can leave odd strides on size-1 axes (e.g. 12, 1, 12, 12 for 24 × 12 × 1 × 1); some CPUs' conv
+        # kernels then take another path than for the weight as stored, and outputs differ in the last bit
+        return out if out.stride() == torch.empty(shape, device="meta").stride() else \
+            out.clone(memory_format=torch.contiguous_format)
     flat = vectors.reshape(-1)
     if pad:
         flat = flat[: flat.numel() - pad]

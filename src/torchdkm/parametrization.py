@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .config import DKMConfig
 from .errors import ConfigError, NonFiniteError
-from .functional import (auto_tau, channel_scale, compute_dtype, dkm_cluster, from_vectors, hard_cluster,
+from .functional import (auto_tau, compute_dtype, dkm_cluster, from_vectors, hard_cluster, scaled_slices,
                          to_group_vectors)
 from .kmeans import kmeans_init
 from .layers import finalized_record
@@ -71,10 +71,9 @@ class DKMWeight(nn.Module):
     def split(self, weight: Tensor) -> Tuple[Tensor, int, Optional[Tensor]]:
         """(vectors G × N × d, pad, scale C0 × 1 × ... or None), in the compute dtype (float32 for half weights):
         the weight as DKM clusters it, each axis-0 slice divided by its scale when ``channel_scale`` is on."""
-        w = weight.to(compute_dtype(weight))
         kind = self.config.scale_kind
-        scale = channel_scale(w, kind) if kind else None
-        vecs, pad = to_group_vectors(w if scale is None else w / scale, self.config.dim, self.groups, self.axis)
+        w, scale = scaled_slices(weight, kind) if kind else (weight.to(compute_dtype(weight)), None)
+        vecs, pad = to_group_vectors(w, self.config.dim, self.groups, self.axis)
         return vecs, pad, scale
 
     def join(self, vecs: Tensor, like: Tensor, pad: int, scale: Optional[Tensor]) -> Tensor:

@@ -225,13 +225,15 @@ def run_child(a) -> dict:
 
 def estimate_gib(model: str, mode: str) -> float:
     """Peak RSS a run is expected to need (from this benchmark's 135 M rows and 0.5 B plain row: ~10.4 bytes per
-    parameter for plain bf16 AdamW training, ~18 more per clustered weight for DKM), to refuse runs that cannot fit."""
+    parameter for plain bf16 AdamW training; ~18 more per clustered weight for DKM before d4349fd, which stopped
+    holding a float32 copy of the weight and |w| for backward: ~10 since, 12 assumed), to refuse runs that cannot
+    fit."""
     spec = MODELS[model]
     h, n, v, f = spec["hidden_size"], spec["num_hidden_layers"], spec["vocab_size"], spec["intermediate_size"]
     kv = h // spec["num_attention_heads"] * spec["num_key_value_heads"]
     linears = n * (2 * h * h + 2 * h * kv + 3 * h * f)
     clustered = 0 if mode == "plain" else linears + (v * h if mode.startswith("dkm_all") else 0)
-    return (10.4 * (linears + v * h) + 18 * clustered) / GIB + 0.3
+    return (10.4 * (linears + v * h) + 12 * clustered) / GIB + 0.3
 
 
 def available_gib() -> float:

@@ -509,9 +509,10 @@ def planned(ctx: Ctx) -> str:
     return out
 
 
-def llm_whole(ctx: Ctx) -> str:
+def llm_whole(ctx: Ctx, *which: str) -> str:
     """SmolLM2 as whole files: the Q4_1 source, llama.cpp's quantizers of the same weights, and torchdkm's whole
-    models (embedding/head compressed), one evaluator; sorted by size."""
+    models (embedding/head compressed), one evaluator; sorted by size. Seeds of one torchdkm row are shown as
+    mean ± std. ``short``: of torchdkm's rows only the fine-tuned ones and those chosen on validation."""
     files = {"llama.cpp": BENCH / "llm" / "results" / "llamacpp.json", "torchdkm": BENCH / "llm" / "results" / "whole.json"}
     rows, left = [], []
     for who, path in files.items():
@@ -519,13 +520,23 @@ def llm_whole(ctx: Ctx) -> str:
         if not is_clean(res):
             left.append(ctx.link(path))
             continue
+        if who == "llama.cpp":
+            rows += [(r["file_mib"], [r["label"], f"{r['file_mib']:.1f}", f"{r['ptb_ppl']:,.2f}",
+                                      f"{r['wiki_ppl']:,.2f}"]) for r in res["rows"]]
+            continue
+        groups: dict = {}
         for r in res["rows"]:
-            if who == "torchdkm":
-                label = f"torchdkm {r['label']}" + (" (chosen on validation)" if r.get("chosen") else "")
-            else:
-                label = r["label"]
-            rows.append((r["file_mib"], [label, f"{r['file_mib']:.1f}", f"{r['ptb_ppl']:,.2f}",
-                                         f"{r['wiki_ppl']:,.2f}"]))
+            groups.setdefault((r["budget"], r["method"]), []).append(r)
+        for runs in groups.values():
+            chosen = any(r.get("chosen") for r in runs)
+            if "short" in which and not chosen and not runs[0]["method"].endswith(("dkm", "ste")):
+                continue
+            label = f"torchdkm {runs[0]['label']}" + (" (chosen on validation)" if chosen else "")
+            cells = []
+            for key in ("ptb_ppl", "wiki_ppl"):
+                m, sd, n = mean_std([r[key] for r in runs])
+                cells.append(f"{m:,.2f}" + (f" ± {sd:.2f} ({n} seeds)" if n > 1 else ""))
+            rows.append((runs[0]["file_mib"], [label, f"{runs[0]['file_mib']:.1f}", *cells]))
     out = table(["model (every file from the same Q4_1 weights)", "file MiB", "PTB test ppl", "Wiki test ppl"],
                 [r for _, r in sorted(rows, key=lambda x: -x[0])])
     out += "\n\nSources: " + ", ".join(ctx.link(p) for p in files.values()) + "."

@@ -181,30 +181,33 @@ def markdown(res: dict) -> str:
           "", common.markdown_table(head, body)]
     vs = dkm_vs_ste(res["rows"])
     if vs:
-        md += ["", "DKM against STE at the same layout, budget, steps and seeds:", "", *vs]
+        from render import RULE
+
+        md += ["", "planned + DKM against planned + hard k-means + STE (the same plan, k-means start, loop, steps, lr "
+               "and seeds): test perplexity, mean ± std over the seeds, and the project's rule on log-perplexity.", "",
+               common.markdown_table(["budget", "corpus", "DKM ppl", "STE ppl", "DKM vs STE"], vs), "", f"Rule: {RULE}"]
     return "\n".join(md) + "\n"
 
 
-def dkm_vs_ste(rows: List[dict]) -> List[str]:
+def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
     """Per budget and test corpus, planned + DKM against planned + STE over their seeds, by the project's rule
-    (benchmarks/render.py RULE) on the negated log-perplexity (higher is better)."""
-    from render import RULE, compare, mean_std
+    (benchmarks/render.py RULE) on the negated log-perplexity (higher is better): table rows."""
+    from render import compare, mean_std
 
     out = []
     for budget in dict.fromkeys(r["budget"] for r in rows):
         runs = {m: {r.get("seed", 0): r for r in rows if r["budget"] == budget and r["method"] == m} for m in TRAINED}
         if not all(runs.values()):
             continue
-        words = []
-        for corpus in ("ptb", "wiki"):
+        for corpus, name in (("ptb", "PTB test"), ("wiki", "Wiki test")):
             a, b = ({sd: -math.log(r[f"{corpus}_ppl"]) for sd, r in runs[m].items()} for m in TRAINED)
-            ppl = [mean_std([r[f"{corpus}_ppl"] for r in runs[m].values()]) for m in TRAINED]
-            shown = [f"{m_:.2f}" + (f" ± {s_:.2f}" if s_ is not None else "") + f" ({n_} seed{'s' * (n_ > 1)})"
-                     for m_, s_, n_ in ppl]
-            words.append(f"{'PTB' if corpus == 'ptb' else 'Wiki'} test ppl DKM {shown[0]} vs STE {shown[1]}: DKM "
-                         f"**{compare(a, b) or 'no word (1 seed)'}**")
-        out.append(f"* {budget}: " + "; ".join(words) + ".")
-    return out + ([f"Rule: {RULE}"] if out else [])
+            shown = []
+            for m in TRAINED:
+                mean, sd, n = mean_std([r[f"{corpus}_ppl"] for r in runs[m].values()])
+                shown.append(f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") +
+                             f" (seeds {', '.join(str(x) for x in sorted(runs[m]))})")
+            out.append([budget, name, *shown, compare(a, b) or "no word (1 seed)"])
+    return out
 
 
 def main(argv=None):

@@ -303,7 +303,7 @@ def main(argv=None):
                                    weighted=method == "uniform-fisher")
                 if budget_bytes is None:
                     budget_bytes = accounted_bytes(model)
-            compress_s = time.perf_counter() - t1 + (pl.seconds if plan_info and reused else 0.0)
+            compress_s = time.perf_counter() - t1 + (sum(pl.seconds.values()) if plan_info and reused else 0.0)
             acc = accounted_bytes(model)
             key = f"{bits}b-{method}" + (f"-s{seed}" if seed else "")
             path = a.work / f"smollm2_whole_{key}.safetensors"

@@ -23,7 +23,8 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
     module name or ``"re:<regex>"`` to a DKMConfig or ``None`` (skip) - see torchdkm.config for precedence.
     Tied weights (an LM head sharing its embedding's tensor) are clustered once, with the first layer's config;
     the other layers read the same clustered weight. DKM runs once per forward pass of ``model`` for such a tensor
-    (hooks on ``model`` mark the pass; a submodule called on its own runs DKM once per read). Skip the shared tensor with ``rules={"lm_head": None, "model.embed_tokens": None}``.
+    (hooks on ``model`` mark the pass; a submodule called on its own runs DKM once per read). Skip the shared tensor
+    with ``rules={"lm_head": None, "model.embed_tokens": None}``.
     Centroids are initialised by k-means on the first forward (or ``initialize(model)``).
 
     Example::

@@ -106,7 +106,8 @@ def reference(tmp_path_factory):
 def test_a_rank_killed_mid_epoch_restarts_by_itself_to_the_same_artifact(reference, strategy, tmp_path):
     recipe, ref = reference[strategy]
     out, mark = tmp_path / "run", tmp_path / "killed"
-    err = _finish(_torchrun(recipe, out, "--resume", "auto", restarts=1, FAULT="kill", FAULT_AT=str(MID_DKM_2),
+    # restarts=2: one for the kill, one for gloo's occasional abort of a rank on a loaded CPU (see reference())
+    err = _finish(_torchrun(recipe, out, "--resume", "auto", restarts=2, FAULT="kill", FAULT_AT=str(MID_DKM_2),
                             FAULT_MARK=str(mark)))
     assert mark.exists(), "rank 1 was never killed"
     a, b = _artifact(out), _artifact(ref)

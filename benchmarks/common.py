@@ -662,6 +662,13 @@ def write_report(md_path: Path, text: str, rows) -> None:
     print(text)
 
 
+def write_results(stem: Path, res: dict, markdown) -> None:
+    """A benchmark's results so far: ``res`` with this run's provenance as ``stem``.json, ``markdown(res)`` as .md."""
+    res["provenance"] = dict(_RUN)
+    write_json(stem.with_suffix(".json"), res)
+    write_text_atomic(stem.with_suffix(".md"), markdown(res))
+
+
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON, atomically; a dict gets this run's ``provenance`` (see :func:`start`) if it has none."""
     if isinstance(obj, dict) and _RUN and "provenance" not in obj:

@@ -37,3 +37,12 @@ def make_tiny_bert(folder, hidden: int = 32, layers: int = 2, num_labels: int = 
                      intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=num_labels)
     BertForSequenceClassification(cfg).save_pretrained(folder)
     return folder
+
+
+def tiny_llama_config(**overrides):
+    """A LlamaConfig of a few thousand weights, tied embedding/head like SmolLM2 (fields overridable)."""
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaConfig(**{**fields, **overrides})

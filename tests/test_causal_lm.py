@@ -7,15 +7,14 @@ import pytest
 import torch
 
 import torchdkm
+from hf_tiny import tiny_llama_config
 from torchdkm import DKMConfig
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny_llama(dtype):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
+    cfg = tiny_llama_config()
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).to(dtype), cfg
 

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 import torchdkm
+from hf_tiny import tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 deploy = pytest.importorskip("deploy")
 
 
 def _artifact(tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
+    cfg = tiny_llama_config(num_hidden_layers=1)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     for name, prm in model.named_parameters():

@@ -5,17 +5,16 @@ import pytest
 import torch
 
 import torchdkm
+from hf_tiny import tiny_llama_config
 from llm_dkm import distill_dkm, distill_ste
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=96)).eval()
 
 
 CFG = torchdkm.DKMConfig(bits=3, group_size=16, channel_scale=True, min_numel=0)

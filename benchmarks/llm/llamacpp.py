@@ -297,9 +297,7 @@ def main(argv=None):
         res["rows"].append(row)
         print(f"[{name}] {row['file_mib']:.1f} MiB, PTB {row['ptb_ppl']:.2f}, Wiki {row['wiki_ppl']:.2f}, "
               f"quantize {q_s if q_s is None else round(q_s, 1)} s; {row['fallbacks']}", flush=True)
-        res["provenance"] = dict(common._RUN)
-        common.write_json(out.with_suffix(".json"), res)
-        common.write_text_atomic(out.with_suffix(".md"), markdown(res))
+        common.write_results(out, res, markdown)
     print(markdown(res))
 
 

@@ -168,9 +168,7 @@ def main(argv=None):
             run["cpu_step"] = steady(run["cpu_times"], a.warmup)
             res["runs"].append(run)
             print(f"{mode} ×{micro}: {run['step']['median']:.1f} s/step, peak {run['peak_mib']:.0f} MiB", flush=True)
-            res["provenance"] = dict(common._RUN)
-            common.write_json(out.with_suffix(".json"), res)
-            common.write_text_atomic(out.with_suffix(".md"), markdown(res))
+            common.write_results(out, res, markdown)
     print(markdown(res))
 
 

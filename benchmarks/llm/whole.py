@@ -343,9 +343,7 @@ def main(argv=None):
                   f"{row['bits_per_weight']:.3f} bits/w, embedding {emb}; valid PTB {ppl_v['ptb_valid']:.2f} Wiki "
                   f"{ppl_v['wiki_valid']:.2f}; test PTB {ppl_t['ptb']:.2f} Wiki {ppl_t['wiki']:.2f}; compress "
                   f"{compress_s:.0f} s, row {row['wall_s']:.0f} s; {layout}", flush=True)
-            res["provenance"] = dict(common._RUN)
-            common.write_json(out.with_suffix(".json"), res)
-            common.write_text_atomic(out.with_suffix(".md"), markdown(res))
+            common.write_results(out, res, markdown)
     print(markdown(res))
 
 

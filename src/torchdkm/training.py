@@ -50,11 +50,12 @@ def accumulate(model: nn.Module):
             and torch.distributed.get_world_size() > 1:
         raise ConfigError("torchdkm.accumulate runs in one process: under DDP/FSDP each micro-batch's backward "
                           "synchronizes gradients, so DKM runs per micro-batch there (use model.no_sync() as usual)")
-    held = []  # (parametrization, weight, its version, W~ with DKM's graph, the leaf the forwards read)
+    held, seen = [], set()  # (parametrization, weight, its version, W~ with DKM's graph, the leaf forwards read)
     for mod in model.modules():
         p = dkm_parametrization(mod)
-        if p is None or not p.training or any(h[0] is p for h in held):
+        if p is None or not p.training or id(p) in seen:  # a tied partner: its tensor is held already
             continue
+        seen.add(id(p))
         w = original_weight(mod)
         if is_dtensor(w):
             raise ConfigError("torchdkm.accumulate got a sharded (DTensor) weight: it runs in one process")

@@ -526,7 +526,7 @@ def llm_whole(ctx: Ctx, *which: str) -> str:
             continue
         groups: dict = {}
         for r in res["rows"]:
-            groups.setdefault((r["budget"], r["method"]), []).append(r)
+            groups.setdefault((r["budget"], r["method"], r.get("variant", "")), []).append(r)
         for runs in groups.values():
             chosen = any(r.get("chosen") for r in runs)
             if "short" in which and not chosen and not runs[0]["method"].endswith(("dkm", "ste")):

@@ -91,6 +91,27 @@ def candidates() -> List[torchdkm.DKMConfig]:
     return [torchdkm.DKMConfig(bits=b, group_size=GROUP, channel_scale=True, min_numel=0) for b in range(1, 9)]
 
 
+KNOBS = ("hard_forward", "direct_grad", "tau_scale", "tau_scale_end", "anneal_steps")  # --dkm-knobs may set
+
+
+def parse_knobs(text: str) -> Dict[str, object]:
+    """'direct_grad=1,hard_forward=1' -> {'direct_grad': 1.0, 'hard_forward': True}: DKMConfig settings of the
+    planned-dkm rows (the fields in KNOBS), typed as DKMConfig declares them."""
+    out: Dict[str, object] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in KNOBS or not value:
+            raise SystemExit(f"--dkm-knobs {part!r}: give name=value with a name among {list(KNOBS)}")
+        default = getattr(torchdkm.DKMConfig(), name)
+        out[name] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool) else
+                     int(value) if name == "anneal_steps" else float(value))
+    return dict(sorted(out.items()))
+
+
+def knobs_text(knobs: Dict[str, object]) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
+
+
 def calibration(tok, windows: int, seq: int, seed: int = 0) -> torch.Tensor:
     """(windows, seq) token ids: random windows of PTB train."""
     ids = lm.ptb("train", tok)
@@ -184,9 +205,21 @@ def markdown(res: dict) -> str:
         from render import RULE
 
         md += ["", "planned + DKM against planned + hard k-means + STE (the same plan, k-means start, loop, steps, lr "
-               "and seeds): test perplexity, mean ± std over the seeds, and the project's rule on log-perplexity.", "",
+               "and seeds): test perplexity, mean ± std over the seeds, and the project's rule on log-perplexity. "
+               "Where DKM ran with several settings, the one with the best mean validation score is compared "
+               "(its settings in brackets); STE ran with one.", "",
                common.markdown_table(["budget", "corpus", "DKM ppl", "STE ppl", "DKM vs STE"], vs), "", f"Rule: {RULE}"]
     return "\n".join(md) + "\n"
+
+
+def dkm_variant(rows: List[dict]) -> str:
+    """Of one budget's planned-dkm settings (``variant``), the one with the best mean validation score over its
+    seeds ('' = DKM's defaults)."""
+    scores: Dict[str, list] = {}
+    for r in rows:
+        if r["method"] == "planned-dkm":
+            scores.setdefault(r.get("variant", ""), []).append(r["valid_score"])
+    return min(scores, key=lambda v: sum(scores[v]) / len(scores[v])) if scores else ""
 
 
 def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
@@ -196,7 +229,10 @@ def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
 
     out = []
     for budget in dict.fromkeys(r["budget"] for r in rows):
-        runs = {m: {r.get("seed", 0): r for r in rows if r["budget"] == budget and r["method"] == m} for m in TRAINED}
+        here = [r for r in rows if r["budget"] == budget]
+        variant = dkm_variant(here)
+        runs = {m: {r.get("seed", 0): r for r in here if r["method"] == m and r.get("variant", "") == (
+            variant if m == "planned-dkm" else "")} for m in TRAINED}
         if not all(runs.values()):
             continue
         for corpus, name in (("ptb", "PTB test"), ("wiki", "Wiki test")):
@@ -207,6 +243,9 @@ def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
                 shown.append(f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") +
                              f" (seeds {', '.join(str(x) for x in sorted(runs[m]))})")
             out.append([budget, name, *shown, compare(a, b) or "no word (1 seed)"])
+        if variant:
+            out[-1][2] += f" [{variant}]"
+            out[-2][2] += f" [{variant}]"
     return out
 
 
@@ -223,6 +262,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("/tmp/torchdkm_whole"), help="where the artifacts go")
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/llm/results/whole)")
+    p.add_argument("--dkm-knobs", default="", help=f"planned-dkm: DKMConfig settings name=value,... among {KNOBS} "
+                   "(default: DKM's defaults); each setting is its own row, the DKM-vs-STE table takes the one chosen "
+                   "on validation")
     for k, v in DKM_TRAIN.items():
         p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"planned-dkm: {k} (default {v})")
     common.harness_args(p)
@@ -235,6 +277,8 @@ def main(argv=None):
     budgets = [int(b) for b in a.budgets.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     methods = [m.strip() for m in a.methods.split(",")]
+    knobs = parse_knobs(a.dkm_knobs)
+    variant = knobs_text(knobs)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"--methods {bad}: known are {METHODS}")
@@ -294,8 +338,12 @@ def main(argv=None):
                         if id(prm) not in held:
                             prm.requires_grad_(False)
                     train_ids = torch.cat([lm.ptb("train", tok), lm.wiki_summaries("train_novalid", tok)])
+                    cfg, rules = uniform_config(bits), pl.rules
+                    if method == "planned-dkm" and knobs:
+                        cfg = cfg.replace(**knobs)
+                        rules = {n: c if c is None else c.replace(**knobs) for n, c in rules.items()}
                     fn = distill_dkm if method == "planned-dkm" else distill_ste
-                    fn(model, base, train_ids, uniform_config(bits), pl.rules, seed=seed, log=print, **DKM_TRAIN)
+                    fn(model, base, train_ids, cfg, rules, seed=seed, log=print, **DKM_TRAIN)
                     log = model._distill_log
                     plan_info["train"] = dict(DKM_TRAIN, seed=seed, losses=log["loss"], step_seconds=log["seconds"])
             else:
@@ -305,7 +353,8 @@ def main(argv=None):
                     budget_bytes = accounted_bytes(model)
             compress_s = time.perf_counter() - t1 + (sum(pl.seconds.values()) if plan_info and reused else 0.0)
             acc = accounted_bytes(model)
-            key = f"{bits}b-{method}" + (f"-s{seed}" if seed else "")
+            var = variant if method == "planned-dkm" else ""
+            key = f"{bits}b-{method}" + (f"+{var}" if var else "") + (f"-s{seed}" if seed else "")
             path = a.work / f"smollm2_whole_{key}.safetensors"
             torchdkm.save(model, path, lut_dtype=torch.float16)
             layout, emb = layout_summary(model), embed_bits(model)
@@ -316,12 +365,13 @@ def main(argv=None):
             del shipped
             size = path.stat().st_size
             train = (plan_info or {}).get("train")
-            row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed,
+            row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed, variant=var,
                        step_s=sorted(train["step_seconds"][1:])[(len(train["step_seconds"]) - 1) // 2] if train else None,
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",
                               "planned": "planned (torchdkm.plan) + Fisher-weighted k-means",
-                              "planned-dkm": f"planned (torchdkm.plan) + DKM + distillation ({train_text()})",
+                              "planned-dkm": f"planned (torchdkm.plan) + DKM{' (' + var + ')' if var else ''} + "
+                                             f"distillation ({train_text()})",
                               "planned-ste": f"planned (torchdkm.plan) + hard k-means + STE + distillation "
                                              f"({train_text()})"}[method],
                        file=path.name, file_bytes=size, file_mib=size / lm.MIB, accounted_bytes=acc,
@@ -334,7 +384,7 @@ def main(argv=None):
             res["rows"] = [r for r in res["rows"] if r["key"] != key] + [row]
             order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
             res["rows"].sort(key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
-                                            r.get("seed", 0)))
+                                            r.get("variant", ""), r.get("seed", 0)))
             group = [r for r in res["rows"] if r["budget"] == row["budget"]]
             best = min(group, key=lambda r: r["valid_score"])
             for r in group:

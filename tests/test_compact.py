@@ -67,3 +67,45 @@ def test_loaded_model_can_go_compact(tmp_path):
     torchdkm.save(model, tmp_path / "m.safetensors")
     skeleton = torchdkm.load(tmp_path / "m.safetensors", type(model)().eval())
     assert torch.equal(torchdkm.compact(skeleton)(X_IDS), model(X_IDS))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("groups, shape", [(1, (7, 5)), (1, (16, 9)), (4, (16, 6)), (8, (16, 12))])
+@pytest.mark.parametrize("scaled, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.float16)])
+def test_packed_to_weight_equals_unpack_then_gather(bits, groups, shape, scaled, dtype):
+    """The byte-table rebuild (bits dividing 8) gives the general path's weight bit for bit, tail pad included."""
+    from torchdkm.lut import indices_to_weight, packed_to_weight
+    from torchdkm.packing import pack_bits, pad_to_groups, unpack_groups
+
+    gen = torch.Generator().manual_seed(bits * 100 + groups)
+    n = shape[0] * shape[1]
+    idx = torch.randint(0, 2**bits, (n,), generator=gen)
+    lut = torch.randn(groups, 2**bits, 1, generator=gen).to(dtype)
+    scale = torch.rand(shape[0], generator=gen).to(dtype) + 0.5 if scaled else None
+    packed = pad_to_groups(pack_bits(idx, bits), bits)
+    fast = packed_to_weight(packed, lut, bits, shape, dtype, scale)
+    ref = indices_to_weight(unpack_groups(packed, bits), lut, shape, dtype, scale)
+    assert fast.dtype == dtype and fast.stride() == ref.stride() and torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("source", ["finalized", "loaded"])
+def test_tied_compact_weight_is_rebuilt_once_per_pass(source, tmp_path, monkeypatch):
+    """The embedding and its tied head share one rebuild per forward pass (was: one per reader)."""
+    import torchdkm.parametrization as par
+
+    model = finalized_lm()
+    dense_out = model(X_IDS)
+    if source == "loaded":  # a fresh module: no hooks left over from prepare
+        torchdkm.save(model, tmp_path / "m.safetensors")
+        model = torchdkm.load(tmp_path / "m.safetensors", type(model)().eval())
+    compact = torchdkm.compact(model)
+    calls = []
+    real = par.packed_to_weight
+    monkeypatch.setattr(par, "packed_to_weight", lambda packed, *a: calls.append(id(packed)) or real(packed, *a))
+    shared = id(compact.embed.parametrizations.weight.original)
+    assert compact.head.parametrizations.weight.original is compact.embed.parametrizations.weight.original
+    for _ in range(2):
+        calls.clear()
+        assert torch.equal(compact(X_IDS), dense_out)
+        assert calls.count(shared) == 1  # the embedding's read; the head reuses it
+    assert all(p._memo is None for p in par._tied(compact))  # outside a pass nothing is held

@@ -12,7 +12,7 @@ from .errors import ConfigError
 from .layers import FinalizedLayer, select_layers, tied_partners
 from .functional import nearest_centroid
 from .lut import indices_to_weight
-from .parametrization import (DKMWeight, begin_pass, dkm_parametrization, end_pass, full_tensor, is_dtensor,
+from .parametrization import (DKMWeight, dkm_parametrization, full_tensor, hook_passes, is_dtensor,
                               original_weight, remove_weight_parametrizations, require_plain)
 
 
@@ -56,8 +56,7 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
         for _, partner in partners.get(name, ()):  # tied: the same parametrization reads the same tensor
             parametrize.register_parametrization(partner, "weight", dkm, unsafe=True)
     if partners:
-        model.register_forward_pre_hook(begin_pass)
-        model.register_forward_hook(end_pass, always_call=True)
+        hook_passes(model)
     return model
 
 

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .layers import finalized_record
 from .lut import finalized_layers, weight_to_indices
 from .packing import pack_bits, pad_to_groups
-from .parametrization import LUTWeight, is_compact, require_plain
+from .parametrization import LUTWeight, hook_passes, is_compact, require_plain
 
 __all__ = ["LUTWeight", "compact", "compact_layer", "is_compact"]
 
@@ -64,4 +64,6 @@ def compact(model: nn.Module) -> nn.Module:
         del module._parameters["weight"]
         module.register_buffer("weight", rebuild.original)  # the same tensors, shared
         parametrize.register_parametrization(module, "weight", rebuild[0], unsafe=True)
+    if tied:  # the shared weight is rebuilt once per forward pass, not once per reader
+        hook_passes(model)
     return model

@@ -23,8 +23,7 @@ from .functional import (auto_tau, compute_dtype, dkm_cluster, from_vectors, har
                          to_group_vectors)
 from .kmeans import kmeans_init
 from .layers import finalized_record
-from .lut import indices_to_weight
-from .packing import unpack_groups
+from .lut import packed_to_weight
 
 
 class DKMWeight(nn.Module):
@@ -167,18 +166,18 @@ class DKMWeight(nn.Module):
                 f"hard_forward={c.hard_forward}{direct}")
 
 
-def _tied(model: nn.Module) -> Iterator[DKMWeight]:
-    """The DKMWeights of ``model`` that more than one module reads (tied weights)."""
+def _tied(model: nn.Module) -> Iterator[nn.Module]:
+    """The DKMWeights and LUTWeights (compact mode) of ``model`` that more than one module reads (tied weights)."""
     seen: dict = {}
-    for p in (dkm_parametrization(m) for m in model.modules()):
+    for p in (dkm_parametrization(m) or find_parametrization(m, LUTWeight) for m in model.modules()):
         if p is not None:
             seen[id(p)] = (p, seen.get(id(p), (p, 0))[1] + 1)
     return (p for p, reads in seen.values() if reads > 1)
 
 
 def begin_pass(model: nn.Module, *_) -> None:
-    """Forward pre-hook of a prepared model with tied weights: within one forward pass DKM runs once per shared
-    tensor, not once per read (an embedding and its tied LM head: half the DKM work on that tensor)."""
+    """Forward pre-hook of a prepared (or compact) model with tied weights: within one forward pass DKM (the
+    rebuild) runs once per shared tensor, not once per read (an embedding and its tied LM head: half the work)."""
     for p in _tied(model):
         p._memo = {}
 
@@ -187,6 +186,13 @@ def end_pass(model: nn.Module, *_) -> None:
     """Forward hook (always called, also on an exception): outside a pass every read runs DKM itself."""
     for p in _tied(model):
         p._memo = None
+
+
+def hook_passes(model: nn.Module) -> None:
+    """Register begin_pass / end_pass on ``model`` once (prepare with tied layers, compact with tied layers)."""
+    if begin_pass not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(begin_pass)
+        model.register_forward_hook(end_pass, always_call=True)
 
 
 def is_dtensor(t) -> bool:
@@ -225,10 +231,16 @@ class LUTWeight(nn.Module):
         self.register_buffer("lut", lut)
         self.register_buffer("scale", scale)
         self.bits, self.shape, self.axis = bits, tuple(shape), axis
+        self._memo: Optional[dict] = None  # tied layers: the rebuilt weight within one forward pass (begin_pass)
 
     def forward(self, packed: Tensor) -> Tensor:
-        return indices_to_weight(unpack_groups(packed, self.bits), self.lut, self.shape, self.lut.dtype, self.scale,
-                                 self.axis)
+        if self._memo is None:
+            return packed_to_weight(packed, self.lut, self.bits, self.shape, self.lut.dtype, self.scale, self.axis)
+        key = (id(packed), packed._version)
+        if key not in self._memo:
+            self._memo[key] = packed_to_weight(packed, self.lut, self.bits, self.shape, self.lut.dtype, self.scale,
+                                               self.axis)
+        return self._memo[key]
 
     def extra_repr(self) -> str:
         scale = "" if self.scale is None else f", scale={tuple(self.scale.shape)}"

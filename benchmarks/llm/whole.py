@@ -23,7 +23,9 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
   from its own plain k-means, not the Fisher-weighted one.
 * ``planned-ste``: the same plan's rules and k-means start, hard k-means + straight-through fine-tuning with the same
   loop, windows, steps, lr and seed (llm_dkm.distill_ste): what DKM itself adds over hard clustering.
-  Both trained methods run once per ``--seeds`` seed (k-means seed, window order).
+  Both trained methods run once per ``--seeds`` seed (k-means seed, window order). ``--dkm-knobs`` sets DKMConfig
+  fields of planned-dkm (hard_forward, direct_grad, the temperature schedule); each setting is its own row, and the
+  DKM-vs-STE table takes the DKM setting with the best mean validation score.
 
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
 tokens of PTB train (seed 0). Selection: per budget the row with the lowest mean log-perplexity over the validation

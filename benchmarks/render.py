@@ -509,10 +509,21 @@ def planned(ctx: Ctx) -> str:
     return out
 
 
+def dkm_variant(rows: list) -> str:
+    """Of one budget's whole.py planned-dkm settings (row ``variant``), the one with the best mean validation score
+    over its seeds ('' = DKM's defaults)."""
+    scores: dict = {}
+    for r in rows:
+        if r["method"] == "planned-dkm":
+            scores.setdefault(r.get("variant", ""), []).append(r["valid_score"])
+    return min(scores, key=lambda v: sum(scores[v]) / len(scores[v])) if scores else ""
+
+
 def llm_whole(ctx: Ctx, *which: str) -> str:
     """SmolLM2 as whole files: the Q4_1 source, llama.cpp's quantizers of the same weights, and torchdkm's whole
     models (embedding/head compressed), one evaluator; sorted by size. Seeds of one torchdkm row are shown as
-    mean ± std. ``short``: of torchdkm's rows only the fine-tuned ones and those chosen on validation."""
+    mean ± std. ``short``: of torchdkm's rows only those chosen on validation and the fine-tuned ones (of DKM's
+    settings per budget, the one chosen on validation)."""
     files = {"llama.cpp": BENCH / "llm" / "results" / "llamacpp.json", "torchdkm": BENCH / "llm" / "results" / "whole.json"}
     rows, left = [], []
     for who, path in files.items():
@@ -527,9 +538,11 @@ def llm_whole(ctx: Ctx, *which: str) -> str:
         groups: dict = {}
         for r in res["rows"]:
             groups.setdefault((r["budget"], r["method"], r.get("variant", "")), []).append(r)
-        for runs in groups.values():
+        for (budget, method, variant), runs in groups.items():
             chosen = any(r.get("chosen") for r in runs)
-            if "short" in which and not chosen and not runs[0]["method"].endswith(("dkm", "ste")):
+            trained = method.endswith(("dkm", "ste")) and (
+                method != "planned-dkm" or variant == dkm_variant([r for r in res["rows"] if r["budget"] == budget]))
+            if "short" in which and not chosen and not trained:
                 continue
             label = f"torchdkm {runs[0]['label']}" + (" (chosen on validation)" if chosen else "")
             cells = []

@@ -59,3 +59,11 @@ def test_readme_is_short_and_ci_runs_its_test_command():
     assert len(readme.splitlines()) <= 250
     ci = (render.ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert f"```bash\n{ci}\n```" in readme
+
+
+def test_the_dkm_setting_is_chosen_by_mean_validation_score():
+    row = lambda v, score, m="planned-dkm": {"method": m, "variant": v, "valid_score": score}  # noqa: E731
+    rows = [row("", 3.70), row("", 3.60), row("direct_grad=1", 3.64), row("hard_forward=True", 3.66),
+            row("", 3.0, "planned-ste")]  # STE rows never count
+    assert render.dkm_variant(rows) == "direct_grad=1"  # 3.64 beats the defaults' mean 3.65, not their best 3.60
+    assert render.dkm_variant([row("", 3.0, "planned-ste")]) == ""

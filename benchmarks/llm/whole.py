@@ -214,20 +214,10 @@ def markdown(res: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def dkm_variant(rows: List[dict]) -> str:
-    """Of one budget's planned-dkm settings (``variant``), the one with the best mean validation score over its
-    seeds ('' = DKM's defaults)."""
-    scores: Dict[str, list] = {}
-    for r in rows:
-        if r["method"] == "planned-dkm":
-            scores.setdefault(r.get("variant", ""), []).append(r["valid_score"])
-    return min(scores, key=lambda v: sum(scores[v]) / len(scores[v])) if scores else ""
-
-
 def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
     """Per budget and test corpus, planned + DKM against planned + STE over their seeds, by the project's rule
     (benchmarks/render.py RULE) on the negated log-perplexity (higher is better): table rows."""
-    from render import compare, mean_std
+    from render import compare, dkm_variant, mean_std
 
     out = []
     for budget in dict.fromkeys(r["budget"] for r in rows):

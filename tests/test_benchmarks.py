@@ -294,3 +294,32 @@ def test_centroid_use_counts_distinct_vectors_of_the_finalized_layers(tmp_path, 
     stem = next(r for r in rows if r[2] == "stem.0")
     assert stem[3] == 144  # 16 × 1 × 3 × 3 weights, 1-d
     assert "fewest used" in out.read_text()
+
+
+def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_validation(tmp_path):
+    """LLM rows from runs made side by side merge into one table: a later file's row replaces the same key, each
+    budget's chosen row is the lowest validation score, and files with other evaluation settings are refused."""
+    import whole
+    real = json.loads((common.HERE / "llm" / "results" / "whole.json").read_text())  # every field
+    settings, real = real["settings"], real["rows"][0]
+    row = lambda key, budget, method, score, commit, **kw: dict(  # noqa: E731
+        real, key=key, budget=budget, method=method, valid_score=score, commit=commit, seed=0, **kw)
+    a = dict(settings=settings, rows=[row("4b-planned-ste", 4, "planned-ste", 3.62, "a"),
+                                      row("4b-planned-dkm", 4, "planned-dkm", 3.69, "a"),
+                                      row("3b-planned-ste", 3, "planned-ste", 4.00, "a")])
+    b = dict(settings=settings, rows=[row("4b-planned-dkm+hard_forward=True", 4, "planned-dkm", 3.60, "b",
+                                          variant="hard_forward=True"),
+                                      row("3b-planned-ste", 3, "planned-ste", 4.10, "b")])
+    for name, res in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(res))
+    merge = ["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]
+    out = whole.main(merge)
+    got = {r["key"]: (r["commit"], r["chosen"]) for r in out["rows"]}
+    assert got == {"4b-planned-ste": ("a", False), "4b-planned-dkm": ("a", False),
+                   "4b-planned-dkm+hard_forward=True": ("b", True), "3b-planned-ste": ("b", True)}
+    assert [r["budget"] for r in out["rows"]] == [4, 4, 4, 3]  # table order: budgets high to low
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == out["rows"]
+    b["settings"] = dict(settings, window=256)
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    with pytest.raises(SystemExit, match="window"):
+        whole.main(merge)

@@ -157,6 +157,35 @@ def keep_rows(path: Path, settings: dict) -> List[dict]:
     return old.get("rows", [])
 
 
+def settle(rows: List[dict]) -> List[dict]:
+    """``rows`` in table order (budget, method, variant, seed), each budget's lowest ``valid_score`` marked chosen."""
+    order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
+    rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
+                                       r.get("variant", ""), r.get("seed", 0)))
+    for budget in {r["budget"] for r in rows}:
+        best = min((r for r in rows if r["budget"] == budget), key=lambda r: r["valid_score"])
+        for r in rows:
+            if r["budget"] == budget:
+                r["chosen"] = r is best
+    return rows
+
+
+def merge(paths: List[Path], out: Path) -> dict:
+    """Rows of several runs' result files (runs side by side, each row keeping its own commit and command) into
+    ``out``; a row key in a later file replaces the earlier one. The files must share :data:`SAME` settings."""
+    res = json.loads(paths[0].read_text())
+    rows = {}
+    for path in paths:
+        other = json.loads(path.read_text())
+        differ = [k for k in SAME if other["settings"].get(k) != res["settings"].get(k)]
+        if differ:
+            raise SystemExit(f"--merge {path}: settings {differ} differ from {paths[0]}'s; rows would not compare")
+        rows.update({r["key"]: r for r in other["rows"]})
+    res = dict(settings=res["settings"], rows=settle(list(rows.values())))
+    common.write_results(out, res, markdown)
+    return res
+
+
 def evaluate(model, streams: Dict[str, torch.Tensor], a) -> Dict[str, float]:
     return {k: lm.perplexity(model, ids, a.window, a.max_tokens, a.batch) for k, ids in streams.items()}
 
@@ -259,6 +288,8 @@ def main(argv=None):
                    "on validation")
     for k, v in DKM_TRAIN.items():
         p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"planned-dkm: {k} (default {v})")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only merge these result files' rows into --out (runs made side by side), then stop")
     common.harness_args(p)
     a = p.parse_args(argv)
     DKM_TRAIN.update({k: getattr(a, f"dkm_{k}") for k in DKM_TRAIN})
@@ -266,6 +297,10 @@ def main(argv=None):
     common.setup_threads(a.threads)
     common.start(__file__, a, argv)
     out = common.output_path(a.out or common.results_dir(__file__) / "whole", a.allow_dirty)
+    if a.merge:
+        res = merge(a.merge, out)
+        print(markdown(res))
+        return res
     budgets = [int(b) for b in a.budgets.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     methods = [m.strip() for m in a.methods.split(",")]
@@ -373,14 +408,7 @@ def main(argv=None):
                        wall_s=time.perf_counter() - t1, peak_rss_mib=lm.peak_rss_mib(),
                        valid_score=0.5 * (math.log(ppl_v["ptb_valid"]) + math.log(ppl_v["wiki_valid"])),
                        commit=common._RUN.get("git"), command=common._RUN.get("command"))
-            res["rows"] = [r for r in res["rows"] if r["key"] != key] + [row]
-            order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
-            res["rows"].sort(key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
-                                            r.get("variant", ""), r.get("seed", 0)))
-            group = [r for r in res["rows"] if r["budget"] == row["budget"]]
-            best = min(group, key=lambda r: r["valid_score"])
-            for r in group:
-                r["chosen"] = r is best
+            res["rows"] = settle([r for r in res["rows"] if r["key"] != key] + [row])
             print(f"[{row['key']}] {row['file_mib']:.2f} MiB file ({acc / lm.MIB:.2f} accounted), "
                   f"{row['bits_per_weight']:.3f} bits/w, embedding {emb}; valid PTB {ppl_v['ptb_valid']:.2f} Wiki "
                   f"{ppl_v['wiki_valid']:.2f}; test PTB {ppl_t['ptb']:.2f} Wiki {ppl_t['wiki']:.2f}; compress "

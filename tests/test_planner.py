@@ -150,3 +150,35 @@ def test_plan_command_prints_the_table_and_writes_recipe_rules(tmp_path, capsys)
     assert set(rules) == {"net.0", "net.2", "net.4"}
     assert main(["plan", str(recipe), "--budget", "10"]) == 2
     assert "smallest model" in capsys.readouterr().err
+
+
+def test_pinned_layers_keep_their_config_and_the_rest_fills_the_budget():
+    """A pinned (tied) embedding gets its config for both its readers, counted at its size; the other layers are
+    planned within what is left, and the palettized model is exactly the planned size."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(512, 32)
+            self.mid = nn.Linear(32, 32)
+            self.head = nn.Linear(32, 512, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mid(self.emb(ids))))
+
+    torch.manual_seed(0)
+    lm, ids = LM(), [torch.randint(0, 512, (2, 5))]
+    sens = fisher_diagonal(lm, ids)
+    pin = DKMConfig(bits=1, group_size=16)
+    p = plan(lm, sensitivity=sens, budget="3 bits", candidates=_SMALL, pinned={"head": pin})
+    assert [r.name for r in p.rows] == ["mid"]
+    assert p.rules["emb"] == p.rules["head"] == pin.replace(min_numel=0)
+    free = plan(lm, sensitivity=sens, budget="3 bits", candidates=_SMALL)
+    assert free.rules["emb"] != p.rules["emb"]  # unpinned, the planner gives the embedding another layout
+    assert p.total_bytes <= p.budget_bytes
+    out = palettize(copy.deepcopy(lm), rules=p.rules, sensitivity=sens)
+    assert torchdkm.report(out, print_table=False).compressed_bytes == p.total_bytes
+    with pytest.raises(ConfigError, match="'nope' is not a compressible layer"):
+        plan(lm, sensitivity=sens, budget="3 bits", candidates=_SMALL, pinned={"nope": pin})
+    with pytest.raises(ConfigError, match="does not fit"):
+        plan(lm, sensitivity=sens, budget="3 bits", candidates=_SMALL, pinned={"mid": DKMConfig(dim=5, channel_scale=True)})

@@ -158,10 +158,10 @@ def keep_rows(path: Path, settings: dict) -> List[dict]:
 
 
 def settle(rows: List[dict]) -> List[dict]:
-    """``rows`` in table order (budget, method, variant, seed), each budget's lowest ``valid_score`` marked chosen."""
+    """``rows`` in table order (budget, method, layout, variant, seed), each budget's lowest ``valid_score`` marked chosen."""
     order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
     rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
-                                       r.get("variant", ""), r.get("seed", 0)))
+                                       r.get("layout", ""), r.get("variant", ""), r.get("seed", 0)))
     for budget in {r["budget"] for r in rows}:
         best = min((r for r in rows if r["budget"] == budget), key=lambda r: r["valid_score"])
         for r in rows:
@@ -244,18 +244,19 @@ def markdown(res: dict) -> str:
 
 
 def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
-    """Per budget and test corpus, planned + DKM against planned + STE over their seeds, by the project's rule
-    (benchmarks/render.py RULE) on the negated log-perplexity (higher is better): table rows."""
+    """Per budget, layout and test corpus, planned + DKM against planned + STE over their seeds, by the project's
+    rule (benchmarks/render.py RULE) on the negated log-perplexity (higher is better): table rows."""
     from render import compare, dkm_variant, mean_std
 
     out = []
-    for budget in dict.fromkeys(r["budget"] for r in rows):
-        here = [r for r in rows if r["budget"] == budget]
+    for budget, layout in dict.fromkeys((r["budget"], r.get("layout", "")) for r in rows):
+        here = [r for r in rows if r["budget"] == budget and r.get("layout", "") == layout]
         variant = dkm_variant(here)
         runs = {m: {r.get("seed", 0): r for r in here if r["method"] == m and r.get("variant", "") == (
             variant if m == "planned-dkm" else "")} for m in TRAINED}
         if not all(runs.values()):
             continue
+        where = f"{budget}, {layout} pinned" if layout else budget
         for corpus, name in (("ptb", "PTB test"), ("wiki", "Wiki test")):
             a, b = ({sd: -math.log(r[f"{corpus}_ppl"]) for sd, r in runs[m].items()} for m in TRAINED)
             shown = []
@@ -263,7 +264,7 @@ def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
                 mean, sd, n = mean_std([r[f"{corpus}_ppl"] for r in runs[m].values()])
                 shown.append(f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") +
                              f" (seeds {', '.join(str(x) for x in sorted(runs[m]))})")
-            out.append([budget, name, *shown, compare(a, b) or "no word (1 seed)"])
+            out.append([where, name, *shown, compare(a, b) or "no word (1 seed)"])
         if variant:
             out[-1][2] += f" [{variant}]"
             out[-2][2] += f" [{variant}]"
@@ -288,6 +289,9 @@ def main(argv=None):
                    "on validation")
     for k, v in DKM_TRAIN.items():
         p.add_argument(f"--dkm-{k}", type=type(v), default=v, help=f"planned-dkm: {k} (default {v})")
+    p.add_argument("--embed-bits", type=int, default=None, help="planned rows: the tied embedding/head pinned at "
+                   f"this many bits (g{GROUP} + scale), the planner spreading the rest of the budget (default: the "
+                   "planner chooses it too); a per-tensor choice to be made on validation")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="only merge these result files' rows into --out (runs made side by side), then stop")
     common.harness_args(p)
@@ -351,8 +355,9 @@ def main(argv=None):
                     del tmp
                 reused = pl is not None  # then its seconds count in this row's compress s as if it planned
                 if pl is None:  # one plan per budget (deterministic), shared by its rows
+                    pins = {"model.embed_tokens": uniform_config(a.embed_bits)} if a.embed_bits else None
                     pl = torchdkm.plan(model, sensitivity=sens, budget_bytes=budget_bytes, candidates=candidates(),
-                                       lut_bits=16)
+                                       lut_bits=16, pinned=pins)
                 plan_info = dict(total_bytes=pl.total_bytes, budget_bytes=pl.budget_bytes, dloss=pl.dloss,
                                  seconds=pl.seconds)
                 if method == "planned":
@@ -381,7 +386,9 @@ def main(argv=None):
             compress_s = time.perf_counter() - t1 + (sum(pl.seconds.values()) if plan_info and reused else 0.0)
             acc = accounted_bytes(model)
             var = variant if method == "planned-dkm" else ""
-            key = f"{bits}b-{method}" + (f"+{var}" if var else "") + (f"-s{seed}" if seed else "")
+            lay = f"embedding {a.embed_bits}b" if a.embed_bits and method.startswith("planned") else ""
+            key = (f"{bits}b-{method}" + (f"+emb{a.embed_bits}b" if lay else "") + (f"+{var}" if var else "") +
+                   (f"-s{seed}" if seed else ""))
             path = a.work / f"smollm2_whole_{key}.safetensors"
             torchdkm.save(model, path, lut_dtype=torch.float16)
             layout, emb = layout_summary(model), embed_bits(model)
@@ -392,14 +399,15 @@ def main(argv=None):
             del shipped
             size = path.stat().st_size
             train = (plan_info or {}).get("train")
-            row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed, variant=var,
+            plan_text = f"planned (torchdkm.plan{', ' + lay + ' pinned' if lay else ''})"
+            row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed, variant=var, layout=lay,
                        step_s=sorted(train["step_seconds"][1:])[(len(train["step_seconds"]) - 1) // 2] if train else None,
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",
-                              "planned": "planned (torchdkm.plan) + Fisher-weighted k-means",
-                              "planned-dkm": f"planned (torchdkm.plan) + DKM{' (' + var + ')' if var else ''} + "
+                              "planned": f"{plan_text} + Fisher-weighted k-means",
+                              "planned-dkm": f"{plan_text} + DKM{' (' + var + ')' if var else ''} + "
                                              f"distillation ({train_text()})",
-                              "planned-ste": f"planned (torchdkm.plan) + hard k-means + STE + distillation "
+                              "planned-ste": f"{plan_text} + hard k-means + STE + distillation "
                                              f"({train_text()})"}[method],
                        file=path.name, file_bytes=size, file_mib=size / lm.MIB, accounted_bytes=acc,
                        budget_bytes=budget_bytes, bits_per_weight=8 * size / params, embedding=emb, weights_by_bits=layout,

@@ -201,14 +201,16 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
          candidates: Optional[Sequence[DKMConfig]] = None, layers: Optional[Sequence[str]] = None,
          lut_bits: int = 32, weighted: bool = True, loss="true", max_samples: Optional[int] = None,
          kmeans_iters: int = 10, exact_k: int = 64, bins: Optional[int] = 512, sample: int = 4096,
-         resolution: int = 1 << 15,
+         resolution: int = 1 << 15, pinned: Optional[Dict[str, DKMConfig]] = None,
          seed: int = 0) -> Plan:
     """Plan a compressed model of at most ``budget_bytes`` (or ``budget_bits`` mean bits per parameter of the whole
     model, or ``budget``: '64KiB' / '2.5 bits'), as counted by ``torchdkm.report`` (compressed layers + every other
     parameter at its dtype; LUTs at ``lut_bits``).
 
     calibration: batches for the Fisher diagonal (or ``sensitivity``, measured before). layers: the layers to plan
-    (default every compressible one); the others stay as they are. weighted: estimate each candidate with the
+    (default every compressible one); the others stay as they are. pinned: {layer name: DKMConfig}, layers given
+    their config (counted at its size, named so in the rules; tied partners alike), the rest planned within what is
+    left. weighted: estimate each candidate with the
     Fisher-weighted k-means (as ``palettize`` runs it) or the plain one (as DKM starts from).
     Estimates: d = 1 from one weighted DP per row length over at most ``bins`` value bins per row (None: every value
     its own bin up to max(1024, 4k) values, as kmeans_init; 512 measured within 2 % at 64 centroids), exact up to
@@ -239,7 +241,8 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
     if not budget_bytes > 0:
         raise ConfigError(f"plan: budget_bytes={budget_bytes!r} is not allowed: give a size > 0")
     t0 = time.perf_counter()
-    targets = _targets(model, layers)
+    pins = _pins(model, pinned or {}, lut_bits)
+    targets = {n: m for n, m in _targets(model, layers).items() if id(m.weight) not in pins}
     if sensitivity is None:
         if calibration is None:
             raise ConfigError("plan needs calibration batches (the second argument) or sensitivity=... to estimate "
@@ -250,7 +253,8 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
     t1 = time.perf_counter()
     pool = default_candidates() if candidates is None else list(candidates)
     planned = {id(m.weight) for m in targets.values()}
-    fixed_bits = sum(p.numel() * p.element_size() * 8 for i, p in params.items() if i not in planned)
+    fixed_bits = sum(pins[i][1] if i in pins else p.numel() * p.element_size() * 8
+                     for i, p in params.items() if i not in planned)
     free = int(math.floor(budget_bytes * 8)) - fixed_bits
     smallest = fixed_bits + sum(_smallest_bits(m.weight, pool, lut_bits) for m in targets.values())
     if smallest > budget_bytes * 8:  # refused before any clustering
@@ -267,7 +271,7 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
         _refuse(budget_bytes, n_params, smallest, fixed_bits)
     for r, j in zip(rows, pick):
         r.choice = r.candidates[j]
-    rules = _rules(model, rows)
+    rules = _rules(model, rows, {i: cfg for i, (cfg, _) in pins.items()})
     total = (fixed_bits + sum(r.choice.bits for r in rows)) / 8
     return Plan(rows, rules, budget_bytes, total, fixed_bits / 8, n_params,
                 {"sensitivity": t1 - t0, "candidates": t2 - t1, "solve": time.perf_counter() - t2})
@@ -380,9 +384,28 @@ def _measured(p: DKMWeight, vecs: Tensor, wts: Tensor, cfg: DKMConfig, fit_weigh
     return 0.5 * float((err * wts).sum())
 
 
-def _rules(model: nn.Module, rows: List[PlanRow]) -> Dict[str, Optional[DKMConfig]]:
-    """Rules naming every compressible layer: its planned config (tied partners the same) or None."""
-    by_tensor = {}
+def _pins(model: nn.Module, pinned: Dict[str, DKMConfig], lut_bits: int) -> Dict[int, Tuple[DKMConfig, int]]:
+    """{id(weight): (its config fitted to it, its stored bits)} of the pinned layers."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, cfg in pinned.items():
+        m = modules.get(name)
+        if m is None or not is_supported(m):
+            raise ConfigError(f"plan: pinned layer {name!r} is not a compressible layer of this model")
+        if not isinstance(cfg, DKMConfig):
+            raise ConfigError(f"plan: pinned[{name!r}] is {cfg!r}; give a DKMConfig")
+        fitted = fit_config(cfg.replace(min_numel=0), tuple(m.weight.shape))
+        if fitted is None:
+            raise ConfigError(f"plan: pinned[{name!r}] = {describe(cfg)} does not fit its weight "
+                              f"{tuple(m.weight.shape)}: {cfg.layout_problem(tuple(m.weight.shape))}")
+        out[id(m.weight)] = (fitted, candidate_bits(fitted, tuple(m.weight.shape), lut_bits))
+    return out
+
+
+def _rules(model: nn.Module, rows: List[PlanRow], pins: Optional[Dict[int, DKMConfig]] = None
+           ) -> Dict[str, Optional[DKMConfig]]:
+    """Rules naming every compressible layer: its planned or pinned config (tied partners the same) or None."""
+    by_tensor = dict(pins or {})
     modules = dict(model.named_modules())
     for r in rows:
         by_tensor[id(modules[r.name].weight)] = r.choice.config

@@ -374,8 +374,9 @@ def markdown(res: dict) -> str:
           f"({dense['base_rss_mib']:.0f} / {comp['base_rss_mib']:.0f} MiB) is subtracted in the model column. "
           f"Same tokens in both modes: {same}.", "",
           mem, "",
-          "Compact mode rebuilds every weight (unpack the 4-bit indices, gather from the LUT, scale) on every forward, "
-          "i.e. once per generated token, the 49152 × 576 embedding/head twice (the Embedding reads its weight too).",
+          "Compact mode rebuilds every weight (the packed 4-bit indices through a byte table into the LUT, then the "
+          "scale) on every forward pass, i.e. once per generated token; the tied 49152 × 576 embedding/head once per "
+          "pass for both the Embedding and the head.",
           "",
           "## Core ML", "",
           f"input_ids (1, {s['coreml_len']}) -> logits, no KV cache, traced and converted with coremltools "

@@ -158,7 +158,8 @@ def keep_rows(path: Path, settings: dict) -> List[dict]:
 
 
 def settle(rows: List[dict]) -> List[dict]:
-    """``rows`` in table order (budget, method, layout, variant, seed), each budget's lowest ``valid_score`` marked chosen."""
+    """``rows`` in table order (budget, method, layout, variant, seed), each budget's lowest ``valid_score``
+    marked chosen."""
     order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
     rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
                                        r.get("layout", ""), r.get("variant", ""), r.get("seed", 0)))

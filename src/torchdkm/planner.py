@@ -210,8 +210,8 @@ def plan(model: nn.Module, calibration: Optional[Iterable] = None, *, budget_byt
     calibration: batches for the Fisher diagonal (or ``sensitivity``, measured before). layers: the layers to plan
     (default every compressible one); the others stay as they are. pinned: {layer name: DKMConfig}, layers given
     their config (counted at its size, named so in the rules; tied partners alike), the rest planned within what is
-    left. weighted: estimate each candidate with the
-    Fisher-weighted k-means (as ``palettize`` runs it) or the plain one (as DKM starts from).
+    left. weighted: estimate each candidate with the Fisher-weighted k-means (as ``palettize`` runs it) or the
+    plain one (as DKM starts from).
     Estimates: d = 1 from one weighted DP per row length over at most ``bins`` value bins per row (None: every value
     its own bin up to max(1024, 4k) values, as kmeans_init; 512 measured within 2 % at 64 centroids), exact up to
     ``exact_k`` centroids, beyond that the error taken to fall 4× per bit; d > 1 from a k-means fitted on about ``sample`` vectors in all (at least 4 per

@@ -76,8 +76,9 @@ def results_dir(script) -> Path:
 
 def git_state(where: Path = HERE) -> dict:
     """The git state of the checkout (or ``git worktree``) holding ``where``: ``commit`` (full sha1), ``git``
-    (``git describe --always --dirty``) and ``changed``: tracked files with uncommitted changes outside the results
-    folders (benchmarks/<domain>/results/, which a run itself writes). {} outside a git checkout."""
+    (``git describe --always``, + "-dirty" when ``changed`` is not empty) and ``changed``: tracked files with
+    uncommitted changes outside the results folders (benchmarks/<domain>/results/, which a run itself writes, so
+    a run's own earlier output does not mark the code dirty). {} outside a git checkout."""
     def git(*args, strip=True):
         r = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30)
         return (r.stdout.strip() if strip else r.stdout) if r.returncode == 0 else None
@@ -94,7 +95,8 @@ def git_state(where: Path = HERE) -> dict:
                if (HERE / d / "results").is_relative_to(top)]
     paths = [line[3:].split(" -> ")[-1] for line in status.splitlines()]  # a rename: "old -> new"
     changed = sorted(f for f in paths if f and not any(f.startswith(r) for r in results))
-    return {"commit": commit, "git": git("describe", "--always", "--dirty") or commit[:7], "changed": changed}
+    described = (git("describe", "--always") or commit[:7]) + ("-dirty" if changed else "")
+    return {"commit": commit, "git": described, "changed": changed}
 
 
 def repo_relative(path) -> str:

@@ -82,3 +82,29 @@ def test_git_state_reads_the_first_changed_path_whole(tmp_path):
     git("commit", "-qm", "a")
     (tmp_path / "a.py").write_text("x = 2\n")
     assert common.git_state(tmp_path)["changed"] == ["a.py"]
+
+
+def test_a_runs_own_results_do_not_mark_the_code_dirty(tmp_path, monkeypatch):
+    """A second run in the same checkout sees the first one's results modified: the commit it records stays clean;
+    a changed source file marks it dirty."""
+    import subprocess
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    results = tmp_path / "benchmarks" / "llm" / "results"
+    results.mkdir(parents=True)
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (results / "r.json").write_text("{}\n")
+    git("add", "a.py", "benchmarks")
+    git("commit", "-qm", "a")
+    monkeypatch.setattr(common, "HERE", tmp_path / "benchmarks")
+    (results / "r.json").write_text('{"rows": [1]}\n')
+    state = common.git_state(tmp_path)
+    assert state["changed"] == [] and not state["git"].endswith("-dirty")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    state = common.git_state(tmp_path)
+    assert state["changed"] == ["a.py"] and state["git"].endswith("-dirty")

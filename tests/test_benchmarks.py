@@ -319,6 +319,10 @@ def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_valida
                    "4b-planned-dkm+hard_forward=True": ("b", True), "3b-planned-ste": ("b", True)}
     assert [r["budget"] for r in out["rows"]] == [4, 4, 4, 3]  # table order: budgets high to low
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == out["rows"]
+    out = whole.main(merge + ["--drop", "4b-planned-dkm+hard_forward=True"])
+    assert [r["key"] for r in out["rows"] if r["chosen"]] == ["4b-planned-ste", "3b-planned-ste"]
+    with pytest.raises(SystemExit, match="no such row"):
+        whole.main(merge + ["--drop", "4b-nothing"])
     b["settings"] = dict(settings, window=256)
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="window"):

@@ -47,7 +47,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -171,9 +171,10 @@ def settle(rows: List[dict]) -> List[dict]:
     return rows
 
 
-def merge(paths: List[Path], out: Path) -> dict:
+def merge(paths: List[Path], out: Path, drop: Sequence[str] = ()) -> dict:
     """Rows of several runs' result files (runs side by side, each row keeping its own commit and command) into
-    ``out``; a row key in a later file replaces the earlier one. The files must share :data:`SAME` settings."""
+    ``out``; a row key in a later file replaces the earlier one; rows keyed in ``drop`` are left out. The files must
+    share :data:`SAME` settings."""
     res = json.loads(paths[0].read_text())
     rows = {}
     for path in paths:
@@ -182,7 +183,10 @@ def merge(paths: List[Path], out: Path) -> dict:
         if differ:
             raise SystemExit(f"--merge {path}: settings {differ} differ from {paths[0]}'s; rows would not compare")
         rows.update({r["key"]: r for r in other["rows"]})
-    res = dict(settings=res["settings"], rows=settle(list(rows.values())))
+    unknown = [k for k in drop if k not in rows]
+    if unknown:
+        raise SystemExit(f"--drop {unknown}: no such row; the rows are {sorted(rows)}")
+    res = dict(settings=res["settings"], rows=settle([r for k, r in rows.items() if k not in drop]))
     common.write_results(out, res, markdown)
     return res
 
@@ -295,6 +299,7 @@ def main(argv=None):
                    "planner chooses it too); a per-tensor choice to be made on validation")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="only merge these result files' rows into --out (runs made side by side), then stop")
+    p.add_argument("--drop", nargs="+", default=(), metavar="KEY", help="with --merge: leave out these row keys")
     common.harness_args(p)
     a = p.parse_args(argv)
     DKM_TRAIN.update({k: getattr(a, f"dkm_{k}") for k in DKM_TRAIN})
@@ -303,7 +308,7 @@ def main(argv=None):
     common.start(__file__, a, argv)
     out = common.output_path(a.out or common.results_dir(__file__) / "whole", a.allow_dirty)
     if a.merge:
-        res = merge(a.merge, out)
+        res = merge(a.merge, out, a.drop)
         print(markdown(res))
         return res
     budgets = [int(b) for b in a.budgets.split(",")]

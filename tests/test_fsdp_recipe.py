@@ -158,3 +158,29 @@ def test_fsdp_optimizer_state_round_trips_in_one_process(make_opt):
     train(twin, twin_opt, 1)
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_teardown_frees_the_runs_cyclic_garbage_before_it_destroys_the_process_group(monkeypatch):
+    """A resumed fsdp run's DTensor optimizer state, held in reference cycles and freed at interpreter exit after
+    the process group, made gloo abort the process ("terminate called without an active exception")."""
+    import gc
+    import weakref
+
+    from torchdkm.app import distributed as D
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.peer, b.peer, a.state = b, a, torch.zeros(3)
+    freed = weakref.ref(a)
+    del a, b
+    seen = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda: seen.append(freed() is None))
+    gc.disable()  # only teardown's own collection may free the cycle
+    try:
+        D.teardown(D.Context(rank=0, world_size=2))
+    finally:
+        gc.enable()
+    assert seen == [True]

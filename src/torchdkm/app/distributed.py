@@ -10,6 +10,7 @@ collective, so a rank that hangs (or dies without closing its connections) stops
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import inspect
 import os
@@ -89,6 +90,10 @@ def _restart_store(world: int, timeout_s: Optional[float]) -> dict:
 
 def teardown(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
+        # the run's tensors left in reference cycles (fsdp modules, the DTensor optimizer state a resume loads) are
+        # freed now, while the process group lives: freed at interpreter exit, after it, gloo aborted the process
+        # ("terminate called without an active exception") in about one resumed fsdp run in seven
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -298,12 +298,12 @@ def test_centroid_use_counts_distinct_vectors_of_the_finalized_layers(tmp_path, 
 
 def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_validation(tmp_path):
     """LLM rows from runs made side by side merge into one table: a later file's row replaces the same key, each
-    budget's chosen row is the lowest validation score, and files with other evaluation settings are refused."""
+    budget's chosen setting has the lowest mean validation score over its seeds, and files with other evaluation settings are refused."""
     import whole
     real = json.loads((common.HERE / "llm" / "results" / "whole.json").read_text())  # every field
     settings, real = real["settings"], real["rows"][0]
-    row = lambda key, budget, method, score, commit, **kw: dict(  # noqa: E731
-        real, key=key, budget=budget, method=method, valid_score=score, commit=commit, seed=0, **kw)
+    row = lambda key, budget, method, score, commit, seed=0, **kw: dict(  # noqa: E731
+        real, key=key, budget=budget, method=method, valid_score=score, commit=commit, seed=seed, **kw)
     a = dict(settings=settings, rows=[row("4b-planned-ste", 4, "planned-ste", 3.62, "a"),
                                       row("4b-planned-dkm", 4, "planned-dkm", 3.69, "a"),
                                       row("3b-planned-ste", 3, "planned-ste", 4.00, "a")])
@@ -323,6 +323,13 @@ def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_valida
     assert [r["key"] for r in out["rows"] if r["chosen"]] == ["4b-planned-ste", "3b-planned-ste"]
     with pytest.raises(SystemExit, match="no such row"):
         whole.main(merge + ["--drop", "4b-nothing"])
+    # a setting is chosen by its mean over seeds, not by its luckiest seed
+    c = dict(settings=settings, rows=[row("4b-planned-ste-s1", 4, "planned-ste", 3.63, "c", seed=1),
+                                      row("4b-planned-dkm+hard_forward=True-s1", 4, "planned-dkm", 3.70, "c",
+                                          variant="hard_forward=True", seed=1)])
+    (tmp_path / "c.json").write_text(json.dumps(c))
+    out = whole.main(merge[:3] + [str(tmp_path / "c.json")] + merge[3:])
+    assert [r["key"] for r in out["rows"] if r["chosen"]] == ["4b-planned-ste", "4b-planned-ste-s1", "3b-planned-ste"]
     b["settings"] = dict(settings, window=256)
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="window"):

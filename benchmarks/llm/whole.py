@@ -28,9 +28,10 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
   DKM-vs-STE table takes the DKM setting with the best mean validation score.
 
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
-tokens of PTB train (seed 0). Selection: per budget the row with the lowest mean log-perplexity over the validation
-streams (PTB valid and the Wikipedia "valid" part, lm_common.valid_title, first --max-tokens tokens each; disjoint
-from the test streams and from the calibration text) is the chosen one. Test (PTB test, Wikipedia held-out: the
+tokens of PTB train (seed 0). Selection: per budget the setting (method, layout, DKM variant) whose rows have the lowest
+mean log-perplexity over the validation streams (PTB valid and the Wikipedia "valid" part, lm_common.valid_title,
+first --max-tokens tokens each; disjoint from the test streams and from the calibration text), averaged over its
+seeds, is the chosen one. Test (PTB test, Wikipedia held-out: the
 same streams and evaluator as llm.py and llamacpp.py) is read once per row. Every row is evaluated on the model
 reloaded from its artifact (torchdkm.load), i.e. with the fp16 LUTs and scales it ships.
 
@@ -158,16 +159,20 @@ def keep_rows(path: Path, settings: dict) -> List[dict]:
 
 
 def settle(rows: List[dict]) -> List[dict]:
-    """``rows`` in table order (budget, method, layout, variant, seed), each budget's lowest ``valid_score``
-    marked chosen."""
+    """``rows`` in table order (budget, method, layout, variant, seed); per budget the setting (method, layout,
+    variant) with the lowest mean ``valid_score`` over its seeds has its rows marked chosen (by its best seed alone,
+    the setting with more seeds would be favoured by luck)."""
     order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
     rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
                                        r.get("layout", ""), r.get("variant", ""), r.get("seed", 0)))
-    for budget in {r["budget"] for r in rows}:
-        best = min((r for r in rows if r["budget"] == budget), key=lambda r: r["valid_score"])
-        for r in rows:
-            if r["budget"] == budget:
-                r["chosen"] = r is best
+    setting = lambda r: (r["budget"], r["method"], r.get("layout", ""), r.get("variant", ""))  # noqa: E731
+    scores: Dict[tuple, List[float]] = {}
+    for r in rows:
+        scores.setdefault(setting(r), []).append(r["valid_score"])
+    mean = {k: sum(v) / len(v) for k, v in scores.items()}
+    best = {b: min((k for k in mean if k[0] == b), key=mean.get) for b in {k[0] for k in mean}}
+    for r in rows:
+        r["chosen"] = setting(r) == best[r["budget"]]
     return rows
 
 
@@ -229,7 +234,7 @@ def markdown(res: dict) -> str:
           f"Perplexity: the project's evaluator (benchmarks/llm/lm_common.py), non-overlapping windows of "
           f"{s['window']}, first {s['max_tokens']} tokens per stream. Validation: PTB valid and the Wikipedia "
           "validation titles (sha1 bucket 5-9), disjoint from test and from the calibration text; per budget the "
-          "row with the lowest mean log-perplexity over both is chosen. Test: PTB test and the held-out Wikipedia "
+          "setting with the lowest mean log-perplexity over both, averaged over its seeds, is chosen. Test: PTB test and the held-out Wikipedia "
           "titles (bucket 0-4), read once per row. compress s: Fisher-weighted or plain k-means (+ planning, + "
           "fine-tuning) of the row, 1 thread on a shared 2-core CPU; step s: median seconds of a fine-tuning step "
           "(teacher forward included) after the first; peak RSS: the process during the row (holds the base "

@@ -298,7 +298,8 @@ def test_centroid_use_counts_distinct_vectors_of_the_finalized_layers(tmp_path, 
 
 def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_validation(tmp_path):
     """LLM rows from runs made side by side merge into one table: a later file's row replaces the same key, each
-    budget's chosen setting has the lowest mean validation score over its seeds, and files with other evaluation settings are refused."""
+    budget's chosen setting has the lowest mean validation score over its seeds, and files with other evaluation
+    settings are refused."""
     import whole
     real = json.loads((common.HERE / "llm" / "results" / "whole.json").read_text())  # every field
     settings, real = real["settings"], real["rows"][0]

@@ -28,12 +28,12 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
   DKM-vs-STE table takes the DKM setting with the best mean validation score.
 
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
-tokens of PTB train (seed 0). Selection: per budget the setting (method, layout, DKM variant) whose rows have the lowest
-mean log-perplexity over the validation streams (PTB valid and the Wikipedia "valid" part, lm_common.valid_title,
-first --max-tokens tokens each; disjoint from the test streams and from the calibration text), averaged over its
-seeds, is the chosen one. Test (PTB test, Wikipedia held-out: the
-same streams and evaluator as llm.py and llamacpp.py) is read once per row. Every row is evaluated on the model
-reloaded from its artifact (torchdkm.load), i.e. with the fp16 LUTs and scales it ships.
+tokens of PTB train (seed 0). Selection: per budget the setting (method, layout, DKM variant) whose rows have the
+lowest mean log-perplexity over the validation streams (PTB valid and the Wikipedia "valid" part,
+lm_common.valid_title, first --max-tokens tokens each; disjoint from the test streams and from the calibration
+text), averaged over its seeds, is the chosen one. Test (PTB test, Wikipedia held-out: the same streams and
+evaluator as llm.py and llamacpp.py) is read once per row. Every row is evaluated on the model reloaded from its
+artifact (torchdkm.load), i.e. with the fp16 LUTs and scales it ships.
 
     python benchmarks/llm/whole.py                       # budgets 4,3,2; every method
     python benchmarks/llm/whole.py --budgets 4 --methods uniform --max-tokens 512 --allow-dirty   # smoke run
@@ -234,12 +234,12 @@ def markdown(res: dict) -> str:
           f"Perplexity: the project's evaluator (benchmarks/llm/lm_common.py), non-overlapping windows of "
           f"{s['window']}, first {s['max_tokens']} tokens per stream. Validation: PTB valid and the Wikipedia "
           "validation titles (sha1 bucket 5-9), disjoint from test and from the calibration text; per budget the "
-          "setting with the lowest mean log-perplexity over both, averaged over its seeds, is chosen. Test: PTB test and the held-out Wikipedia "
-          "titles (bucket 0-4), read once per row. compress s: Fisher-weighted or plain k-means (+ planning, + "
-          "fine-tuning) of the row, 1 thread on a shared 2-core CPU; step s: median seconds of a fine-tuning step "
-          "(teacher forward included) after the first; peak RSS: the process during the row (holds the base "
-          "model too). planned + hard k-means + STE: the same plan, k-means start, loop, steps, lr and seed as "
-          "planned + DKM; only the clustering differs.",
+          "setting with the lowest mean log-perplexity over both, averaged over its seeds, is chosen. Test: PTB "
+          "test and the held-out Wikipedia titles (bucket 0-4), read once per row. compress s: Fisher-weighted or "
+          "plain k-means (+ planning, + fine-tuning) of the row, 1 thread on a shared 2-core CPU; step s: median "
+          "seconds of a fine-tuning step (teacher forward included) after the first; peak RSS: the process during "
+          "the row (holds the base model too). planned + hard k-means + STE: the same plan, k-means start, loop, "
+          "steps, lr and seed as planned + DKM; only the clustering differs.",
           "", common.markdown_table(head, body)]
     vs = dkm_vs_ste(res["rows"])
     if vs:

@@ -330,7 +330,8 @@ def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_valida
                                           variant="hard_forward=True", seed=1)])
     (tmp_path / "c.json").write_text(json.dumps(c))
     out = whole.main(merge[:3] + [str(tmp_path / "c.json")] + merge[3:])
-    assert [r["key"] for r in out["rows"] if r["chosen"]] == ["4b-planned-ste", "4b-planned-ste-s1", "3b-planned-ste"]
+    chosen = [r["key"] for r in out["rows"] if r["chosen"]]
+    assert chosen == ["4b-planned-ste", "4b-planned-ste-s1", "3b-planned-ste"]
     b["settings"] = dict(settings, window=256)
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="window"):

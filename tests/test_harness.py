@@ -68,15 +68,21 @@ def test_every_benchmark_script_imports_and_runs_standalone_from_its_domain_fold
         assert r.returncode == 0 and "--allow-dirty" in r.stdout, (rel, r.stderr[-2000:])
 
 
-def test_git_state_reads_the_first_changed_path_whole(tmp_path):
+def _git_repo(folder):
+    """An empty git repository in ``folder``; returns a function running git there."""
     import subprocess
 
     def git(*a):
-        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+        subprocess.run(["git", *a], cwd=folder, check=True, capture_output=True)
 
     git("init", "-q")
     git("config", "user.email", "t@t")
     git("config", "user.name", "t")
+    return git
+
+
+def test_git_state_reads_the_first_changed_path_whole(tmp_path):
+    git = _git_repo(tmp_path)
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", "a.py")
     git("commit", "-qm", "a")
@@ -87,16 +93,9 @@ def test_git_state_reads_the_first_changed_path_whole(tmp_path):
 def test_a_runs_own_results_do_not_mark_the_code_dirty(tmp_path, monkeypatch):
     """A second run in the same checkout sees the first one's results modified: the commit it records stays clean;
     a changed source file marks it dirty."""
-    import subprocess
-
-    def git(*a):
-        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
-
+    git = _git_repo(tmp_path)
     results = tmp_path / "benchmarks" / "llm" / "results"
     results.mkdir(parents=True)
-    git("init", "-q")
-    git("config", "user.email", "t@t")
-    git("config", "user.name", "t")
     (tmp_path / "a.py").write_text("x = 1\n")
     (results / "r.json").write_text("{}\n")
     git("add", "a.py", "benchmarks")

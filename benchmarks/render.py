@@ -537,11 +537,12 @@ def llm_whole(ctx: Ctx, *which: str) -> str:
             continue
         groups: dict = {}
         for r in res["rows"]:
-            groups.setdefault((r["budget"], r.get("layout", ""), r["method"], r.get("variant", "")), []).append(r)
-        for (budget, layout, method, variant), runs in groups.items():
+            setting = (r["budget"], r.get("layout", ""), r.get("calib", ""))  # the DKM variants compete within one
+            groups.setdefault((setting, r["method"], r.get("variant", "")), []).append(r)
+        for (setting, method, variant), runs in groups.items():
             chosen = any(r.get("chosen") for r in runs)
             trained = method.endswith(("dkm", "ste")) and (method != "planned-dkm" or variant == dkm_variant(
-                [r for r in res["rows"] if r["budget"] == budget and r.get("layout", "") == layout]))
+                [r for r in res["rows"] if (r["budget"], r.get("layout", ""), r.get("calib", "")) == setting]))
             if "short" in which and not chosen and not trained:
                 continue
             label = f"torchdkm {runs[0]['label']}" + (" (chosen on validation)" if chosen else "")

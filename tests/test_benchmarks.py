@@ -336,3 +336,38 @@ def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_valida
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="window"):
         whole.main(merge)
+
+
+def test_whole_rows_record_their_calibration_and_a_calibration_is_a_setting_of_its_own(tmp_path, monkeypatch):
+    """The Fisher calibration is per row: a file from before (calibration in its settings) merges with each row
+    given that calibration, rows differing only in calibration are separate settings on validation, and the
+    calibration windows come from PTB train, or half of them from the Wikipedia training titles."""
+    import torch
+    import whole
+    real = json.loads((common.HERE / "llm" / "results" / "whole.json").read_text())
+    settings, real = real["settings"], real["rows"][0]
+    row = lambda key, method, score, **kw: dict(  # noqa: E731
+        real, key=key, budget=4, method=method, valid_score=score, seed=0, **kw)
+    old_rows = [row("4b-planned-ste", "planned-ste", 3.62), row("4b-uniform", "uniform", 4.5)]
+    for r in old_rows:
+        r.pop("calib", None), r.pop("fisher_s", None)
+    old = dict(settings=dict(settings, calib_windows=8, calib_seq=256, fisher_s=30.0), rows=old_rows)
+    new = dict(settings=settings, rows=[row("4b-planned-ste+cal32x256mix", "planned-ste", 3.60, fisher_s=120.0,
+                                            calib="32×256 PTB train + Wikipedia train")])
+    for name, res in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(res))
+    out = whole.main(["--merge", str(tmp_path / "old.json"), str(tmp_path / "new.json"), "--out", str(tmp_path / "m")])
+    got = {r["key"]: (r["calib"], r["fisher_s"], r["chosen"]) for r in out["rows"]}
+    assert got == {"4b-planned-ste": ("8×256 PTB train", 30.0, False), "4b-uniform": ("", 0.0, False),
+                   "4b-planned-ste+cal32x256mix": ("32×256 PTB train + Wikipedia train", 120.0, True)}
+    assert "calib_windows" not in out["settings"]
+    assert "32×256 PTB train + Wikipedia train (120 s)" in (tmp_path / "m.md").read_text()
+
+    monkeypatch.setattr(whole.lm, "ptb", lambda split, tok: torch.arange(1000))
+    monkeypatch.setattr(whole.lm, "wiki_summaries", lambda part, tok: torch.arange(10_000, 12_000))
+    ptb = whole.calibration(None, 5, 16)
+    starts = torch.randint(0, 1000 - 16, (5,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ptb, torch.stack([torch.arange(s, s + 16) for s in starts.tolist()]))  # the draws of before
+    mix = whole.calibration(None, 5, 16, "ptb+wiki")
+    assert mix.shape == (5, 16) and bool((mix[:3] < 1000).all()) and bool((mix[3:] >= 10_000).all())
+    assert bool((mix[:, 1:] - mix[:, :-1] == 1).all())  # contiguous windows

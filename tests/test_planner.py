@@ -150,6 +150,14 @@ def test_plan_command_prints_the_table_and_writes_recipe_rules(tmp_path, capsys)
     assert set(rules) == {"net.0", "net.2", "net.4"}
     assert main(["plan", str(recipe), "--budget", "10"]) == 2
     assert "smallest model" in capsys.readouterr().err
+    raw = yaml.safe_load(recipe.read_text())  # the recipe's rules: net.0 pinned at 4 bits, net.4 left as it is
+    raw["compression"]["rules"] = {"net.0": {"bits": 4}, "re:net\\.4": None}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(tmp_path / "r.yaml"), "--budget", "5bits", "--samples", "16", "--dims", "1",
+                 "--rules-out", str(out)]) == 0
+    assert "1 layer(s) pinned" in capsys.readouterr().out
+    rules = yaml.safe_load(out.read_text())["rules"]
+    assert rules["net.0"]["bits"] == 4 and rules["net.4"] is None and rules["net.2"] is not None
 
 
 def test_pinned_layers_keep_their_config_and_the_rest_fills_the_budget():

@@ -45,7 +45,7 @@ def _demo(args) -> int:
 
 def _plan(args) -> int:
     from ..planner import default_candidates, plan, rules_yaml
-    from .budget import calibration_batch
+    from .budget import calibration_batch, ruled_layers
     from .build import build_data, build_model
     from .recipe import load_recipe
 
@@ -57,8 +57,12 @@ def _plan(args) -> int:
     train, _ = build_data(recipe.data, recipe.folder)
     batch = calibration_batch(train, args.samples)
     cands = default_candidates(dims=args.dims)
+    layers, pinned, skipped = ruled_layers(model, recipe.compression.rules)
     p = plan(model, [batch], budget=args.budget, candidates=cands, loss="empirical" if args.empirical else "true",
-             lut_bits=args.lut_bits)
+             lut_bits=args.lut_bits, layers=layers, pinned=pinned)
+    if skipped or pinned:
+        print(f"the recipe's compression.rules: {len(pinned)} layer(s) pinned at their layout, {len(skipped)} left "
+              f"as they are; the plan spreads the rest of the budget")
     if recipe.training.fp32_epochs:
         print(f"note: the recipe trains {recipe.training.fp32_epochs} fp32 epoch(s) first; this plan is for the model "
               f"as built{' from model.checkpoint' if recipe.model.checkpoint else ' (untrained)'}")

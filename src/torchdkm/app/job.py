@@ -356,13 +356,13 @@ class Job:
                 with self.progress.phase(f"planning for compression.budget={comp.budget.size}"):
                     p = plan_for_recipe(model, comp.rules, comp.budget, self.train_set)
                 tqdm_write(p.table())
-                return {"layouts": layouts_of(p, comp.rules), **p.to_dict()}
+                return {"layouts": layouts_of(p), **p.to_dict()}
 
             # a refusal (e.g. a budget below the smallest model) stops every rank with rank 0's message
             found = D.broadcast_object(D.check_on_every_rank(planned, self.ctx), self.ctx)
             self.summary["plan"] = found
             layouts = found["layouts"]
-        return planned_rules(layouts, comp.config)
+        return planned_rules(layouts, comp.config, comp.rules)
 
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch, as _train_phase's loader makes them (drop_last, batch split over ranks)."""

@@ -42,7 +42,7 @@ the allowed ones)::
       plan: {samples: 64}                 # the planner's options (BudgetSpec); only with a budget
       rules:
         stem.0: null                      # skip this layer
-        "re:.*fc": {bits: 8}              # fields override the global ones above
+        "re:.*fc": {bits: 8}              # fields override the global ones above (with a budget: pinned)
     distributed:                          # only read under torchrun with more than one process
       strategy: ddp                       # ddp: DistributedDataParallel | fsdp: FSDP2 fully_shard (torchdkm.app.job)
       timeout_s: null                     # a rank silent this long stops the run (null: torch's 30 min, nccl 10)
@@ -186,7 +186,7 @@ class CompressionSpec:
     config: DKMConfig
     rules: Dict[str, Optional[DKMConfig]]
     coreml: bool = False  # the model is meant for Core ML: every layer's vector layout is checked before training
-    budget: Optional[BudgetSpec] = None  # plan every layer's layout for this size instead of the rules' layouts
+    budget: Optional[BudgetSpec] = None  # plan the layouts for this size (the rules' layers pinned or skipped)
 
 
 @dataclass(frozen=True)
@@ -420,11 +420,11 @@ def _parse_compression(raw) -> CompressionSpec:
         _check_mapping(where, value)
         _check_keys(where, value, cfg_keys)
         rules[key] = _dkm_config(where, glob, value)
-    budget = _parse_budget(raw.get("budget"), raw.get("plan"), rules)
+    budget = _parse_budget(raw.get("budget"), raw.get("plan"))
     return CompressionSpec(glob, rules, coreml, budget)
 
 
-def _parse_budget(size, options, rules) -> Optional[BudgetSpec]:
+def _parse_budget(size, options) -> Optional[BudgetSpec]:
     """compression.budget (a size) and compression.plan (the planner's options; only with a budget)."""
     if size is None:
         if options is not None:
@@ -437,10 +437,6 @@ def _parse_budget(size, options, rules) -> Optional[BudgetSpec]:
         parse_budget(size)
     except ConfigError as e:
         raise ConfigError(f"compression.budget: {e}") from None
-    fixed = [k for k, v in rules.items() if v is not None]
-    if fixed:
-        raise ConfigError(f"compression.rules {fixed[:4]} give layouts, but with compression.budget the planner "
-                          f"chooses every layer's layout: keep only null rules (layers to leave as they are)")
     options = options or {}
     _check_mapping("compression.plan", options)
     _check_keys("compression.plan", options, tuple(f.name for f in fields(BudgetSpec) if f.name != "size"))

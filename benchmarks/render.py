@@ -509,14 +509,19 @@ def planned(ctx: Ctx) -> str:
     return out
 
 
+def lowest_mean(rows: list, setting):
+    """Of whole.py ``rows``, the ``setting(row)`` whose rows have the lowest mean validation score (over its seeds:
+    by its best seed alone, a setting with more seeds would be favoured by luck); None for no rows."""
+    scores: dict = {}
+    for r in rows:
+        scores.setdefault(setting(r), []).append(r["valid_score"])
+    return min(scores, key=lambda v: sum(scores[v]) / len(scores[v])) if scores else None
+
+
 def dkm_variant(rows: list) -> str:
     """Of one budget's whole.py planned-dkm settings (row ``variant``), the one with the best mean validation score
     over its seeds ('' = DKM's defaults)."""
-    scores: dict = {}
-    for r in rows:
-        if r["method"] == "planned-dkm":
-            scores.setdefault(r.get("variant", ""), []).append(r["valid_score"])
-    return min(scores, key=lambda v: sum(scores[v]) / len(scores[v])) if scores else ""
+    return lowest_mean([r for r in rows if r["method"] == "planned-dkm"], lambda r: r.get("variant", "")) or ""
 
 
 def llm_whole(ctx: Ctx, *which: str) -> str:

@@ -30,12 +30,11 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
 tokens of PTB train, or with --calib-text ptb+wiki half of them from the Wikipedia training titles (seed 0); each
 row records its calibration, a setting like the layout. Selection: per budget the setting (method, layout,
-calibration, DKM variant) whose rows have the
-lowest mean log-perplexity over the validation streams (PTB valid and the Wikipedia "valid" part,
-lm_common.valid_title, first --max-tokens tokens each; disjoint from the test streams and from the calibration
-text), averaged over its seeds, is the chosen one. Test (PTB test, Wikipedia held-out: the same streams and
-evaluator as llm.py and llamacpp.py) is read once per row. Every row is evaluated on the model reloaded from its
-artifact (torchdkm.load), i.e. with the fp16 LUTs and scales it ships.
+calibration, DKM variant) whose rows have the lowest mean log-perplexity over the validation streams (PTB valid and
+the Wikipedia "valid" part, lm_common.valid_title, first --max-tokens tokens each; disjoint from the test streams
+and from the calibration text), averaged over its seeds, is the chosen one. Test (PTB test, Wikipedia held-out:
+the same streams and evaluator as llm.py and llamacpp.py) is read once per row. Every row is evaluated on the model
+reloaded from its artifact (torchdkm.load), i.e. with the fp16 LUTs and scales it ships.
 
     python benchmarks/llm/whole.py                       # budgets 4,3,2; every method
     python benchmarks/llm/whole.py --budgets 4 --methods uniform --max-tokens 512 --allow-dirty   # smoke run
@@ -125,7 +124,7 @@ def calibration(tok, windows: int, seq: int, text: str = "ptb", seed: int = 0) -
     """(windows, seq) token ids: random windows of PTB train; with ``text`` "ptb+wiki" the second half of them from
     the Wikipedia training titles (disjoint from validation and test)."""
     sources = [lm.ptb("train", tok)] + ([lm.wiki_summaries("train_novalid", tok)] if text == "ptb+wiki" else [])
-    counts = [windows - windows // len(sources) * (len(sources) - 1)] + [windows // len(sources)] * (len(sources) - 1)
+    counts = [windows - windows // 2, windows // 2] if len(sources) == 2 else [windows]
     gen = torch.Generator().manual_seed(seed)
     return torch.stack([ids[s:s + seq] for ids, n in zip(sources, counts)
                         for s in torch.randint(0, ids.numel() - seq, (n,), generator=gen).tolist()])
@@ -191,17 +190,14 @@ def keep_rows(path: Path, settings: dict) -> List[dict]:
 
 def settle(rows: List[dict]) -> List[dict]:
     """``rows`` in table order (budget, method, layout, calibration, variant, seed); per budget the setting (method,
-    layout, calibration, variant) with the lowest mean ``valid_score`` over its seeds has its rows marked chosen (by
-    its best seed alone, the setting with more seeds would be favoured by luck)."""
+    layout, calibration, variant) with the lowest mean ``valid_score`` over its seeds has its rows marked chosen."""
+    from render import lowest_mean
+
     order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
     rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
                                        r.get("layout", ""), r["calib"], r.get("variant", ""), r.get("seed", 0)))
     setting = lambda r: (r["budget"], r["method"], r.get("layout", ""), r["calib"], r.get("variant", ""))  # noqa: E731
-    scores: Dict[tuple, List[float]] = {}
-    for r in rows:
-        scores.setdefault(setting(r), []).append(r["valid_score"])
-    mean = {k: sum(v) / len(v) for k, v in scores.items()}
-    best = {b: min((k for k in mean if k[0] == b), key=mean.get) for b in {k[0] for k in mean}}
+    best = {b: lowest_mean([r for r in rows if r["budget"] == b], setting) for b in {r["budget"] for r in rows}}
     for r in rows:
         r["chosen"] = setting(r) == best[r["budget"]]
     return rows

@@ -191,7 +191,7 @@ def test_attention_interpolation_meets_the_bound_and_the_bound_is_tight():
             for ts in (0.001, 0.01, 0.05, 0.5, 2.0):
                 tau = float(auto_tau(c, ts)[0])
                 x = torch.linspace(float(c.min()) - 1, float(c.max()) + 1, 50_001, dtype=torch.float64)[None]
-                grid = vg.plan(x, [c], tau, max_nodes=1 << 18, max_fraction=1e9, max_cells=1 << 30)
+                grid = vg.plan(x, [c], tau, max_nodes=1 << 18, max_fraction=1e9)
                 total += 1
                 if grid is None:
                     continue
@@ -199,7 +199,7 @@ def test_attention_interpolation_meets_the_bound_and_the_bound_is_tight():
                 b, t = vg.locate(x, grid)
                 exact = torch.softmax(-(x[0, :, None] - c[0, :, 0]) ** 2 / tau, 1)
                 # the Hermite cubic of output_coef, for all k attention columns at once
-                a, da = vg._attention(grid, c, tau)
+                a, da = vg._attention(grid.nodes, c, tau)
                 h = grid.h[0, :, None]
                 f0, f1, d0, d1 = a[0, :-1], a[0, 1:], h * da[0, :-1], h * da[0, 1:]
                 coef = torch.stack([f0, d0, 3 * (f1 - f0) - 2 * d0 - d1, 2 * (f0 - f1) + d0 + d1])
@@ -267,10 +267,11 @@ def test_passes_in_chunks_below_the_memory_budget(grid_always, monkeypatch):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-def test_grid_backward_by_hand_matches_autograd(groups):
+@pytest.mark.parametrize("groups,cells", [(1, 1 << 30), (3, 1 << 30), (1, 1000), (3, 1000)])
+def test_grid_backward_by_hand_matches_autograd(groups, cells):
     """step_backward (the grid level of backward, by hand) against autograd through step and output_coef, with an
-    empty cluster (kept centroid) and per-group tau."""
+    empty cluster (kept centroid) and per-group tau; in one block of grid values and in blocks of at most
+    ``cells`` attention entries (each block's attention recomputed)."""
     from torchdkm.functional import _update
 
     w, c0, tau = _problem(3000, 8, 0.05, groups=None if groups == 1 else groups)
@@ -279,6 +280,8 @@ def test_grid_backward_by_hand_matches_autograd(groups):
     c0[:, 0] = 10.0  # far away: empty
     tau = float(tau) if groups == 1 else tau.view(-1, 1, 1)
     grid = vg.plan(x, [c0], tau, max_fraction=10.0)
+    blocks, one = vg.parts(grid, 8, cells), vg.parts(grid, 8, 1 << 30)
+    assert len(one) == 1 and (len(blocks) > 3 if cells < 1 << 30 else len(blocks) == 1)
     gen = torch.Generator().manual_seed(3)
     tm = vg.moments(*vg.locate(x, grid), x.new_zeros(4, grid.h.numel()))
     p, q = vg.node_weights(tm, grid.h)
@@ -286,15 +289,39 @@ def test_grid_backward_by_hand_matches_autograd(groups):
     g_coef = torch.randn(tm.shape, generator=gen, dtype=torch.float64)
     for gc in (g_coef, None):
         c_in, pl, ql = (v.clone().requires_grad_() for v in (c0, p, q))
-        c_out, a, da = vg.step(grid, c_in, tau, pl, ql, _update)
+        c_out, held = vg.step(grid, c_in, tau, pl, ql, _update, one)
+        c_blocks, none = vg.step(grid, c0, tau, p, q, _update, blocks)
+        torch.testing.assert_close(c_blocks, c_out.detach(), rtol=1e-13, atol=0)
+        assert (none is None) == (len(blocks) > 1)
         loss = (c_out * g).sum()
         if gc is not None:
-            coef = vg.output_coef(grid, a, da, c_out)
+            coef = vg.output_coef(grid, c_in, c_out, tau, one, held)
+            torch.testing.assert_close(vg.output_coef(grid, c0, c_out.detach(), tau, blocks), coef.detach(),
+                                       rtol=1e-13, atol=1e-16)
             loss = loss + (coef * gc).sum()
         want = torch.autograd.grad(loss, (c_in, pl, ql))
-        got = vg.step_backward(grid, c0, tau, p, q, _update, g, gc)
+        got = vg.step_backward(grid, c0, tau, p, q, _update, g, blocks, gc)
         assert bool((c_out[:, 0] == c0[:, 0]).all())  # the empty cluster kept its centroid
         for a_, b_ in zip(got[:3], want):
             torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-12 * float(b_.abs().max()))
         if gc is not None:
-            torch.testing.assert_close(got[3], coef.detach(), rtol=0, atol=0)
+            torch.testing.assert_close(got[3], coef.detach(), rtol=1e-13, atol=1e-16)
+
+
+def test_a_grid_larger_than_one_block_is_used_and_matches_one_block(monkeypatch):
+    """A grid whose G × U × k attention exceeds MAX_CELLS runs in blocks of grid values (it used to be refused,
+    leaving such layers to the O(N·k) exact path): same values and gradients as in one block, within the
+    reference's tolerances too."""
+    calls = _spy(monkeypatch)
+    w, c0, tau = _problem(40_000, 32, 0.05)
+    up = torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=w.dtype)
+    outs = []
+    for cells in (1 << 30, 2000):
+        monkeypatch.setattr(vg, "MAX_CELLS", cells)
+        out = dkm_cluster(w, c0, tau, 2)
+        outs.append((*out, torch.autograd.grad((out[0] * up).sum() + out[1].sum(), w)[0]))
+    grid = vg.plan(w.detach().t(), [c0[None]], float(tau))
+    assert calls == [True, True] and grid.nodes.shape[1] * 32 > 4 * 2000
+    for a, b in zip(*outs):  # (the sums over grid values add in another order)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10 * float(a.detach().abs().max()))
+    _check_against_reference(w, c0, tau, 2)

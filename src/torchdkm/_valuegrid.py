@@ -32,11 +32,12 @@ The grid is uniform within each of S super-bins (so a weight's interval is found
 search): a super-bin gets the spacing its worst point needs. The grid is planned for C_0 and checked for each
 later C_t that the iterations use; if one needs a finer grid, the union is planned and the pass restarts.
 
-Used only when it pays: U <= N/8 per group, U <= MAX_NODES and G·U·k at most MAX_CELLS and the memory budget over
-~64 bytes (the grid's temporaries then stay within the budget, 64 MiB by default like the exact path's kept
-attention, or within the weight tensor's size); otherwise :func:`cluster` returns None and the caller runs the
-exact path. Shapes: ``w`` G × N (the d = 1 axis dropped), centroids G × k × 1, ``tau`` a float
-or G × 1 × 1.
+Used only when it pays: U <= N/8 per group and U <= MAX_NODES; otherwise :func:`cluster` returns None and the
+caller runs the exact path. The G × U × k attention goes in blocks of grid values of at most MAX_CELLS entries and
+the memory budget over ~64 bytes (64 MiB by default, like the exact path's kept attention, or the weight tensor's
+size): memory stays bounded whatever U, at up to three attention computations per block and iteration instead of
+one when there are several blocks. Shapes: ``w`` G × N (the d = 1 axis dropped), centroids G × k × 1, ``tau`` a
+float or G × 1 × 1.
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ from torch import Tensor
 TOL = 1e-6  # interpolation error bound of one attention entry
 MAX_NODES = 1 << 16  # grid values per group
 MAX_FRACTION = 1 / 8  # use the grid only when U <= N/8
-MAX_CELLS = 1 << 20  # and G·U·k <= this
+MAX_CELLS = 1 << 20  # attention entries (G × u × k) per block of grid values
 _CELL_BYTES = 64  # bytes of grid temporaries per cell of G × U × k (in backward: float64 logits, A, A', gradients)
-SUPER_BINS = (256, 1024, 4096)  # candidate super-bin counts; the planner takes the one giving the fewest nodes
+SUPER_BINS = (256, 1024, 4096, 16384)  # candidate super-bin counts; the planner takes the one giving the fewest nodes
 _C4 = 0.12768392  # max |σ''''| of the logistic σ(x) = 1/(1 + e^-x)
 _K4 = 2.0  # sup |σ''''(x)| e^|x|
 _G = 16.0
@@ -141,16 +142,15 @@ def _super_bins(lo: Tensor, hi: Tensor, target: int) -> Tuple[Tensor, Tensor, in
     return start, width, max(1, int(torch.ceil((hi - start) / width).max()))
 
 
-def _limit(x: Tensor, c: Tensor, max_nodes: int, max_fraction: float, max_cells: int) -> float:
-    """The most grid values per group that pay: x G × N, c G × k × 1."""
-    return min(max_nodes, x.shape[1] * max_fraction, max_cells / (c.shape[0] * c.shape[1]))
+def _limit(x: Tensor, max_nodes: int, max_fraction: float) -> float:
+    """The most grid values per group that pay: x G × N."""
+    return min(max_nodes, x.shape[1] * max_fraction)
 
 
 def plan(x: Tensor, cs: Sequence[Tensor], tau, tol: float = TOL, max_nodes: int = MAX_NODES,
-         max_fraction: float = MAX_FRACTION, max_cells: int = MAX_CELLS) -> Optional[Grid]:
+         max_fraction: float = MAX_FRACTION) -> Optional[Grid]:
     """A grid for weights x (G × N) meeting the bound for every centroid table in ``cs`` (each G × k × 1), or None
-    when none pays (more than max_fraction·N or max_nodes values per group, more than max_cells values × k over
-    the groups, or a non-finite or empty range). Of the candidate super-bin counts, the one giving fewest values."""
+    when none pays (more than max_fraction·N or max_nodes values per group, or a non-finite or empty range). Of the candidate super-bin counts, the one giving fewest values."""
     x = x.detach()
     # aminmax over all elements is measured ~20x faster on CPU than along a dimension
     lo, hi = torch.aminmax(x) if x.shape[0] == 1 else (x.amin(1), x.amax(1))
@@ -158,7 +158,7 @@ def plan(x: Tensor, cs: Sequence[Tensor], tau, tol: float = TOL, max_nodes: int 
     if not bool((torch.isfinite(hi - lo) & (hi > lo)).all()):
         return None
     n_rows = x.shape[1]
-    limit = _limit(x, cs[0], max_nodes, max_fraction, max_cells)
+    limit = _limit(x, max_nodes, max_fraction)
     best = None
     for cand in [c for c in SUPER_BINS if c <= max(n_rows // 16, SUPER_BINS[0])]:
         start, width, count = _super_bins(lo, hi, cand)
@@ -180,11 +180,11 @@ def fits(grid: Grid, c: Tensor, tau, tol: float = TOL) -> bool:
 
 
 def replan(x: Tensor, grid: Grid, c: Tensor, tau, tol: float = TOL, max_nodes: int = MAX_NODES,
-           max_fraction: float = MAX_FRACTION, max_cells: int = MAX_CELLS) -> Optional[Grid]:
+           max_fraction: float = MAX_FRACTION) -> Optional[Grid]:
     """A grid meeting the bound for ``grid``'s centroids and for c (the max of their needs), same super-bins."""
     lo, width = grid.lo[:, 0].double(), grid.width[:, 0].double()
     need = torch.maximum(grid.need, _counts(c, tau, lo, width, grid.need.shape[1], tol))
-    if float(_intervals(need).sum(1).max()) + 1 > _limit(x, c, max_nodes, max_fraction, max_cells):
+    if float(_intervals(need).sum(1).max()) + 1 > _limit(x, max_nodes, max_fraction):
         return None
     return _build(lo, width, need, x.dtype)
 
@@ -241,16 +241,27 @@ def polyval(b: Tensor, t: Tensor, coef: Tensor) -> Tensor:
 # O(U·k): k-means on the grid
 
 
-def _attention(grid: Grid, c: Tensor, tau) -> Tuple[Tensor, Tensor]:
-    """Attention of the grid values and its derivative in the value: A, A' (G × U × k, c's dtype). The logits are
-    taken from the float64 grid values (a float32 grid value would be off by up to half an ulp, which at a steep
-    transition moves W~ by ~10x the exact path's rounding); the rest is in c's dtype."""
+def _attention(nodes: Tensor, c: Tensor, tau) -> Tuple[Tensor, Tensor]:
+    """Attention of grid values ``nodes`` (G × u float64) and its derivative in the value: A, A' (G × u × k, c's
+    dtype). The logits are taken from the float64 grid values (a float32 grid value would be off by up to half an
+    ulp, which at a steep transition moves W~ by ~10x the exact path's rounding); the rest is in c's dtype."""
     row = c.transpose(1, 2)  # G × 1 × k
-    logits = (grid.nodes[..., None] - row.double()).square_().div_(-tau).to(c.dtype)
+    logits = (nodes[..., None] - row.double()).square_().div_(-tau).to(c.dtype)
     a = torch.softmax(logits, dim=2)
     mean = (a * row).sum(2, keepdim=True)  # Σ_l A_l c_l
-    two_over_tau = 2.0 / tau if isinstance(tau, float) else (2.0 / tau).to(c.dtype)
-    return a, a * (row - mean) * two_over_tau
+    return a, a * (row - mean) * _two_over(tau, c.dtype)
+
+
+def _two_over(tau, dtype: torch.dtype):
+    return 2.0 / tau if isinstance(tau, float) else (2.0 / tau).to(dtype)
+
+
+def parts(grid: Grid, k: int, cells: int) -> List[slice]:
+    """Slices of the grid values whose G × u × k attention blocks hold at most ``cells`` entries (at least one
+    value each): the O(U·k) work goes block by block, so its memory is bounded whatever U."""
+    g, u = grid.nodes.shape
+    size = max(1, cells // (g * k))
+    return [slice(s, min(u, s + size)) for s in range(0, u, size)]
 
 
 def _hermite(f: Tensor, df: Tensor, h: Tensor) -> Tensor:
@@ -271,67 +282,97 @@ def node_weights(tm: Tensor, h: Tensor) -> Tuple[Tensor, Tensor]:
     return p, q
 
 
-def _sums(grid: Grid, p: Tensor, q: Tensor) -> Tuple[Tensor, Tensor]:
-    """The weights of A and A' in the cluster sums, G × 2 × U each: masses interpolate A_j (P, Q), first moments
-    (v - mu) A_j, whose derivative is A_j + (v - mu) A'_j (x P + Q, x Q)."""
-    x = grid.centred
+def _sums(x: Tensor, p: Tensor, q: Tensor) -> Tuple[Tensor, Tensor]:
+    """The weights of A and A' in the cluster sums, G × 2 × u each, for grid values centred on mu x (G × u):
+    masses interpolate A_j (P, Q), first moments (v - mu) A_j, whose derivative is A_j + (v - mu) A'_j
+    (x P + Q, x Q)."""
     return torch.stack([p, x * p + q], 1), torch.stack([q, x * q], 1)
 
 
-def step(grid: Grid, c: Tensor, tau, p: Tensor, q: Tensor, update: Callable) -> Tuple[Tensor, Tensor, Tensor]:
-    """One k-means iteration on the grid: (C_t, A, A') from C_{t-1} (G × k × 1), A and A' its attention (for the
-    output when it is the last)."""
-    a, da = _attention(grid, c, tau)
-    pa, pda = _sums(grid, p, q)
-    r = torch.bmm(pa, a) + torch.bmm(pda, da)  # G × 2 × k: masses, first moments about mu
-    return update(r[:, 0], (r[:, 1] + grid.mu * r[:, 0])[..., None], c), a, da
+def _stats(grid: Grid, c: Tensor, tau, p: Tensor, q: Tensor, part: slice) -> Tuple[Tensor, Tensor, Tensor]:
+    """(r, A, A') of the grid values in ``part``: r (G × 2 × k) their share of the masses and first moments about
+    mu, A and A' their attention at centroids c."""
+    a, da = _attention(grid.nodes[:, part], c, tau)
+    pa, pda = _sums(grid.centred[:, part], p[:, part], q[:, part])
+    return torch.bmm(pa, a) + torch.bmm(pda, da), a, da
 
 
-def output_coef(grid: Grid, a: Tensor, da: Tensor, c_last: Tensor) -> Tensor:
-    """Cubic coefficients of W~ = A(v; C_{T-1}) · C_T on every interval: 4 × G·(U-1), from A, A' at C_{T-1}."""
-    return _hermite(torch.bmm(a, c_last)[..., 0], torch.bmm(da, c_last)[..., 0], grid.h)
+def _centroids(grid: Grid, r: Tensor, c: Tensor, update: Callable) -> Tensor:
+    return update(r[:, 0], (r[:, 1] + grid.mu * r[:, 0])[..., None], c)
+
+
+def step(grid: Grid, c: Tensor, tau, p: Tensor, q: Tensor, update: Callable,
+         blocks: Sequence[slice]) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """One k-means iteration on the grid: (C_t, (A, A')) from C_{t-1} (G × k × 1), A and A' its attention (for the
+    output when it is the last; None when the grid values went in several ``blocks``)."""
+    r, held = 0, None
+    for part in blocks:
+        got, a, da = _stats(grid, c, tau, p, q, part)
+        r, held = r + got, (a, da) if len(blocks) == 1 else None
+    return _centroids(grid, r, c, update), held
+
+
+def output_coef(grid: Grid, c: Tensor, c_last: Tensor, tau, blocks: Sequence[slice],
+                held: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Cubic coefficients of W~ = A(v; C_{T-1}) · C_T on every interval: 4 × G·(U-1), from the attention at
+    c = C_{T-1} (``held`` when the caller has it for all grid values, else recomputed block by block)."""
+    f, df = [], []
+    for part in blocks:
+        a, da = held if held is not None else _attention(grid.nodes[:, part], c, tau)
+        f.append(torch.bmm(a, c_last)[..., 0])
+        df.append(torch.bmm(da, c_last)[..., 0])
+    return _hermite(torch.cat(f, 1), torch.cat(df, 1), grid.h)
 
 
 def step_backward(grid: Grid, c: Tensor, tau, p: Tensor, q: Tensor, update: Callable, g: Tensor,
-                  g_coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                  blocks: Sequence[slice], g_coef: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Backward of :func:`step` from C_{t-1} = c, given dL/dC_t = g, and with ``g_coef`` (dL/d coefficients) of
     :func:`output_coef` on its result too (the last iteration): (dL/dC_{t-1}, dL/dP, dL/dQ, the coefficients or
-    None). By hand: one recomputed attention and no graph (measured ~0.5 ms less per call than autograd at
-    U ~ 2000, k = 16); only the k-sized update rule goes through autograd."""
+    None). By hand: recomputed attention and no graph (measured ~0.5 ms less per call than autograd at U ~ 2000,
+    k = 16); only the k-sized update rule goes through autograd. With several ``blocks`` the attention is computed
+    up to three times per block (statistics, output, gradients) instead of once, to keep its memory bounded."""
     row = c.transpose(1, 2)  # G × 1 × k
-    a, da = _attention(grid, c, tau)
-    pa, pda = _sums(grid, p, q)
-    r = torch.bmm(pa, a) + torch.bmm(pda, da)
+    held = [_stats(grid, c, tau, p, q, part) for part in blocks] if len(blocks) == 1 else None
+    r = held[0][0] if held else sum(_stats(grid, c, tau, p, q, part)[0] for part in blocks)
+    att = (lambda i, part: held[i][1:]) if held else (lambda i, part: _attention(grid.nodes[:, part], c, tau))
     with torch.enable_grad():
         mass, mom, c_in = r[:, 0].requires_grad_(), r[:, 1].clone().requires_grad_(), c.detach().requires_grad_()
-        c_out = update(mass, (mom + grid.mu * mass)[..., None], c_in)
-    coef, g_a, g_da = None, 0.0, 0.0
+        c_out = _centroids(grid, torch.stack([mass, mom], 1), c_in, update)
+    coef, g_f, g_df = None, None, None
     if g_coef is not None:  # W~ = A C_T on the grid: f = A c, f' = A' c
-        coef = output_coef(grid, a, da, c_out.detach())
+        coef = output_coef(grid, c, c_out.detach(), tau, blocks, held[0][1:] if held else None)
         g_f, g_df = node_weights(g_coef, grid.h)  # the transpose of _hermite
-        g = g + torch.bmm(a.transpose(1, 2), g_f[..., None]) + torch.bmm(da.transpose(1, 2), g_df[..., None])
-        last = c_out.detach().transpose(1, 2)
-        g_a, g_da = g_f[..., None] * last, g_df[..., None] * last
+        for i, part in enumerate(blocks):
+            a, da = att(i, part)
+            g = g + torch.bmm(a.transpose(1, 2), g_f[:, part, None]) + torch.bmm(da.transpose(1, 2), g_df[:, part, None])
     g_mass, g_mom, g_c = torch.autograd.grad(c_out, (mass, mom, c_in), g)
     g_r = torch.stack([g_mass, g_mom], 1)  # G × 2 × k
-    g_a = torch.bmm(pa.transpose(1, 2), g_r).add_(g_a)  # G × U × k
-    g_da = torch.bmm(pda.transpose(1, 2), g_r).add_(g_da)
-    g_pa, g_pda = torch.bmm(g_r, a.transpose(1, 2)), torch.bmm(g_r, da.transpose(1, 2))  # G × 2 × U
-    x = grid.centred
-    g_p = g_pa[:, 0] + x * g_pa[:, 1]
-    g_q = g_pa[:, 1] + g_pda[:, 0] + x * g_pda[:, 1]
-    # A' = s A (c - m), m = Σ_l A_l c_l, s = 2/tau
-    s = 2.0 / tau if isinstance(tau, float) else (2.0 / tau).to(c.dtype)
-    m = (a * row).sum(2, keepdim=True)
-    g_da_a = g_da * a
-    g_m = g_da_a.sum(2, keepdim=True).mul_(-s)  # G × U × 1
-    g_row = g_da_a.sum(1, keepdim=True).mul_(s)  # G × 1 × k
-    g_a = g_a.add_(g_da * (row - m) * s).add_(g_m * row)
-    g_row = g_row.add_((g_m * a).sum(1, keepdim=True))
-    g_l = a * (g_a - (a * g_a).sum(2, keepdim=True))  # softmax
-    # logits -(v - c)²/tau: d/dc = s (v - c) = s ((v - mu) - (c - mu))
-    g_row += s * (torch.bmm(x[:, None, :], g_l) - (row - grid.mu[..., None]) * g_l.sum(1, keepdim=True))
-    return g_c + g_row.transpose(1, 2), g_p, g_q, coef
+    s = _two_over(tau, c.dtype)  # A' = s A (c - m), m = Σ_l A_l c_l, s = 2/tau
+    g_p, g_q, g_row = [], [], g_c.transpose(1, 2)
+    last = c_out.detach().transpose(1, 2)
+    for i, part in enumerate(blocks):
+        a, da = att(i, part)
+        x = grid.centred[:, part]
+        pa, pda = _sums(x, p[:, part], q[:, part])
+        g_a = torch.bmm(pa.transpose(1, 2), g_r)  # G × u × k
+        g_da = torch.bmm(pda.transpose(1, 2), g_r)
+        if g_f is not None:
+            g_a.add_(g_f[:, part, None] * last)
+            g_da.add_(g_df[:, part, None] * last)
+        g_pa, g_pda = torch.bmm(g_r, a.transpose(1, 2)), torch.bmm(g_r, da.transpose(1, 2))  # G × 2 × u
+        g_p.append(g_pa[:, 0] + x * g_pa[:, 1])
+        g_q.append(g_pa[:, 1] + g_pda[:, 0] + x * g_pda[:, 1])
+        m = (a * row).sum(2, keepdim=True)
+        g_da_a = g_da * a
+        g_m = g_da_a.sum(2, keepdim=True).mul_(-s)  # G × u × 1
+        g_row = g_row + g_da_a.sum(1, keepdim=True).mul_(s)  # G × 1 × k
+        g_a = g_a.add_(g_da * (row - m) * s).add_(g_m * row)
+        g_row = g_row + (g_m * a).sum(1, keepdim=True)
+        g_l = a * (g_a - (a * g_a).sum(2, keepdim=True))  # softmax
+        # logits -(v - c)²/tau: d/dc = s (v - c) = s ((v - mu) - (c - mu))
+        g_row = g_row + s * (torch.bmm(x[:, None, :], g_l) - (row - grid.mu[..., None]) * g_l.sum(1, keepdim=True))
+    return g_row.transpose(1, 2), torch.cat(g_p, 1), torch.cat(g_q, 1), coef
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,6 +388,7 @@ class _Run(NamedTuple):
     hard: Optional[Callable]  # (w, C_T) -> hard output value, or None for the soft output
     rows: int  # weights per group in one pass over the weights (>= N: one pass, locate(x) computed once per call)
     keep: bool  # hold locate(x) from forward until backward (12 bytes per weight) instead of recomputing it
+    cells: int  # attention entries per block of grid values (see parts)
     located: Optional[List[Tuple[Tensor, Tensor]]] = None  # locate(x) of the one pass, when held
     coef: Optional[Tensor] = None  # forward only: the output's coefficients, computed by the iterations
 
@@ -410,9 +452,11 @@ class _ValueGridDKM(torch.autograd.Function):
         g = torch.zeros_like(cs[-1]) if g_c is None else g_c
         p, q = node_weights(run.tm, grid.h)
         g_p, g_q, coef = torch.zeros_like(p), torch.zeros_like(q), None
+        blocks = parts(grid, cs[0].shape[1], run.cells)
         for it in range(len(cs) - 1, 0, -1):  # C_it from C_{it-1}; the output A(C_{T-1}) · C_T joins the last
             last = it == len(cs) - 1
-            g, gp, gq, got = step_backward(grid, cs[it - 1], tau, p, q, run.update, g, g_coef if last else None)
+            g, gp, gq, got = step_backward(grid, cs[it - 1], tau, p, q, run.update, g, blocks,
+                                           g_coef if last else None)
             coef = got if last else coef
             g_p, g_q = g_p.add_(gp), g_q.add_(gq)
         g_tm = _hermite(g_p, g_q, grid.h)  # node_weights is linear: its transpose
@@ -436,8 +480,9 @@ def cluster(w: Tensor, c0: Tensor, tau, iters: int, *, update: Callable,
 
     ``update(mass, moment, c_prev)`` is the centroid update (empty clusters keep c_prev), ``converged(c, c_prev)``
     the early-stop test (None: run all iterations), ``hard(x, c)`` the hard output's value (None: the soft one).
-    ``budget``: bytes of temporaries: of the grid (about 64 per cell of G × U × k; at least the weight tensor's
-    size is allowed) and of one pass over the weights (about 40 per weight; above it the passes go in chunks and
+    ``budget``: bytes of temporaries: of the grid (about 64 per attention entry of G × U × k: above it, and above
+    MAX_CELLS entries, the grid values go in blocks, each block's attention computed up to three times per
+    iteration instead of once; at least the weight tensor's size is allowed) and of one pass over the weights (about 40 per weight; above it the passes go in chunks and
     recompute each weight's interval). ``keep``: hold each weight's interval and position (12 bytes per float32
     weight) from forward until backward (only when one pass takes all weights).
     ``tol``, ``max_nodes``, ``max_fraction``: None reads the module's TOL, MAX_NODES, MAX_FRACTION at call time."""
@@ -445,8 +490,8 @@ def cluster(w: Tensor, c0: Tensor, tau, iters: int, *, update: Callable,
     max_nodes = MAX_NODES if max_nodes is None else max_nodes
     max_fraction = MAX_FRACTION if max_fraction is None else max_fraction
     x = w[..., 0]
-    max_cells = min(MAX_CELLS, max(budget, x.numel() * x.element_size()) // _CELL_BYTES)
-    grid = plan(x, [c0], tau, tol, max_nodes, max_fraction, max_cells)
+    cells = min(MAX_CELLS, max(budget, x.numel() * x.element_size()) // _CELL_BYTES)
+    grid = plan(x, [c0], tau, tol, max_nodes, max_fraction)
     if grid is None:
         return None
     tau = tau if isinstance(tau, float) else tau.double()  # (for the float64 logits)
@@ -459,20 +504,20 @@ def cluster(w: Tensor, c0: Tensor, tau, iters: int, *, update: Callable,
                 moments(b, t, tm)
             del b, t
             p, q = node_weights(tm, grid.h)
-            cs, ok = [c0], True
+            cs, ok, blocks = [c0], True, parts(grid, c0.shape[1], cells)
             for it in range(iters):
-                c, a, da = step(grid, cs[-1], tau, p, q, update)
+                c, held = step(grid, cs[-1], tau, p, q, update, blocks)
                 cs.append(c)
                 if it == iters - 1 or (converged is not None and converged(c, cs[-2])):
                     break
                 if not fits(grid, c, tau, tol):  # the next iteration's attention needs a finer grid
-                    grid, ok = replan(x, grid, c, tau, tol, max_nodes, max_fraction, max_cells), False
+                    grid, ok = replan(x, grid, c, tau, tol, max_nodes, max_fraction), False
                     break
             if ok or grid is None:
                 break
         if not ok:
             return None
-        coef = None if hard is not None else output_coef(grid, a, da, cs[-1])
+        coef = None if hard is not None else output_coef(grid, cs[-2], cs[-1], tau, blocks, held)
     keep = keep and located is not None
-    out, c = _ValueGridDKM.apply(x, _Run(grid, tau, cs, tm, update, hard, rows, keep, located, coef))
+    out, c = _ValueGridDKM.apply(x, _Run(grid, tau, cs, tm, update, hard, rows, keep, cells, located, coef))
     return out[..., None], c, len(cs) - 1

@@ -218,8 +218,11 @@ def test_a_too_coarse_grid_breaks_the_tolerances(grid_always, monkeypatch):
     _check_against_reference(w, c0, tau, 1)  # and the tolerances of 1e-3 hold for that grid
 
 
-def test_centroids_moving_past_the_grid_replan(grid_always, monkeypatch):
-    """Centroids that move far in one iteration need a finer grid for the next: the pass is re-planned."""
+@pytest.mark.parametrize("iters", [2, 5])
+def test_centroids_moving_past_the_grid_replan(grid_always, monkeypatch, iters):
+    """Centroids that move far in one iteration need a finer grid for the next: the grid is refined and the
+    iterations go on on it, however many times that happens (a pass that restarted from C_0 on each refinement gave
+    up after 3 passes, leaving the layer to the exact path)."""
     replans, orig = [], vg.replan
 
     def spy(*a, **kw):
@@ -230,8 +233,8 @@ def test_centroids_moving_past_the_grid_replan(grid_always, monkeypatch):
     calls = _spy(monkeypatch)
     w, c0, _ = _problem(6000, 8, 0.05, seed=5)
     c0 = 0.2 * c0  # squeezed: the first iteration spreads the centroids 5x, their transitions get 5x sharper
-    _check_against_reference(w, c0, auto_tau(c0, 0.05), 2)
-    assert replans and calls == [True]
+    _check_against_reference(w, c0, auto_tau(c0, 0.05), iters)
+    assert len(replans) >= iters - 1 and calls == [True]
 
 
 def test_saved_positions_and_options_without_effect_give_the_same_results(grid_always, monkeypatch):

@@ -30,7 +30,8 @@ attention slope at tol = 1e-6). W~ = Σ_j A_j C_T,j then errs by about tol times
 sees at most two transitions), the sums over weights by at most N·tol, and gradients by about 6e-5 of their scale.
 The grid is uniform within each of S super-bins (so a weight's interval is found by two floor divisions, no
 search): a super-bin gets the spacing its worst point needs. The grid is planned for C_0 and checked for each
-later C_t that the iterations use; if one needs a finer grid, the union is planned and the pass restarts.
+later C_t that the iterations use; if one needs a finer grid, the union of the needs is planned and the iterations
+go on from C_t on it (backward recomputes every iteration on that last grid, which meets the bound for all).
 
 Used only when it pays: U <= N/8 per group and U <= MAX_NODES; otherwise :func:`cluster` returns None and the
 caller runs the exact path. The G × U × k attention goes in blocks of grid values of at most MAX_CELLS entries and
@@ -56,7 +57,6 @@ _C4 = 0.12768392  # max |σ''''| of the logistic σ(x) = 1/(1 + e^-x)
 _K4 = 2.0  # sup |σ''''(x)| e^|x|
 _G = 16.0
 _SAFETY = 2.0
-_MAX_RETRIES = 2  # re-plans when a later iteration's centroids need a finer grid
 
 
 class Grid(NamedTuple):
@@ -471,6 +471,15 @@ class _ValueGridDKM(torch.autograd.Function):
         return g_x, None
 
 
+def _binned(x: Tensor, grid: Grid, rows: int) -> Tuple[Tensor, Optional[list]]:
+    """(interval moments of the weights 4 × G·(U-1), each weight's (b, t) when one pass takes them all, else None)."""
+    located = [] if rows >= x.shape[1] else None
+    tm = x.new_zeros(4, grid.h.numel())
+    for _cols, b, t in _passes(x, grid, rows, located):
+        moments(b, t, tm)
+    return tm, located
+
+
 def cluster(w: Tensor, c0: Tensor, tau, iters: int, *, update: Callable,
             converged: Optional[Callable[[Tensor, Tensor], bool]] = None, hard: Optional[Callable] = None,
             budget: int = 64 << 20, keep: bool = False, tol: Optional[float] = None, max_nodes: Optional[int] = None,
@@ -497,26 +506,24 @@ def cluster(w: Tensor, c0: Tensor, tau, iters: int, *, update: Callable,
     tau = tau if isinstance(tau, float) else tau.double()  # (for the float64 logits)
     rows = _rows(x, budget)
     with torch.no_grad():
-        for _ in range(_MAX_RETRIES + 1):
-            located = [] if rows >= x.shape[1] else None
-            tm = x.new_zeros(4, grid.h.numel())
-            for _cols, b, t in _passes(x, grid, rows, located):
-                moments(b, t, tm)
-            del b, t
-            p, q = node_weights(tm, grid.h)
-            cs, ok, blocks = [c0], True, parts(grid, c0.shape[1], cells)
-            for it in range(iters):
-                c, held = step(grid, cs[-1], tau, p, q, update, blocks)
-                cs.append(c)
-                if it == iters - 1 or (converged is not None and converged(c, cs[-2])):
-                    break
-                if not fits(grid, c, tau, tol):  # the next iteration's attention needs a finer grid
-                    grid, ok = replan(x, grid, c, tau, tol, max_nodes, max_fraction), False
-                    break
-            if ok or grid is None:
+        tm, located = _binned(x, grid, rows)
+        p, q = node_weights(tm, grid.h)
+        cs, blocks = [c0], parts(grid, c0.shape[1], cells)
+        for it in range(iters):
+            c, held = step(grid, cs[-1], tau, p, q, update, blocks)
+            cs.append(c)
+            if it == iters - 1 or (converged is not None and converged(c, cs[-2])):
                 break
-        if not ok:
-            return None
+            if not fits(grid, c, tau, tol):
+                # The next iteration's attention needs a finer grid: refine it (the union of the needs, so it meets
+                # the bound for every centroid table so far, as backward's recomputation needs) and go on; the
+                # iterations so far met the bound on the grid they ran on.
+                grid = replan(x, grid, c, tau, tol, max_nodes, max_fraction)
+                if grid is None:
+                    return None
+                tm, located = _binned(x, grid, rows)
+                p, q = node_weights(tm, grid.h)
+                blocks = parts(grid, c0.shape[1], cells)
         coef = None if hard is not None else output_coef(grid, cs[-2], cs[-1], tau, blocks, held)
     keep = keep and located is not None
     out, c = _ValueGridDKM.apply(x, _Run(grid, tau, cs, tm, update, hard, rows, keep, cells, located, coef))

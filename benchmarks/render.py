@@ -541,13 +541,13 @@ def llm_whole(ctx: Ctx, *which: str) -> str:
                                       f"{r['wiki_ppl']:,.2f}"]) for r in res["rows"]]
             continue
         groups: dict = {}
-        for r in res["rows"]:
-            setting = (r["budget"], r.get("layout", ""), r.get("calib", ""))  # the DKM variants compete within one
-            groups.setdefault((setting, r["method"], r.get("variant", "")), []).append(r)
+        where = lambda r: (r["budget"], r.get("layout", ""), r.get("calib", ""), r.get("train_set", ""))  # noqa: E731
+        for r in res["rows"]:  # the DKM variants compete within one budget, layout, calibration and training
+            groups.setdefault((where(r), r["method"], r.get("variant", "")), []).append(r)
         for (setting, method, variant), runs in groups.items():
             chosen = any(r.get("chosen") for r in runs)
             trained = method.endswith(("dkm", "ste")) and (method != "planned-dkm" or variant == dkm_variant(
-                [r for r in res["rows"] if (r["budget"], r.get("layout", ""), r.get("calib", "")) == setting]))
+                [r for r in res["rows"] if where(r) == setting]))
             if "short" in which and not chosen and not trained:
                 continue
             label = f"torchdkm {runs[0]['label']}" + (" (chosen on validation)" if chosen else "")

@@ -338,6 +338,30 @@ def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_valida
         whole.main(merge)
 
 
+def test_whole_rows_trained_with_other_settings_are_settings_of_their_own(tmp_path, monkeypatch):
+    """A fine-tuning lr (or steps, ...) other than the defaults is recorded per row ('train_set'), named in its key,
+    and makes a setting of its own for selection and for the DKM-vs-STE table; rows from before have the defaults."""
+    import whole
+    res = json.loads((common.HERE / "llm" / "results" / "whole.json").read_text())
+    real = res["rows"][0]
+    row = lambda key, method, score, seed=0, **kw: dict(  # noqa: E731
+        real, key=key, budget=4, method=method, valid_score=score, seed=seed, layout="", calib="c", variant="",
+        ptb_ppl=70.0 + score, wiki_ppl=20.0 + score, **kw)
+    rows = [row("4b-planned-ste", "planned-ste", 3.62), row("4b-planned-dkm", "planned-dkm", 3.63),
+            row("4b-planned-ste+lr0.001", "planned-ste", 3.60, train_set="lr 0.001"),
+            row("4b-planned-ste+lr0.001-s1", "planned-ste", 3.61, seed=1, train_set="lr 0.001")]
+    rows[0].pop("train_set", None), rows[1].pop("train_set", None)
+    (tmp_path / "a.json").write_text(json.dumps(dict(settings=res["settings"], rows=rows)))
+    out = whole.main(["--merge", str(tmp_path / "a.json"), "--out", str(tmp_path / "m")])
+    assert {r["key"] for r in out["rows"] if r["chosen"]} == {"4b-planned-ste+lr0.001", "4b-planned-ste+lr0.001-s1"}
+    vs = whole.dkm_vs_ste(out["rows"])  # DKM ran at the default lr only: compared with STE at the default lr
+    assert [v[0] for v in vs] == ["4, Fisher on c"] * 2 and all("(seeds 0)" in v[3] for v in vs)
+    monkeypatch.setitem(whole.DKM_TRAIN, "lr", 1e-3)
+    assert whole.train_set() == "lr 0.001" and "lr 0.001" in whole.train_text()
+    monkeypatch.setitem(whole.DKM_TRAIN, "lr", whole.DEFAULT_TRAIN["lr"])
+    assert whole.train_set() == ""
+
+
 def test_whole_rows_record_their_calibration_and_a_calibration_is_a_setting_of_its_own(tmp_path, monkeypatch):
     """The Fisher calibration is per row: a file from before (calibration in its settings) merges with each row
     given that calibration, rows differing only in calibration are separate settings on validation, and the

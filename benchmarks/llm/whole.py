@@ -65,7 +65,18 @@ SCRIPT = Path(__file__).resolve()
 METHODS = ["uniform", "uniform-fisher", "planned", "planned-dkm", "planned-ste"]
 TRAINED = ("planned-dkm", "planned-ste")
 DKM_TRAIN = dict(steps=36, batch=4, seq=128, lr=3e-4, micro=1)  # --dkm-steps etc.; lr: llm.py's best 4-bit setting, not re-tuned
+DEFAULT_TRAIN = dict(DKM_TRAIN)  # rows trained otherwise record how (row "train_set") and are settings of their own
 GROUP = 16
+
+
+def train_set() -> str:
+    """The fine-tuning settings that differ from :data:`DEFAULT_TRAIN`, e.g. 'lr 0.001' ('' for the defaults)."""
+    return ", ".join(f"{k} {v:g}" for k, v in DKM_TRAIN.items() if v != DEFAULT_TRAIN[k])
+
+
+def setting(r: dict) -> tuple:
+    """What a row was made with, seeds aside: rows of one setting are its seeds, and selection is by setting."""
+    return (r["budget"], r["method"], r.get("layout", ""), r["calib"], r.get("train_set", ""), r.get("variant", ""))
 
 
 def train_text() -> str:
@@ -189,14 +200,13 @@ def keep_rows(path: Path, settings: dict) -> List[dict]:
 
 
 def settle(rows: List[dict]) -> List[dict]:
-    """``rows`` in table order (budget, method, layout, calibration, variant, seed); per budget the setting (method,
-    layout, calibration, variant) with the lowest mean ``valid_score`` over its seeds has its rows marked chosen."""
+    """``rows`` in table order (budget, method, layout, calibration, training, variant, seed); per budget the
+    :func:`setting` with the lowest mean ``valid_score`` over its seeds has its rows marked chosen."""
     from render import lowest_mean
 
     order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
     rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
-                                       r.get("layout", ""), r["calib"], r.get("variant", ""), r.get("seed", 0)))
-    setting = lambda r: (r["budget"], r["method"], r.get("layout", ""), r["calib"], r.get("variant", ""))  # noqa: E731
+                                       *setting(r)[2:], r.get("seed", 0)))
     best = {b: lowest_mean([r for r in rows if r["budget"] == b], setting) for b in {r["budget"] for r in rows}}
     for r in rows:
         r["chosen"] = setting(r) == best[r["budget"]]
@@ -284,21 +294,22 @@ def markdown(res: dict) -> str:
 
 
 def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
-    """Per budget, layout, calibration and test corpus, planned + DKM against planned + STE over their seeds, by the
-    project's rule (benchmarks/render.py RULE) on the negated log-perplexity (higher is better): table rows."""
+    """Per budget, layout, calibration, training settings and test corpus, planned + DKM against planned + STE over
+    their seeds, by the project's rule (benchmarks/render.py RULE) on the negated log-perplexity (higher is better):
+    table rows."""
     from render import compare, dkm_variant, mean_std
 
     out = []
-    for budget, layout, calib in dict.fromkeys((r["budget"], r.get("layout", ""), r["calib"]) for r in rows
-                                               if r["method"] in TRAINED):
-        here = [r for r in rows if (r["budget"], r.get("layout", ""), r["calib"]) == (budget, layout, calib)]
+    where_of = lambda r: (r["budget"], r.get("layout", ""), r["calib"], r.get("train_set", ""))  # noqa: E731
+    for budget, layout, calib, trained in dict.fromkeys(where_of(r) for r in rows if r["method"] in TRAINED):
+        here = [r for r in rows if where_of(r) == (budget, layout, calib, trained)]
         variant = dkm_variant(here)
         runs = {m: {r.get("seed", 0): r for r in here if r["method"] == m and r.get("variant", "") == (
             variant if m == "planned-dkm" else "")} for m in TRAINED}
         if not all(runs.values()):
             continue
         where = ", ".join([str(budget)] + [f"{layout} pinned"] * bool(layout) +
-                          [f"Fisher on {calib}"] * (calib != DEFAULT_CALIB))
+                          [f"Fisher on {calib}"] * (calib != DEFAULT_CALIB) + [trained] * bool(trained))
         for corpus, name in (("ptb", "PTB test"), ("wiki", "Wiki test")):
             a, b = ({sd: -math.log(r[f"{corpus}_ppl"]) for sd, r in runs[m].items()} for m in TRAINED)
             shown = []
@@ -434,9 +445,11 @@ def main(argv=None):
             var = variant if method == "planned-dkm" else ""
             lay = f"embedding {a.embed_bits}b" if a.embed_bits and method.startswith("planned") else ""
             cal = calib_text if fisher_method(method) else ""
+            tset = train_set() if method in TRAINED else ""
             key = (f"{bits}b-{method}" + (f"+emb{a.embed_bits}b" if lay else "") +
                    (f"+cal{a.calib_windows}x{a.calib_seq}{a.calib_text.replace('ptb+wiki', 'mix')}"
-                    if cal not in ("", DEFAULT_CALIB) else "") + (f"+{var}" if var else "") +
+                    if cal not in ("", DEFAULT_CALIB) else "") + (f"+{tset.replace(' ', '')}" if tset else "") +
+                   (f"+{var}" if var else "") +
                    (f"-s{seed}" if seed else ""))
             path = a.work / f"smollm2_whole_{key}.safetensors"
             torchdkm.save(model, path, lut_dtype=torch.float16)
@@ -451,7 +464,7 @@ def main(argv=None):
             plan_text = (f"planned (torchdkm.plan{', ' + lay + ' pinned' if lay else ''}"
                          f"{', Fisher on ' + cal if cal != DEFAULT_CALIB else ''})")
             row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed, variant=var, layout=lay,
-                       calib=cal, fisher_s=fisher_s if cal else 0.0,
+                       calib=cal, train_set=tset, fisher_s=fisher_s if cal else 0.0,
                        step_s=sorted(train["step_seconds"][1:])[(len(train["step_seconds"]) - 1) // 2] if train else None,
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",

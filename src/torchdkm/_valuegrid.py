@@ -150,7 +150,8 @@ def _limit(x: Tensor, max_nodes: int, max_fraction: float) -> float:
 def plan(x: Tensor, cs: Sequence[Tensor], tau, tol: float = TOL, max_nodes: int = MAX_NODES,
          max_fraction: float = MAX_FRACTION) -> Optional[Grid]:
     """A grid for weights x (G × N) meeting the bound for every centroid table in ``cs`` (each G × k × 1), or None
-    when none pays (more than max_fraction·N or max_nodes values per group, or a non-finite or empty range). Of the candidate super-bin counts, the one giving fewest values."""
+    when none pays (more than max_fraction·N or max_nodes values per group, or a non-finite or empty range). Of the
+    candidate super-bin counts, the one giving fewest values."""
     x = x.detach()
     # aminmax over all elements is measured ~20x faster on CPU than along a dimension
     lo, hi = torch.aminmax(x) if x.shape[0] == 1 else (x.amin(1), x.amax(1))
@@ -345,7 +346,8 @@ def step_backward(grid: Grid, c: Tensor, tau, p: Tensor, q: Tensor, update: Call
         g_f, g_df = node_weights(g_coef, grid.h)  # the transpose of _hermite
         for i, part in enumerate(blocks):
             a, da = att(i, part)
-            g = g + torch.bmm(a.transpose(1, 2), g_f[:, part, None]) + torch.bmm(da.transpose(1, 2), g_df[:, part, None])
+            g = g + torch.bmm(a.transpose(1, 2), g_f[:, part, None]) + torch.bmm(da.transpose(1, 2),
+                                                                             g_df[:, part, None])
     g_mass, g_mom, g_c = torch.autograd.grad(c_out, (mass, mom, c_in), g)
     g_r = torch.stack([g_mass, g_mom], 1)  # G × 2 × k
     s = _two_over(tau, c.dtype)  # A' = s A (c - m), m = Σ_l A_l c_l, s = 2/tau
@@ -491,9 +493,10 @@ def cluster(w: Tensor, c0: Tensor, tau, iters: int, *, update: Callable,
     the early-stop test (None: run all iterations), ``hard(x, c)`` the hard output's value (None: the soft one).
     ``budget``: bytes of temporaries: of the grid (about 64 per attention entry of G × U × k: above it, and above
     MAX_CELLS entries, the grid values go in blocks, each block's attention computed up to three times per
-    iteration instead of once; at least the weight tensor's size is allowed) and of one pass over the weights (about 40 per weight; above it the passes go in chunks and
-    recompute each weight's interval). ``keep``: hold each weight's interval and position (12 bytes per float32
-    weight) from forward until backward (only when one pass takes all weights).
+    iteration instead of once; at least the weight tensor's size is allowed) and of one pass over the weights
+    (about 40 per weight; above it the passes go in chunks and recompute each weight's interval). ``keep``: hold
+    each weight's interval and position (12 bytes per float32 weight) from forward until backward (only when one
+    pass takes all weights).
     ``tol``, ``max_nodes``, ``max_fraction``: None reads the module's TOL, MAX_NODES, MAX_FRACTION at call time."""
     tol = TOL if tol is None else tol
     max_nodes = MAX_NODES if max_nodes is None else max_nodes

@@ -527,8 +527,9 @@ def dkm_variant(rows: list) -> str:
 def llm_whole(ctx: Ctx, *which: str) -> str:
     """SmolLM2 as whole files: the Q4_1 source, llama.cpp's quantizers of the same weights, and torchdkm's whole
     models (embedding/head compressed), one evaluator; sorted by size. Seeds of one torchdkm row are shown as
-    mean ± std. ``short``: of torchdkm's rows only those chosen on validation and the fine-tuned ones (of DKM's
-    settings per budget, the one chosen on validation)."""
+    mean ± std. ``short``: of torchdkm's rows only those chosen on validation and the fine-tuned ones (of each
+    fine-tuned method's training settings and DKM variants per budget, layout and calibration, the one with the best
+    mean validation score)."""
     files = {"llama.cpp": BENCH / "llm" / "results" / "llamacpp.json", "torchdkm": BENCH / "llm" / "results" / "whole.json"}
     rows, left = [], []
     for who, path in files.items():
@@ -541,13 +542,16 @@ def llm_whole(ctx: Ctx, *which: str) -> str:
                                       f"{r['wiki_ppl']:,.2f}"]) for r in res["rows"]]
             continue
         groups: dict = {}
-        where = lambda r: (r["budget"], r.get("layout", ""), r.get("calib", ""), r.get("train_set", ""))  # noqa: E731
-        for r in res["rows"]:  # the DKM variants compete within one budget, layout, calibration and training
-            groups.setdefault((where(r), r["method"], r.get("variant", "")), []).append(r)
-        for (setting, method, variant), runs in groups.items():
+        where = lambda r: (r["budget"], r.get("layout", ""), r.get("calib", ""), r["method"])  # noqa: E731
+        how = lambda r: (r.get("train_set", ""), r.get("variant", ""))  # noqa: E731
+        for r in res["rows"]:
+            groups.setdefault((where(r), how(r)), []).append(r)
+        for (setting, trained_how), runs in groups.items():
             chosen = any(r.get("chosen") for r in runs)
-            trained = method.endswith(("dkm", "ste")) and (method != "planned-dkm" or variant == dkm_variant(
-                [r for r in res["rows"] if where(r) == setting]))
+            # of a fine-tuned method's training settings and DKM variants at one budget, layout and calibration:
+            # the one with the best mean validation score
+            trained = setting[3].endswith(("dkm", "ste")) and trained_how == lowest_mean(
+                [r for r in res["rows"] if where(r) == setting], how)
             if "short" in which and not chosen and not trained:
                 continue
             label = f"torchdkm {runs[0]['label']}" + (" (chosen on validation)" if chosen else "")

@@ -67,3 +67,25 @@ def test_the_dkm_setting_is_chosen_by_mean_validation_score():
             row("", 3.0, "planned-ste")]  # STE rows never count
     assert render.dkm_variant(rows) == "direct_grad=1"  # 3.64 beats the defaults' mean 3.65, not their best 3.60
     assert render.dkm_variant([row("", 3.0, "planned-ste")]) == ""
+
+
+def test_the_short_llm_table_keeps_each_fine_tuned_methods_best_setting_on_validation(monkeypatch):
+    """Of a fine-tuned method's training settings (lr, ...) and DKM variants at one budget, layout and calibration,
+    the README's short LLM table shows the one with the best mean validation score; chosen rows always."""
+    def row(key, method, score, ppl, seed=0, **kw):
+        return dict(key=key, budget="4-bit", method=method, seed=seed, label=key, file_mib=65.0, ptb_ppl=ppl,
+                    wiki_ppl=ppl / 4, valid_score=score, calib="c", chosen=False, **kw)
+
+    rows = [row("ste", "planned-ste", 3.60, 74.0), row("ste-s1", "planned-ste", 3.62, 73.0, seed=1),
+            row("ste+lr", "planned-ste", 3.70, 77.0, train_set="lr 0.001"),
+            row("dkm+v", "planned-dkm", 3.61, 75.0, variant="v"), row("dkm", "planned-dkm", 3.66, 76.0),
+            row("dkm+lr", "planned-dkm", 3.59, 72.0, train_set="lr 0.001"),
+            row("uniform", "uniform", 4.5, 200.0), dict(row("planned", "planned", 3.9, 90.0), chosen=True)]
+    results = {"llamacpp.json": dict(rows=[dict(label="llama.cpp Q4_0", file_mib=87.5, ptb_ppl=80.0, wiki_ppl=18.0)]),
+               "whole.json": dict(rows=rows)}
+    monkeypatch.setattr(render, "load", lambda rel: results[rel.split("/")[-1]])
+    monkeypatch.setattr(render, "is_clean", lambda obj, path=None: True)
+    short = render.llm_whole(render.Ctx(render.ROOT / "README.md"), "short")
+    shown = {line.split(" | ")[0].lstrip("| ") for line in short.splitlines()[2:] if line.startswith("|")}
+    assert shown == {"llama.cpp Q4_0", "torchdkm ste", "torchdkm dkm+lr", "torchdkm planned (chosen on validation)"}
+    assert "73.50 ± 0.71 (2 seeds)" in short  # the seeds of one setting as mean ± std

@@ -17,6 +17,9 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
 * ``uniform-fisher``: the same layout, Fisher-weighted k-means (palettize with the sensitivity);
 * ``planned``: torchdkm.plan spreads the bits (candidates: 1..8 bits, g16 + channel scale, or the tensor as is),
   LUTs counted at 16 bits, then Fisher-weighted palettize with the plan's rules.
+* ``planned-gptq``: the same, and palettize(compensate=True): each Linear's indices (not its LUTs) chosen by GPTQ's
+  error feedback on its inputs over the Fisher's calibration windows (torchdkm.compensate); the tied
+  embedding/head, read as a lookup too, keeps the nearest centroid.
 * ``planned-dkm``: the same plan's rules, then DKM fine-tuning with distillation from the uncompressed model
   (benchmarks/llm/llm_dkm.py: KL per token, AdamW, cosine lr; --dkm-steps × --dkm-batch windows of --dkm-seq tokens
   of PTB train + the Wikipedia "train_novalid" part, disjoint from validation and test), then finalize. DKM starts
@@ -62,7 +65,7 @@ import torchdkm  # noqa: E402
 from torchdkm.layers import is_supported  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-METHODS = ["uniform", "uniform-fisher", "planned", "planned-dkm", "planned-ste"]
+METHODS = ["uniform", "uniform-fisher", "planned", "planned-gptq", "planned-dkm", "planned-ste"]
 TRAINED = ("planned-dkm", "planned-ste")
 # --dkm-steps etc.; lr: 1e-4 (llm.py's Linear-only rows) and 1e-3 (here, pinned 4-bit) scored worse on validation
 DKM_TRAIN = dict(steps=36, batch=4, seq=128, lr=3e-4, micro=1)
@@ -267,6 +270,9 @@ def markdown(res: dict) -> str:
           "uniform: the same layout for every tensor, plain k-means (DKM's initialisation). uniform-fisher: the "
           "same layout, k-means weighted by the Fisher diagonal. planned: torchdkm.plan allocates 1-8 bits per "
           "tensor (g16 + scale, or as is) within exactly the uniform row's bytes, then Fisher-weighted k-means; "
+          "+ GPTQ indices: the same LUTs, each Linear's indices chosen by GPTQ's error feedback on its inputs over "
+          "the calibration windows (torchdkm.palettize(compensate=True); the tied embedding/head keeps the nearest "
+          "centroid); "
           "planned + DKM: the same plan, then DKM fine-tuning with distillation from the uncompressed model on PTB "
           "train + Wikipedia training titles (not validation, not test), its settings not tuned here. "
           "Fisher calibration: random windows × tokens of the named training text (PTB train, or half of the "
@@ -420,6 +426,9 @@ def main(argv=None):
                                  seconds=pl.seconds)
                 if method == "planned":
                     torchdkm.palettize(model, rules=pl.rules, sensitivity=sens)
+                elif method == "planned-gptq":  # the Hessians from the Fisher's windows, 8 at a time (logits' memory)
+                    torchdkm.palettize(model, rules=pl.rules, sensitivity=sens, calibration=list(calib.split(8)),
+                                       compensate=True)
                 else:
                     from llm_dkm import distill_dkm, distill_ste
 
@@ -470,6 +479,8 @@ def main(argv=None):
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",
                               "uniform-fisher": f"uniform {bits}-bit g{GROUP} + scale, Fisher-weighted k-means",
                               "planned": f"{plan_text} + Fisher-weighted k-means",
+                              "planned-gptq": f"{plan_text} + Fisher-weighted k-means + GPTQ indices (inputs of "
+                                              f"the Fisher's windows)",
                               "planned-dkm": f"{plan_text} + DKM{' (' + var + ')' if var else ''} + "
                                              f"distillation ({train_text()})",
                               "planned-ste": f"{plan_text} + hard k-means + STE + distillation "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .config import DKMConfig, Rules
@@ -61,6 +61,28 @@ def prepare(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optiona
 
 
 @torch.no_grad()
+def finalize_layer(module: nn.Module, p: DKMWeight, idx: Optional[Tensor] = None) -> None:
+    """Finalize one prepared layer in place: its weight becomes lut[idx] (× scale), ``idx`` (int64, one per vector
+    in ``p.split``'s order) by default each vector's nearest centroid. Tied partners keep their parametrization:
+    the caller removes it (see finalize)."""
+    w = original_weight(module)
+    if not bool(p.initialized):
+        p.initialize(w)
+    vecs, pad, scale = p.split(w)
+    if idx is None:
+        idx = nearest_centroid(vecs, p.centroids)
+    idx = idx.reshape(-1)
+    lut = p.centroids.to(w.dtype).clone()
+    scale = None if scale is None else scale.reshape(-1).to(w.dtype).clone()
+    # the weight as every later reader rebuilds it (compact mode, ONNX, artifact), so all of them agree
+    hard = indices_to_weight(idx, lut, w.shape, w.dtype, scale, p.axis)
+    remove_weight_parametrizations(module)
+    module.weight.copy_(hard)
+    module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut, scale=scale,
+                                      axis=p.axis)
+
+
+@torch.no_grad()
 def initialize(model: nn.Module) -> nn.Module:
     """Run the k-means initialisation of every prepared layer now (otherwise the first forward does)."""
     for module in model.modules():
@@ -99,17 +121,5 @@ def finalize(model: nn.Module, *, coreml: bool = False) -> nn.Module:
             remove_weight_parametrizations(module)
             continue
         done.add(id(p))
-        w = original_weight(module)
-        if not bool(p.initialized):
-            p.initialize(w)
-        vecs, pad, scale = p.split(w)
-        idx = nearest_centroid(vecs, p.centroids).reshape(-1)
-        lut = p.centroids.to(w.dtype).clone()
-        scale = None if scale is None else scale.reshape(-1).to(w.dtype).clone()
-        # the weight as every later reader rebuilds it (compact mode, ONNX, artifact), so all of them agree
-        hard = indices_to_weight(idx, lut, w.shape, w.dtype, scale, p.axis)
-        remove_weight_parametrizations(module)
-        module.weight.copy_(hard)
-        module._torchdkm = FinalizedLayer(bits=p.config.bits, dim=p.config.dim, pad=pad, lut=lut, scale=scale,
-                                          axis=p.axis)
+        finalize_layer(module, p)
     return model

@@ -8,6 +8,9 @@ model. Without calibration data it runs the plain k-means. The result is a final
 
 With per-slice scales the weight is clustered as v = w / s, so each value's k-means weight is F · s² (the error
 in w is s² times the error in v); with dim > 1 a vector's weight is the sum of its entries' F · s².
+
+``compensate=True`` then picks each Linear's indices with GPTQ's error feedback on the calibration inputs
+(torchdkm.compensate) instead of the nearest centroid: the LUTs stay, the layer's outputs move less.
 """
 from __future__ import annotations
 
@@ -16,13 +19,15 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .api import finalize, prepare
+from .api import finalize, finalize_layer, prepare
+from .compensate import compensated_indices, input_hessians
 from .config import DKMConfig, Rules
 from .errors import ConfigError
 from .functional import to_group_vectors
 from .kmeans import kmeans_init
+from .layers import select_layers
 from .parametrization import DKMWeight, dkm_parametrization, original_weight
-from .sensitivity import Sensitivity, fisher_diagonal
+from .sensitivity import Sensitivity, fisher_diagonal, run_batch
 
 __all__ = ["palettize", "fisher_weights", "weighted_error"]
 
@@ -30,13 +35,18 @@ __all__ = ["palettize", "fisher_weights", "weighted_error"]
 @torch.no_grad()
 def palettize(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optional[Rules] = None, *,
               calibration: Optional[Iterable] = None, sensitivity: Optional[Sensitivity] = None,
-              weighted: Optional[bool] = None, loss="true", max_samples: Optional[int] = None) -> nn.Module:
+              weighted: Optional[bool] = None, loss="true", max_samples: Optional[int] = None,
+              compensate: bool = False) -> nn.Module:
     """Compress ``model`` in place post-training and return it finalized.
 
     config / rules: which layers, at what layout, exactly as for ``torchdkm.prepare``.
     calibration: batches for the Fisher diagonal (see torchdkm.sensitivity.fisher_diagonal; ``loss`` and
     ``max_samples`` go there), or ``sensitivity``: one already measured. weighted: Fisher-weighted k-means
     (default: whenever calibration or sensitivity is given), False: plain k-means.
+    compensate: choose the indices of every Linear with a scalar LUT (dim 1) by GPTQ's error feedback on the
+    inputs the calibration batches give it (each batch is run once through the model as it was, then the k-means
+    above); other layers, and weights read by several modules (tied), take the nearest centroid. Needs
+    ``calibration`` (also when ``sensitivity`` is given) and memory for one in × in float64 matrix per Linear.
 
     Example::
 
@@ -45,6 +55,11 @@ def palettize(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optio
     """
     if weighted is None:
         weighted = calibration is not None or sensitivity is not None
+    if compensate and calibration is None:
+        raise ConfigError("palettize(compensate=True) needs calibration batches (calibration=...): the inputs of "
+                          "each Linear decide how its rounding errors are spread")
+    if compensate:
+        calibration = list(calibration)  # read twice: the Fisher diagonal, the input Hessians
     if weighted and sensitivity is None:
         if calibration is None:
             raise ConfigError("palettize(weighted=True) needs calibration batches (calibration=...) or a measured "
@@ -52,6 +67,11 @@ def palettize(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optio
         with torch.enable_grad():
             sensitivity = fisher_diagonal(model, calibration, loss=loss, max_samples=max_samples)
     by_tensor = _by_tensor(model, sensitivity) if weighted else {}
+    hessians = {}
+    if compensate:
+        linears = _compensable(model, config, rules)
+        found = input_hessians(model, linears, (run_batch(model, b) for b in calibration))
+        hessians = {id(linears[name].weight): h for name, h in found.items()}
     prepare(model, config, rules)
     for module in model.modules():
         p = dkm_parametrization(module)
@@ -66,7 +86,31 @@ def palettize(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optio
         weight = None if f is None else fisher_weights(p, w, f)
         p.centroids.copy_(kmeans_init(vecs, p.config.k, seed=p.config.seed, weight=weight))
         p.initialized.fill_(True)
+        if id(w) in hessians:
+            finalize_layer(module, p, _compensated(p, w, hessians.pop(id(w))))
     return finalize(model)
+
+
+def _compensated(p: DKMWeight, w: Tensor, hessian: Tensor) -> Tensor:
+    """GPTQ's indices (out × in) for a Linear's weight ``w`` on its k-means LUTs: row r's table is its group's
+    LUT (rows are grouped in order) times its scale."""
+    _, _, scale = p.split(w)
+    lut = p.centroids[:, :, 0].double()  # G × k
+    table = lut.repeat_interleave(w.shape[0] // lut.shape[0], dim=0)
+    if scale is not None:
+        table = table * scale.reshape(-1, 1).double()
+    return compensated_indices(w, table, hessian)
+
+
+def _compensable(model: nn.Module, config: Optional[DKMConfig], rules: Optional[Rules]) -> Dict[str, nn.Linear]:
+    """{name: module} of the Linears palettize will cluster with a scalar LUT whose weight no other module reads."""
+    readers: Dict[int, int] = {}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, Tensor):
+            readers[id(w)] = readers.get(id(w), 0) + 1
+    return {name: m for name, m, cfg in select_layers(model, config or DKMConfig(), rules)
+            if isinstance(m, nn.Linear) and cfg.dim == 1 and readers[id(m.weight)] == 1}
 
 
 def fisher_weights(p: DKMWeight, w: Tensor, fisher: Tensor) -> Tensor:

@@ -154,7 +154,9 @@ def _samples(batch):
                       f"got {type(batch).__name__}")
 
 
-def _run(model: nn.Module, sample, with_labels: bool):
+def run_batch(model: nn.Module, sample, with_labels: bool = False):
+    """``model``'s output on one calibration batch: a tensor, an (inputs, labels) tuple (inputs only) or a dict of
+    keyword arguments (``labels`` only ``with_labels``)."""
     if isinstance(sample, Tensor):
         return model(sample)
     if isinstance(sample, dict):
@@ -177,19 +179,19 @@ def _logits(out) -> Tensor:
 
 def _sample_loss(model: nn.Module, sample, loss: LossSpec, gen: torch.Generator) -> Tensor:
     if callable(loss):
-        return loss(_run(model, sample, True), sample)
+        return loss(run_batch(model, sample, True), sample)
     if loss == "empirical":
         if isinstance(sample, dict):
-            out = _run(model, sample, True)
+            out = run_batch(model, sample, True)
             value = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
             if value is None:
                 raise ConfigError("fisher_diagonal(loss='empirical'): a dict batch needs a model that returns .loss")
             return value
         if isinstance(sample, Tensor) or len(sample) < 2:
             raise ConfigError("fisher_diagonal(loss='empirical') needs (inputs, labels) batches")
-        logits = _logits(_run(model, sample, False))
+        logits = _logits(run_batch(model, sample, False))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), sample[1].reshape(-1), reduction="sum")
-    logits = _logits(_run(model, sample, False))
+    logits = _logits(run_batch(model, sample, False))
     logits = logits.reshape(-1, logits.shape[-1]).float()
     with torch.no_grad():
         y = torch.multinomial(logits.softmax(-1).cpu().double(), 1, generator=gen)[:, 0].to(logits.device)

@@ -55,10 +55,10 @@ def palettize(model: nn.Module, config: Optional[DKMConfig] = None, rules: Optio
     """
     if weighted is None:
         weighted = calibration is not None or sensitivity is not None
-    if compensate and calibration is None:
-        raise ConfigError("palettize(compensate=True) needs calibration batches (calibration=...): the inputs of "
-                          "each Linear decide how its rounding errors are spread")
     if compensate:
+        if calibration is None:
+            raise ConfigError("palettize(compensate=True) needs calibration batches (calibration=...): the inputs "
+                              "of each Linear decide how its rounding errors are spread")
         calibration = list(calibration)  # read twice: the Fisher diagonal, the input Hessians
     if weighted and sensitivity is None:
         if calibration is None:

@@ -518,10 +518,10 @@ def lowest_mean(rows: list, setting):
     return min(scores, key=lambda v: sum(scores[v]) / len(scores[v])) if scores else None
 
 
-def dkm_variant(rows: list) -> str:
-    """Of one budget's whole.py planned-dkm settings (row ``variant``), the one with the best mean validation score
-    over its seeds ('' = DKM's defaults)."""
-    return lowest_mean([r for r in rows if r["method"] == "planned-dkm"], lambda r: r.get("variant", "")) or ""
+def dkm_variant(rows: list, method: str = "planned-dkm") -> str:
+    """Of one budget's whole.py DKM settings of ``method`` (row ``variant``), the one with the best mean validation
+    score over its seeds ('' = DKM's defaults)."""
+    return lowest_mean([r for r in rows if r["method"] == method], lambda r: r.get("variant", "")) or ""
 
 
 def llm_whole(ctx: Ctx, *which: str) -> str:

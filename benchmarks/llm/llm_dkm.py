@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import torchdkm
+from torchdkm.functional import with_slice_max
 from torchdkm.parametrization import dkm_parametrization, original_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py (the STE baseline)
@@ -73,18 +74,41 @@ def distill(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, *, st
     return out
 
 
+@torch.no_grad()
+def ste_start_from(model: nn.Module, start: nn.Module) -> None:
+    """torchdkm.start_from for the straight-through parametrization (common.st_kmeans_prepare, max-|w| scales):
+    each layer's centroids become ``start``'s LUTs, its weight ``start``'s with each row's largest original weight
+    kept (the scale STE recomputes stays the LUTs')."""
+    others, done = dict(start.named_modules()), set()
+    for name, mod in model.named_modules():
+        plist = getattr(getattr(mod, "parametrizations", None), "weight", None)
+        if plist is None or id(plist[0]) in done:
+            continue
+        done.add(id(plist[0]))  # tied: the first reader holds start's record
+        rec = others[name]._torchdkm
+        p = plist[0]
+        if tuple(rec.lut.reshape(p.centroids.shape).shape) != tuple(p.centroids.shape) or rec.scale is None:
+            raise ValueError(f"ste_start_from: layer {name!r} was finalized with another layout")
+        plist.original.copy_(with_slice_max(others[name].weight, plist.original))
+        p.centroids.copy_(rec.lut.reshape(p.centroids.shape))
+
+
 def _stored_bits(model: nn.Module) -> Dict[str, float]:
     return {r.name: r.stored_bits for r in torchdkm.report(model, lut_dtype_bits=16, print_table=False).layers}
 
 
 def distill_dkm(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, config: torchdkm.DKMConfig,
-                rules: dict, *, seed: int = 0, **train) -> Dict[str, float]:
+                rules: dict, *, seed: int = 0, start: Optional[nn.Module] = None, **train) -> Dict[str, float]:
     """Prepare ``model`` in place (``config`` and ``rules``, k-means seeded by ``seed``), fine-tune it (see
     :func:`distill`), finalize it; returns {layer name: stored bits (LUTs, scales at 16 bits)} and leaves the
-    per-step log in ``model._distill_log``."""
+    per-step log in ``model._distill_log``. ``start``: a finalized copy of ``model`` of the same layout (e.g.
+    palettize(compensate=True)) to start from instead of k-means (torchdkm.start_from)."""
     torchdkm.prepare(model, config.replace(seed=seed),
                      rules={n: c if c is None else c.replace(seed=seed) for n, c in (rules or {}).items()})
-    torchdkm.initialize(model)
+    if start is None:
+        torchdkm.initialize(model)
+    else:
+        torchdkm.start_from(model, start)
     model._distill_log = distill(model, teacher, train_ids, seed=seed, after_step=lambda: torchdkm.step(model),
                                  step_context=torchdkm.accumulate, **train)
     torchdkm.finalize(model)
@@ -92,13 +116,15 @@ def distill_dkm(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
 
 
 def distill_ste(model: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, config: torchdkm.DKMConfig,
-                rules: dict, *, seed: int = 0, **train) -> Dict[str, float]:
+                rules: dict, *, seed: int = 0, start: Optional[nn.Module] = None, **train) -> Dict[str, float]:
     """Hard k-means + straight-through fine-tuning of the layout ``config`` + ``rules`` (tied layers share one
     table), the same loop as :func:`distill_dkm`; then the trained weights and centroids go into torchdkm's
-    finalized form of that layout, in place. Same return and log as :func:`distill_dkm`."""
+    finalized form of that layout, in place. Same return, log and ``start`` as :func:`distill_dkm`."""
     config = config.replace(seed=seed)
     rules = {n: c if c is None else c.replace(seed=seed) for n, c in (rules or {}).items()}
     ste = common.st_kmeans_prepare(model, config, rules)
+    if start is not None:
+        ste_start_from(model, start)
     log = distill(model, teacher, train_ids, seed=seed, **train)
     trained = {}  # original weight tensor id -> (trained weight, centroids)
     for mod in model.modules():

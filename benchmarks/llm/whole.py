@@ -65,8 +65,10 @@ import torchdkm  # noqa: E402
 from torchdkm.layers import is_supported  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-METHODS = ["uniform", "uniform-fisher", "planned", "planned-gptq", "planned-dkm", "planned-ste"]
-TRAINED = ("planned-dkm", "planned-ste")
+METHODS = ["uniform", "uniform-fisher", "planned", "planned-gptq", "planned-dkm", "planned-ste", "planned-gptq-dkm",
+           "planned-gptq-ste"]
+PAIRS = (("planned-dkm", "planned-ste"), ("planned-gptq-dkm", "planned-gptq-ste"))  # DKM vs STE from one start
+TRAINED = tuple(m for pair in PAIRS for m in pair)
 # --dkm-steps etc.; lr: 1e-4 (llm.py's Linear-only rows) and 1e-3 (here, pinned 4-bit) scored worse on validation;
 # the 6-bit budget's 8-step DKM rows are the exception (1e-4 better than 3e-4), a training setting of their own
 DKM_TRAIN = dict(steps=36, batch=4, seq=128, lr=3e-4, micro=1)
@@ -302,33 +304,35 @@ def markdown(res: dict) -> str:
 
 
 def dkm_vs_ste(rows: List[dict]) -> List[List[str]]:
-    """Per budget, layout, calibration, training settings and test corpus, planned + DKM against planned + STE over
-    their seeds, by the project's rule (benchmarks/render.py RULE) on the negated log-perplexity (higher is better):
-    table rows."""
+    """Per budget, layout, calibration, training settings, start (k-means or GPTQ) and test corpus, DKM against STE
+    over their seeds, by the project's rule (benchmarks/render.py RULE) on the negated log-perplexity (higher is
+    better): table rows."""
     from render import compare, dkm_variant, mean_std
 
     out = []
     where_of = lambda r: (r["budget"], r.get("layout", ""), r["calib"], r.get("train_set", ""))  # noqa: E731
     for budget, layout, calib, trained in dict.fromkeys(where_of(r) for r in rows if r["method"] in TRAINED):
         here = [r for r in rows if where_of(r) == (budget, layout, calib, trained)]
-        variant = dkm_variant(here)
-        runs = {m: {r.get("seed", 0): r for r in here if r["method"] == m and r.get("variant", "") == (
-            variant if m == "planned-dkm" else "")} for m in TRAINED}
-        if not all(runs.values()):
-            continue
-        where = ", ".join([str(budget)] + [f"{layout} pinned"] * bool(layout) +
-                          [f"Fisher on {calib}"] * (calib != DEFAULT_CALIB) + [trained] * bool(trained))
-        for corpus, name in (("ptb", "PTB test"), ("wiki", "Wiki test")):
-            a, b = ({sd: -math.log(r[f"{corpus}_ppl"]) for sd, r in runs[m].items()} for m in TRAINED)
-            shown = []
-            for m in TRAINED:
-                mean, sd, n = mean_std([r[f"{corpus}_ppl"] for r in runs[m].values()])
-                shown.append(f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") +
-                             f" (seeds {', '.join(str(x) for x in sorted(runs[m]))})")
-            out.append([where, name, *shown, compare(a, b) or "no word (1 seed)"])
-        if variant:
-            out[-1][2] += f" [{variant}]"
-            out[-2][2] += f" [{variant}]"
+        for pair in PAIRS:
+            variant = dkm_variant(here, pair[0])
+            runs = {m: {r.get("seed", 0): r for r in here if r["method"] == m and r.get("variant", "") == (
+                variant if m == pair[0] else "")} for m in pair}
+            if not all(runs.values()):
+                continue
+            where = ", ".join([str(budget)] + [f"{layout} pinned"] * bool(layout) +
+                              [f"Fisher on {calib}"] * (calib != DEFAULT_CALIB) + [trained] * bool(trained) +
+                              ["from GPTQ's indices"] * pair[0].startswith("planned-gptq"))
+            for corpus, name in (("ptb", "PTB test"), ("wiki", "Wiki test")):
+                a, b = ({sd: -math.log(r[f"{corpus}_ppl"]) for sd, r in runs[m].items()} for m in pair)
+                shown = []
+                for m in pair:
+                    mean, sd, n = mean_std([r[f"{corpus}_ppl"] for r in runs[m].values()])
+                    shown.append(f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") +
+                                 f" (seeds {', '.join(str(x) for x in sorted(runs[m]))})")
+                out.append([where, name, *shown, compare(a, b) or "no word (1 seed)"])
+            if variant:
+                out[-1][2] += f" [{variant}]"
+                out[-2][2] += f" [{variant}]"
     return out
 
 
@@ -439,11 +443,16 @@ def main(argv=None):
                             prm.requires_grad_(False)
                     train_ids = torch.cat([lm.ptb("train", tok), lm.wiki_summaries("train_novalid", tok)])
                     cfg, rules = uniform_config(bits), pl.rules
-                    if method == "planned-dkm" and knobs:
+                    if method.endswith("-dkm") and knobs:
                         cfg = cfg.replace(**knobs)
                         rules = {n: c if c is None else c.replace(**knobs) for n, c in rules.items()}
-                    fn = distill_dkm if method == "planned-dkm" else distill_ste
-                    fn(model, base, train_ids, cfg, rules, seed=seed, log=print, **DKM_TRAIN)
+                    start = None
+                    if method.startswith("planned-gptq-"):  # planned-gptq's model, then trained from there
+                        start = torchdkm.palettize(copy.deepcopy(base), rules=pl.rules, sensitivity=sens,
+                                                   calibration=list(calib.split(8)), compensate=True)
+                    fn = distill_dkm if method.endswith("-dkm") else distill_ste
+                    fn(model, base, train_ids, cfg, rules, seed=seed, log=print, start=start, **DKM_TRAIN)
+                    del start
                     log = model._distill_log
                     plan_info["train"] = dict(DKM_TRAIN, seed=seed, losses=log["loss"], step_seconds=log["seconds"])
             else:
@@ -453,7 +462,7 @@ def main(argv=None):
                     budget_bytes = accounted_bytes(model)
             compress_s = time.perf_counter() - t1 + (sum(pl.seconds.values()) if plan_info and reused else 0.0)
             acc = accounted_bytes(model)
-            var = variant if method == "planned-dkm" else ""
+            var = variant if method.endswith("-dkm") else ""
             lay = f"embedding {a.embed_bits}b" if a.embed_bits and method.startswith("planned") else ""
             cal = calib_text if fisher_method(method) else ""
             tset = train_set() if method in TRAINED else ""
@@ -485,7 +494,11 @@ def main(argv=None):
                               "planned-dkm": f"{plan_text} + DKM{' (' + var + ')' if var else ''} + "
                                              f"distillation ({train_text()})",
                               "planned-ste": f"{plan_text} + hard k-means + STE + distillation "
-                                             f"({train_text()})"}[method],
+                                             f"({train_text()})",
+                              "planned-gptq-dkm": f"{plan_text} + Fisher-weighted k-means + GPTQ indices, then DKM"
+                                                  f"{' (' + var + ')' if var else ''} + distillation ({train_text()})",
+                              "planned-gptq-ste": f"{plan_text} + Fisher-weighted k-means + GPTQ indices, then STE + "
+                                                  f"distillation ({train_text()})"}[method],
                        file=path.name, file_bytes=size, file_mib=size / lm.MIB, accounted_bytes=acc,
                        budget_bytes=budget_bytes, bits_per_weight=8 * size / params, embedding=emb, weights_by_bits=layout,
                        plan=plan_info, ptb_valid_ppl=ppl_v["ptb_valid"], wiki_valid_ppl=ppl_v["wiki_valid"],

@@ -1,7 +1,7 @@
 """torchdkm: train-time weight clustering with a differentiable k-means layer (DKM)."""
 from importlib.metadata import version as _version
 
-from .api import finalize, initialize, prepare
+from .api import finalize, initialize, prepare, start_from
 from .compact import compact
 from .config import DKMConfig
 from .distill import distillation_loss
@@ -44,6 +44,7 @@ __all__ = [
     "kmeans_init",
     "nearest_centroid",
     "prepare",
+    "start_from",
     "report",
     "Plan",
     "Sensitivity",

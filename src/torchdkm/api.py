@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 from .config import DKMConfig, Rules
 from .errors import ConfigError
 from .layers import FinalizedLayer, select_layers, tied_partners
-from .functional import nearest_centroid
+from .functional import channel_scale, nearest_centroid, with_slice_max
 from .lut import indices_to_weight
 from .parametrization import (DKMWeight, dkm_parametrization, full_tensor, hook_passes, is_dtensor,
                               original_weight, remove_weight_parametrizations, require_plain)
@@ -89,6 +89,56 @@ def initialize(model: nn.Module) -> nn.Module:
         p = dkm_parametrization(module)
         if p is not None and not bool(p.initialized):
             p.initialize(full_tensor(original_weight(module)))
+    return model
+
+
+@torch.no_grad()
+def start_from(model: nn.Module, finalized: nn.Module) -> nn.Module:
+    """Start the prepared ``model``'s training from ``finalized``: a copy of the same model finalized (e.g. by
+    ``palettize(..., compensate=True)``) with the same layouts. Each prepared layer takes its counterpart's LUTs as
+    centroids and its clustered weight as the trained weight, so training continues from that model instead of
+    re-clustering the original weights. Returns ``model``.
+
+    With per-slice scales ("max" only) each slice keeps its largest original weight, so the scale DKM recomputes
+    is the one the LUTs were made for; that one weight per slice reads its nearest centroid, every other one reads
+    exactly the entry ``finalized`` chose. Call it before the first training step (after ``prepare``).
+
+    Example::
+
+        start = torchdkm.palettize(copy.deepcopy(model), cfg, calibration=batches, compensate=True)
+        torchdkm.start_from(torchdkm.prepare(model, cfg), start)
+    """
+    others = dict(finalized.named_modules())
+    done = set()
+    for name, module in model.named_modules():
+        p = dkm_parametrization(module)
+        if p is None or id(p) in done:
+            continue
+        done.add(id(p))  # tied partners: the first reader holds the record, as finalize leaves it
+        rec = getattr(others.get(name), "_torchdkm", None)
+        w = original_weight(module)
+        if rec is None:
+            raise ConfigError(f"start_from: layer {name!r} is prepared but {name!r} in the finalized model is not a "
+                              f"finalized torchdkm layer; finalize a copy of this model with the same config/rules")
+        want = (p.groups, p.config.k, p.config.dim, p.config.scale_kind is not None, p.axis)
+        got = (rec.lut.shape[0], rec.lut.shape[1], rec.dim, rec.scale is not None, rec.axis)
+        if want != got:
+            raise ConfigError(f"start_from: layer {name!r} is prepared as (groups, k, dim, scaled, axis) = {want} but "
+                              f"finalized as {got}; prepare it with the config it was finalized with")
+        if p.config.scale_kind not in (None, "max"):
+            raise ConfigError(f"start_from: layer {name!r} uses channel_scale={p.config.channel_scale!r}; only the "
+                              f"max-|w| scale (channel_scale=True) can be carried into training")
+        hard = others[name].weight.detach().to(w.dtype)
+        if rec.scale is not None:
+            hard = with_slice_max(hard, w)
+            s = channel_scale(hard.double(), "max").reshape(-1)
+            if not torch.allclose(s, rec.scale.double(), rtol=1e-3, atol=0):
+                raise ConfigError(f"start_from: layer {name!r}'s finalized scales are not this model's weights' "
+                                  f"(largest relative gap {float(((s - rec.scale.double()) / s).abs().max()):.3g}): "
+                                  f"finalize a copy of this model, not another one")
+        w.copy_(hard)
+        p.centroids.copy_(rec.lut.to(p.centroids.dtype))
+        p.initialized.fill_(True)
     return model
 
 

@@ -576,6 +576,15 @@ def channel_scale(weight: Tensor, kind: str = "max") -> Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+def with_slice_max(hard: Tensor, original: Tensor) -> Tensor:
+    """``hard`` with each axis-0 slice's largest-|w| entry of ``original`` put back (same shape): a weight whose
+    max-|w| channel scale is ``original``'s, so a LUT made for ``original``'s scaled slices reads ``hard`` as its
+    own entries (a finalized weight lies within ±scale)."""
+    flat, ref = hard.detach().reshape(hard.shape[0], -1).clone(), original.detach().reshape(original.shape[0], -1)
+    j = ref.abs().argmax(1, keepdim=True)
+    return flat.scatter_(1, j, ref.gather(1, j).to(flat.dtype)).view(hard.shape)
+
+
 class _ScaledSlices(torch.autograd.Function):
     """(w / s in float32 or float64, s) with s = channel_scale(w), saving only w (the parameter itself, in its own
     dtype) and s: autograd would hold a float32 copy of a half-precision weight and |w| (4 + 4 bytes a weight)."""

@@ -304,7 +304,8 @@ def test_whole_merge_keeps_each_rows_provenance_and_chooses_per_budget_on_valida
     real = json.loads((common.HERE / "llm" / "results" / "whole.json").read_text())  # every field
     settings, real = real["settings"], real["rows"][0]
     row = lambda key, budget, method, score, commit, seed=0, **kw: dict(  # noqa: E731
-        real, key=key, budget=budget, method=method, valid_score=score, commit=commit, seed=seed, **kw)
+        real, key=key, budget=budget, budget_bytes=budget * 1e7, method=method, valid_score=score, commit=commit,
+        seed=seed, **kw)
     a = dict(settings=settings, rows=[row("4b-planned-ste", 4, "planned-ste", 3.62, "a"),
                                       row("4b-planned-dkm", 4, "planned-dkm", 3.69, "a"),
                                       row("3b-planned-ste", 3, "planned-ste", 4.00, "a")])
@@ -360,6 +361,26 @@ def test_whole_rows_trained_with_other_settings_are_settings_of_their_own(tmp_pa
     assert whole.train_set() == "lr 0.001" and "lr 0.001" in whole.train_text()
     monkeypatch.setitem(whole.DKM_TRAIN, "lr", whole.DEFAULT_TRAIN["lr"])
     assert whole.train_set() == ""
+
+
+def test_dkm_meets_ste_from_the_same_start(tmp_path):
+    """DKM-vs-STE pairs rows of one start: k-means-started DKM against k-means-started STE, GPTQ-started against
+    GPTQ-started; a start without its partner gives no comparison."""
+    import whole
+    res = json.loads((common.HERE / "llm" / "results" / "whole.json").read_text())
+    real = res["rows"][0]
+    row = lambda key, method, ppl, seed=0: dict(  # noqa: E731
+        real, key=key, budget=4, method=method, valid_score=3.6, seed=seed, layout="", calib="c", variant="",
+        train_set="", ptb_ppl=ppl, wiki_ppl=ppl / 4)
+    rows = [row("4b-planned-ste", "planned-ste", 75.0), row("4b-planned-dkm", "planned-dkm", 76.0),
+            row("4b-planned-gptq-ste", "planned-gptq-ste", 71.0), row("4b-planned-gptq-dkm", "planned-gptq-dkm", 70.0)]
+    vs = whole.dkm_vs_ste(rows)
+    assert [v[:2] for v in vs] == [["4, Fisher on c", "PTB test"], ["4, Fisher on c", "Wiki test"],
+                                   ["4, Fisher on c, from GPTQ's indices", "PTB test"],
+                                   ["4, Fisher on c, from GPTQ's indices", "Wiki test"]]
+    assert [v[2].split()[0] for v in vs] == ["76.00", "19.00", "70.00", "17.50"]
+    assert [v[3].split()[0] for v in vs] == ["75.00", "18.75", "71.00", "17.75"]
+    assert [v[0] for v in whole.dkm_vs_ste(rows[:3])] == ["4, Fisher on c"] * 2
 
 
 def test_whole_rows_record_their_calibration_and_a_calibration_is_a_setting_of_its_own(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ Size: the torchdkm artifact each row writes (torchdkm.save, LUTs and scales fp16
 the tied tensor once), in MiB: the bytes a user ships, compared with the 93.8 MiB Q4_1 source file. ``accounted``:
 torchdkm.report(lut_dtype_bits=16), which the file matches up to its header.
 
-Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the uniform row's accounted bytes):
+Rows per budget (uniform 4, 3 or 2 bits: the planned rows get exactly the uniform row's accounted bytes; or a file
+size, ``--budgets 40MiB``: planned rows whose file is at most that, HEADER_ROOM left for the file's header):
 
 * ``uniform``: one layout for every tensor, DKMConfig(bits, group_size=16, channel_scale=True), plain k-means
   (torchdkm.palettize, weighted=False: DKM's own initialisation);
@@ -26,9 +27,12 @@ Rows per budget (uniform 4, 3 or 2 bits; the planned row gets exactly the unifor
   from its own plain k-means, not the Fisher-weighted one.
 * ``planned-ste``: the same plan's rules and k-means start, hard k-means + straight-through fine-tuning with the same
   loop, windows, steps, lr and seed (llm_dkm.distill_ste): what DKM itself adds over hard clustering.
-  Both trained methods run once per ``--seeds`` seed (k-means seed, window order). ``--dkm-knobs`` sets DKMConfig
-  fields of planned-dkm (hard_forward, direct_grad, the temperature schedule); each setting is its own row, and the
-  DKM-vs-STE table takes the DKM setting with the best mean validation score.
+* ``planned-gptq-dkm`` / ``planned-gptq-ste``: DKM / STE as above, started from planned-gptq's model instead of
+  k-means (torchdkm.start_from: its LUTs as centroids, its weights as the trained weights, each row keeping its
+  largest original weight so that the recomputed scale is the LUTs'). DKM-vs-STE compares rows of one start.
+  The trained methods run once per ``--seeds`` seed (k-means seed, window order; from GPTQ: window order).
+  ``--dkm-knobs`` sets DKMConfig fields of the DKM rows (hard_forward, direct_grad, the temperature schedule); each
+  setting is its own row, and the DKM-vs-STE table takes the DKM setting with the best mean validation score.
 
 Calibration (Fisher diagonal, torchdkm.fisher_diagonal, true Fisher): --calib-windows random windows of --calib-seq
 tokens of PTB train, or with --calib-text ptb+wiki half of them from the Wikipedia training titles (seed 0); each
@@ -52,7 +56,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -103,6 +107,23 @@ def fp16_other_params(model: nn.Module) -> int:
                 setattr(mod, name, nn.Parameter(p.detach().half(), requires_grad=p.requires_grad))
                 n += p.numel()
     return n
+
+
+HEADER_ROOM = 192 * 1024  # a file's bytes beyond torchdkm.report's count (header, names): 135 KB measured
+
+
+def parse_budget(text: str) -> Tuple[str, str, Optional[int], Optional[float]]:
+    """'4' -> the uniform 4-bit row's size; '40MiB' -> a file of at most 40 MiB (planned methods only). Returns
+    (row label, key prefix, bits or None, MiB or None)."""
+    t = text.strip()
+    try:
+        if t.lower().endswith("mib"):
+            mib = float(t[:-3])
+            return f"{mib:g} MiB file", f"{mib:g}mib", None, mib
+        bits = int(t)
+        return f"{bits}-bit uniform size", f"{bits}b", bits, None
+    except ValueError:
+        raise SystemExit(f"--budgets {text!r}: give uniform bit widths (4) or file sizes (40MiB)") from None
 
 
 def uniform_config(bits: int) -> torchdkm.DKMConfig:
@@ -211,9 +232,8 @@ def settle(rows: List[dict]) -> List[dict]:
     :func:`setting` with the lowest mean ``valid_score`` over its seeds has its rows marked chosen."""
     from render import lowest_mean
 
-    order = {f"{b}b-{m}": i for i, (b, m) in enumerate((b, m) for b in (8, 7, 6, 5, 4, 3, 2, 1) for m in METHODS)}
-    rows = sorted(rows, key=lambda r: (order.get(f"{r['key'].split('b-')[0]}b-{r['method']}", len(order)),
-                                       *setting(r)[2:], r.get("seed", 0)))
+    rows = sorted(rows, key=lambda r: (-r["budget_bytes"], METHODS.index(r["method"]), *setting(r)[2:],
+                                       r.get("seed", 0)))
     best = {b: lowest_mean([r for r in rows if r["budget"] == b], setting) for b in {r["budget"] for r in rows}}
     for r in rows:
         r["chosen"] = setting(r) == best[r["budget"]]
@@ -373,7 +393,9 @@ def main(argv=None):
         res = merge(a.merge, out, a.drop)
         print(markdown(res))
         return res
-    budgets = [int(b) for b in a.budgets.split(",")]
+    budgets = [parse_budget(b) for b in a.budgets.split(",")]
+    if any(mib for *_, mib in budgets) and not all(m.startswith("planned") for m in methods):
+        p.error(f"--budgets in MiB take planned methods only, got --methods {methods}")
     seeds = [int(x) for x in a.seeds.split(",")]
     methods = [m.strip() for m in a.methods.split(",")]
     knobs = parse_knobs(a.dkm_knobs)
@@ -408,8 +430,8 @@ def main(argv=None):
     res = dict(settings=settings, rows=keep_rows(out.with_suffix(".json"), settings))
     print(f"loaded in {time.perf_counter() - t0:.0f} s; {params:,} parameters ({n_fp16} norm values in fp16)", flush=True)
 
-    for bits in budgets:
-        budget_bytes, pl = None, None
+    for budget_label, prefix, bits, mib in budgets:
+        budget_bytes, pl = (None if mib is None else mib * lm.MIB - HEADER_ROOM), None
         runs = [(m, 0) for m in methods if m not in TRAINED] + [(m, sd) for sd in seeds for m in methods if m in TRAINED]
         for method, seed in runs:
             lm.reset_peak_rss()
@@ -442,7 +464,7 @@ def main(argv=None):
                         if id(prm) not in held:
                             prm.requires_grad_(False)
                     train_ids = torch.cat([lm.ptb("train", tok), lm.wiki_summaries("train_novalid", tok)])
-                    cfg, rules = uniform_config(bits), pl.rules
+                    cfg, rules = uniform_config(bits or 2), pl.rules  # the plan has a rule for every layer
                     if method.endswith("-dkm") and knobs:
                         cfg = cfg.replace(**knobs)
                         rules = {n: c if c is None else c.replace(**knobs) for n, c in rules.items()}
@@ -466,7 +488,7 @@ def main(argv=None):
             lay = f"embedding {a.embed_bits}b" if a.embed_bits and method.startswith("planned") else ""
             cal = calib_text if fisher_method(method) else ""
             tset = train_set() if method in TRAINED else ""
-            key = (f"{bits}b-{method}" + (f"+emb{a.embed_bits}b" if lay else "") +
+            key = (f"{prefix}-{method}" + (f"+emb{a.embed_bits}b" if lay else "") +
                    (f"+cal{a.calib_windows}x{a.calib_seq}{a.calib_text.replace('ptb+wiki', 'mix')}"
                     if cal not in ("", DEFAULT_CALIB) else "") + (f"+{tset.replace(' ', '')}" if tset else "") +
                    (f"+{var}" if var else "") +
@@ -483,7 +505,7 @@ def main(argv=None):
             train = (plan_info or {}).get("train")
             plan_text = (f"planned (torchdkm.plan{', ' + lay + ' pinned' if lay else ''}"
                          f"{', Fisher on ' + cal if cal != DEFAULT_CALIB else ''})")
-            row = dict(key=key, budget=f"{bits}-bit uniform size", method=method, seed=seed, variant=var, layout=lay,
+            row = dict(key=key, budget=budget_label, method=method, seed=seed, variant=var, layout=lay,
                        calib=cal, train_set=tset, fisher_s=fisher_s if cal else 0.0,
                        step_s=sorted(train["step_seconds"][1:])[(len(train["step_seconds"]) - 1) // 2] if train else None,
                        label={"uniform": f"uniform {bits}-bit g{GROUP} + scale, k-means",

@@ -527,9 +527,8 @@ def dkm_variant(rows: list, method: str = "planned-dkm") -> str:
 def llm_whole(ctx: Ctx, *which: str) -> str:
     """SmolLM2 as whole files: the Q4_1 source, llama.cpp's quantizers of the same weights, and torchdkm's whole
     models (embedding/head compressed), one evaluator; sorted by size. Seeds of one torchdkm row are shown as
-    mean ± std. ``short``: of torchdkm's rows only those chosen on validation and the fine-tuned ones (of each
-    fine-tuned method's training settings and DKM variants per budget, layout and calibration, the one with the best
-    mean validation score)."""
+    mean ± std. ``short``: of torchdkm's rows only those chosen on validation and, per budget, the best DKM and the
+    best STE setting by mean validation score (over layouts, calibrations, starts and training settings)."""
     files = {"llama.cpp": BENCH / "llm" / "results" / "llamacpp.json", "torchdkm": BENCH / "llm" / "results" / "whole.json"}
     rows, left = [], []
     for who, path in files.items():
@@ -546,12 +545,14 @@ def llm_whole(ctx: Ctx, *which: str) -> str:
         how = lambda r: (r.get("train_set", ""), r.get("variant", ""))  # noqa: E731
         for r in res["rows"]:
             groups.setdefault((where(r), how(r)), []).append(r)
+        family = lambda r: r["method"].rsplit("-", 1)[-1]  # noqa: E731  (dkm, ste: fine-tuned)
         for (setting, trained_how), runs in groups.items():
             chosen = any(r.get("chosen") for r in runs)
-            # of a fine-tuned method's training settings and DKM variants at one budget, layout and calibration:
-            # the one with the best mean validation score
-            trained = setting[3].endswith(("dkm", "ste")) and trained_how == lowest_mean(
-                [r for r in res["rows"] if where(r) == setting], how)
+            # of a fine-tuned family's settings at one budget (layouts, calibrations, starts, training settings and
+            # DKM variants): the one with the best mean validation score
+            trained = family(runs[0]) in ("dkm", "ste") and (setting, trained_how) == lowest_mean(
+                [r for r in res["rows"] if r["budget"] == setting[0] and family(r) == family(runs[0])],
+                lambda r: (where(r), how(r)))
             if "short" in which and not chosen and not trained:
                 continue
             label = f"torchdkm {runs[0]['label']}" + (" (chosen on validation)" if chosen else "")

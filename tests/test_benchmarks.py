@@ -383,6 +383,16 @@ def test_dkm_meets_ste_from_the_same_start(tmp_path):
     assert [v[0] for v in whole.dkm_vs_ste(rows[:3])] == ["4, Fisher on c"] * 2
 
 
+def test_whole_budgets_are_bit_widths_or_file_sizes(tmp_path):
+    import whole
+    assert whole.parse_budget("4") == ("4-bit uniform size", "4b", 4, None)
+    assert whole.parse_budget(" 40MiB") == ("40 MiB file", "40mib", None, 40.0)
+    with pytest.raises(SystemExit, match="give uniform bit widths"):
+        whole.parse_budget("40MB")
+    with pytest.raises(SystemExit):  # a file size has no uniform row to run
+        whole.main(["--budgets", "40MiB", "--methods", "planned,uniform", "--allow-dirty", "--out", str(tmp_path / "w")])
+
+
 def test_whole_rows_record_their_calibration_and_a_calibration_is_a_setting_of_its_own(tmp_path, monkeypatch):
     """The Fisher calibration is per row: a file from before (calibration in its settings) merges with each row
     given that calibration, rows differing only in calibration are separate settings on validation, and the

@@ -394,8 +394,6 @@ def main(argv=None):
         print(markdown(res))
         return res
     budgets = [parse_budget(b) for b in a.budgets.split(",")]
-    if any(mib for *_, mib in budgets) and not all(m.startswith("planned") for m in methods):
-        p.error(f"--budgets in MiB take planned methods only, got --methods {methods}")
     seeds = [int(x) for x in a.seeds.split(",")]
     methods = [m.strip() for m in a.methods.split(",")]
     knobs = parse_knobs(a.dkm_knobs)
@@ -403,6 +401,8 @@ def main(argv=None):
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"--methods {bad}: known are {METHODS}")
+    if any(mib for *_, mib in budgets) and not all(m.startswith("planned") for m in methods):
+        p.error(f"--budgets in MiB take planned methods only, got --methods {methods}")
     a.work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()

@@ -135,7 +135,8 @@ def start_from(model: nn.Module, finalized: nn.Module) -> nn.Module:
             if not torch.allclose(s, rec.scale.double(), rtol=1e-3, atol=0):
                 raise ConfigError(f"start_from: layer {name!r}'s finalized scales are not this model's weights' "
                                   f"(largest relative gap {float(((s - rec.scale.double()) / s).abs().max()):.3g}): "
-                                  f"finalize a copy of this model, not another one")
+                                  f"finalize a copy of this model, not another one (or its LUTs reach beyond ±1: "
+                                  f"centroids trained past the scale, which a recomputed max-|w| scale cannot hold)")
         w.copy_(hard)
         p.centroids.copy_(rec.lut.to(p.centroids.dtype))
         p.initialized.fill_(True)

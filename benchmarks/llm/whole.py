@@ -292,12 +292,15 @@ def markdown(res: dict) -> str:
           f"over all {s['params']:,} parameters.", "",
           "uniform: the same layout for every tensor, plain k-means (DKM's initialisation). uniform-fisher: the "
           "same layout, k-means weighted by the Fisher diagonal. planned: torchdkm.plan allocates 1-8 bits per "
-          "tensor (g16 + scale, or as is) within exactly the uniform row's bytes, then Fisher-weighted k-means; "
+          "tensor (g16 + scale, or as is) within exactly the uniform row's bytes (or, for a budget in MiB, a file "
+          "of at most that size), then Fisher-weighted k-means; "
           "+ GPTQ indices: the same LUTs, each Linear's indices chosen by GPTQ's error feedback on its inputs over "
           "the calibration windows (torchdkm.palettize(compensate=True); the tied embedding/head keeps the nearest "
           "centroid); "
           "planned + DKM: the same plan, then DKM fine-tuning with distillation from the uncompressed model on PTB "
-          "train + Wikipedia training titles (not validation, not test), its settings not tuned here. "
+          "train + Wikipedia training titles (not validation, not test), its settings not tuned here; "
+          "+ hard k-means + STE: the same loop with straight-through k-means; \"then DKM/STE\": the same "
+          "fine-tuning started from the GPTQ model (torchdkm.start_from) instead of k-means. "
           "Fisher calibration: random windows × tokens of the named training text (PTB train, or half of the "
           "windows from the Wikipedia training titles), and the seconds the Fisher diagonal took; a setting chosen "
           "on validation like the layout.", "",

@@ -101,7 +101,8 @@ def start_from(model: nn.Module, finalized: nn.Module) -> nn.Module:
 
     With per-slice scales ("max" only) each slice keeps its largest original weight, so the scale DKM recomputes
     is the one the LUTs were made for; that one weight per slice reads its nearest centroid, every other one reads
-    exactly the entry ``finalized`` chose. Call it before the first training step (after ``prepare``).
+    the entry ``finalized`` chose (or a centroid within float rounding of it: k-means with k above a group's count
+    of distinct values leaves near-equal centroids). Call it before the first training step (after ``prepare``).
 
     Example::
 
